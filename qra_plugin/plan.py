@@ -1,0 +1,294 @@
+"""The plan: per linear module, a quantization (bits, backend, group size) and a LoRA rank/alpha.
+
+A plan is the product's artefact. It carries a fingerprint of the model it was made for, so it is
+never silently applied to another model, and it is validated on load so bad input fails with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from qra_plugin.errors import QRAError
+from qra_plugin.io import write_text_atomic
+from qra_plugin.modules import LinearSpec, find_blocks, modules_hash, quantizable_linears
+
+Bits = Literal[2, 3, 4, 8, 16]
+Backend = Literal["hqq", "bnb", "none"]
+
+#: Which bit-widths each backend can store. Adding a backend means one entry here and one file in backends/.
+BACKEND_BITS: dict[str, frozenset[int]] = {
+    "hqq": frozenset({2, 3, 4, 8}),
+    "bnb": frozenset({4, 8}),
+    "none": frozenset({16}),
+}
+
+#: HQQ group sizes per bit-width. Below 4 bits small groups matter as much as the bit-width
+#: (SmolLM2-135M, axis 0: 3-bit g64 ppl 63.5 vs g32 29.8; 2-bit g32 14,199 vs g16 1,243).
+DEFAULT_HQQ_GROUP: dict[int, int] = {2: 16, 3: 32, 4: 64, 8: 64}
+#: bitsandbytes nf4 quantizes in fixed blocks of 64; int8 is per row.
+BNB_NF4_BLOCK = 64
+
+
+def default_backend(bits: int) -> str:
+    """16 bits stays a plain Linear; every lower width defaults to HQQ, the one backend for all of them."""
+    return "none" if bits == 16 else "hqq"
+
+
+class ModulePlan(BaseModel):
+    """What happens to one linear module."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Bits
+    backend: Backend = "hqq"
+    group_size: int | None = Field(default=None, gt=0)
+    axis: Literal[0, 1] = 0
+    rank: int = Field(default=16, ge=0)
+    alpha: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        bits = data.get("bits")
+        if "backend" not in data and isinstance(bits, int):
+            data["backend"] = default_backend(bits)
+        if data.get("group_size") is None and data.get("backend") == "hqq" and bits in DEFAULT_HQQ_GROUP:
+            data["group_size"] = DEFAULT_HQQ_GROUP[bits]
+        if data.get("group_size") is None and data.get("backend") == "bnb" and bits == 4:
+            data["group_size"] = BNB_NF4_BLOCK
+        return data
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> ModulePlan:
+        if self.bits not in BACKEND_BITS[self.backend]:
+            allowed = sorted(BACKEND_BITS[self.backend])
+            raise ValueError(
+                f"backend {self.backend!r} cannot store {self.bits}-bit weights (it supports {allowed})"
+            )
+        if self.backend == "bnb" and self.bits == 4 and self.group_size != BNB_NF4_BLOCK:
+            raise ValueError(
+                f"bitsandbytes nf4 uses blocks of {BNB_NF4_BLOCK}, not group_size={self.group_size}"
+            )
+        return self
+
+    @property
+    def lora_alpha(self) -> float:
+        """Alpha defaults to 2·rank so the LoRA scale (alpha/rank) is the same at every rank."""
+        return float(self.alpha) if self.alpha is not None else float(2 * self.rank)
+
+
+class Fingerprint(BaseModel):
+    """Identifies the model a plan was made for: architecture, depth, width and module names/shapes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    modules_hash: str
+
+    def describe(self) -> str:
+        return f"{self.architecture} ({self.num_layers} layers, hidden {self.hidden_size}, modules {self.modules_hash})"
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """Fingerprint of a model (works on the meta device and on an already-quantized model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    archs = getattr(config, "architectures", None) or [type(base).__name__]
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    _, blocks = find_blocks(base)
+    return Fingerprint(
+        architecture=str(archs[0]),
+        num_layers=len(blocks),
+        hidden_size=int(hidden),
+        modules_hash=modules_hash(quantizable_linears(base)),
+    )
+
+
+class Plan(BaseModel):
+    """Per-module bits and rank for one model. Load with ``Plan.load``, write with ``plan.save``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    fingerprint: Fingerprint
+    modules: dict[str, ModulePlan]
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def uniform(
+        cls,
+        model: nn.Module,
+        bits: int = 4,
+        rank: int = 16,
+        backend: str | None = None,
+        group_size: int | None = None,
+        alpha: float | None = None,
+    ) -> Plan:
+        """Every quantizable module at the same bits and rank (the QLoRA-style baseline)."""
+        specs = quantizable_linears(model)
+        module = _module_plan(bits, rank, backend, group_size, alpha)
+        return cls(fingerprint=fingerprint(model), modules={s.name: module for s in specs})
+
+    @classmethod
+    def from_blocks(
+        cls,
+        model: nn.Module,
+        blocks: Sequence[tuple[int, int]],
+        backend: str | None = None,
+        alpha: float | None = None,
+    ) -> Plan:
+        """One (bits, rank) pair per transformer block; all of a block's linears share it (AutoQRA's unit)."""
+        specs = quantizable_linears(model)
+        n_blocks = max(s.block for s in specs) + 1
+        if len(blocks) != n_blocks:
+            raise QRAError(
+                f"from_blocks needs {n_blocks} (bits, rank) pairs for this model, got {len(blocks)}"
+            )
+        per_block = [_module_plan(b, r, backend, None, alpha) for b, r in blocks]
+        return cls(fingerprint=fingerprint(model), modules={s.name: per_block[s.block] for s in specs})
+
+    @classmethod
+    def from_specs(cls, fp: Fingerprint, assignment: dict[str, ModulePlan], **extra: Any) -> Plan:
+        return cls(fingerprint=fp, modules=dict(assignment), **extra)
+
+    # ---------------------------------------------------------------- queries
+    def lora_targets(self) -> list[str]:
+        """Full names of modules that get an adapter (rank > 0), in plan order."""
+        return [name for name, m in self.modules.items() if m.rank > 0]
+
+    def bits_used(self) -> set[int]:
+        return {m.bits for m in self.modules.values()}
+
+    def backends_used(self) -> set[str]:
+        return {m.backend for m in self.modules.values() if m.bits < 16}
+
+    def summary(self) -> str:
+        """One line for logs: how many modules at each (bits, backend) and the rank spread."""
+        counts: dict[str, int] = {}
+        for m in self.modules.values():
+            key = f"{m.bits}b/{m.backend}"
+            counts[key] = counts.get(key, 0) + 1
+        ranks = sorted({m.rank for m in self.modules.values()})
+        parts = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
+        return f"{len(self.modules)} modules: {parts}; ranks {ranks}"
+
+    def content_hash(self) -> str:
+        """Hash of what the plan does (not its metadata): the key of an evaluation in the planner's store."""
+        body = {n: m.model_dump() for n, m in sorted(self.modules.items())}
+        payload = json.dumps(
+            {"fp": self.fingerprint.model_dump(), "m": body, "d": self.lora_dropout}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def check_model(self, model: nn.Module) -> list[LinearSpec]:
+        """Raise a one-line QRAError unless this plan was made for ``model``; return the model's specs."""
+        actual = fingerprint(model)
+        if actual != self.fingerprint:
+            raise QRAError(
+                f"plan fingerprint does not match the model: plan is for {self.fingerprint.describe()}, "
+                f"model is {actual.describe()}"
+            )
+        specs = quantizable_linears(model)
+        known = {s.name for s in specs}
+        unknown = [n for n in self.modules if n not in known]
+        if unknown:
+            raise QRAError(
+                f"plan names {len(unknown)} module(s) the model does not have, e.g. {unknown[0]!r}"
+            )
+        return specs
+
+    # ---------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write YAML (or JSON for a .json suffix) atomically."""
+        path = Path(path)
+        data = self.to_dict()
+        text = (
+            json.dumps(data, indent=2) + "\n"
+            if path.suffix == ".json"
+            else yaml.safe_dump(data, sort_keys=False)
+        )
+        return write_text_atomic(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a YAML/JSON plan; any problem becomes one QRAError line naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise QRAError(f"plan file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise QRAError(f"{path}: malformed plan file ({first})") from None
+        return cls.parse(data, source=str(path))
+
+    @classmethod
+    def parse(cls, data: Any, source: str = "plan") -> Plan:
+        if not isinstance(data, dict):
+            raise QRAError(f"{source}: a plan must be a mapping with 'fingerprint' and 'modules'")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise QRAError(f"{source}: invalid plan: {one_line_validation_error(exc)}") from None
+
+
+def _module_plan(
+    bits: int, rank: int, backend: str | None, group_size: int | None, alpha: float | None
+) -> ModulePlan:
+    data: dict[str, Any] = {"bits": bits, "rank": rank}
+    if backend is not None:
+        data["backend"] = "none" if bits == 16 else backend
+    if group_size is not None:
+        data["group_size"] = group_size
+    if alpha is not None:
+        data["alpha"] = alpha
+    try:
+        return ModulePlan.model_validate(data)
+    except ValidationError as exc:
+        raise QRAError(f"invalid module plan: {one_line_validation_error(exc)}") from None
+
+
+def one_line_validation_error(exc: ValidationError) -> str:
+    """The first pydantic error as 'where: what' on one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {msg}{more}" if where else f"{msg}{more}"
+
+
+def block_pairs(plan: Plan) -> list[tuple[int, int]] | None:
+    """(bits, rank) per block when every module of each block agrees, else None (a module-level plan)."""
+    per_block: dict[int, set[tuple[int, int]]] = {}
+    for name, m in plan.modules.items():
+        idx = _block_index(name)
+        per_block.setdefault(idx, set()).add((m.bits, m.rank))
+    if any(len(v) != 1 for v in per_block.values()):
+        return None
+    return [next(iter(per_block[i])) for i in sorted(per_block)]
+
+
+def _block_index(name: str) -> int:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return -1
