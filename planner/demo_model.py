@@ -47,9 +47,7 @@ def materialize_demo_model(cache_dir: str | Path | None = None) -> Path:
 
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(source.parent), gguf_file=source.name, dtype=torch.float32
-    )
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     # The GGUF-loaded model carries a quantization_config that is not serialisable; copy the dequantized
     # weights into a fresh model of the same config and save that.
     config = loaded.config

@@ -23,9 +23,7 @@ def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
         return [t for v in obj for t in _tensors_in(v, depth + 1)]
     if type(obj).__name__ == "QuantState":
         return [
-            t
-            for k in ("absmax", "code", "offset", "state2")
-            for t in _tensors_in(getattr(obj, k, None), depth + 1)
+            t for k in ("absmax", "code", "offset", "state2") for t in _tensors_in(getattr(obj, k, None), depth + 1)
         ]
     return []
 

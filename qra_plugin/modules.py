@@ -40,11 +40,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     model = _unwrap(model)
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module) > 0
-            and (best is None or len(module) > len(best[1]))
-        ):
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (best is None or len(module) > len(best[1])):
             best = (name, module)
     if best is None:
         raise ValueError(f"{type(model).__name__} has no nn.ModuleList of transformer blocks")

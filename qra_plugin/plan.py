@@ -73,13 +73,9 @@ class ModulePlan(BaseModel):
     def _check_backend(self) -> ModulePlan:
         if self.bits not in BACKEND_BITS[self.backend]:
             allowed = sorted(BACKEND_BITS[self.backend])
-            raise ValueError(
-                f"backend {self.backend!r} cannot store {self.bits}-bit weights (it supports {allowed})"
-            )
+            raise ValueError(f"backend {self.backend!r} cannot store {self.bits}-bit weights (it supports {allowed})")
         if self.backend == "bnb" and self.bits == 4 and self.group_size != BNB_NF4_BLOCK:
-            raise ValueError(
-                f"bitsandbytes nf4 uses blocks of {BNB_NF4_BLOCK}, not group_size={self.group_size}"
-            )
+            raise ValueError(f"bitsandbytes nf4 uses blocks of {BNB_NF4_BLOCK}, not group_size={self.group_size}")
         return self
 
     @property
@@ -156,9 +152,7 @@ class Plan(BaseModel):
         specs = quantizable_linears(model)
         n_blocks = max(s.block for s in specs) + 1
         if len(blocks) != n_blocks:
-            raise QRAError(
-                f"from_blocks needs {n_blocks} (bits, rank) pairs for this model, got {len(blocks)}"
-            )
+            raise QRAError(f"from_blocks needs {n_blocks} (bits, rank) pairs for this model, got {len(blocks)}")
         per_block = [_module_plan(b, r, backend, None, alpha) for b, r in blocks]
         return cls(fingerprint=fingerprint(model), modules={s.name: per_block[s.block] for s in specs})
 
@@ -190,9 +184,7 @@ class Plan(BaseModel):
     def content_hash(self) -> str:
         """Hash of what the plan does (not its metadata): the key of an evaluation in the planner's store."""
         body = {n: m.model_dump() for n, m in sorted(self.modules.items())}
-        payload = json.dumps(
-            {"fp": self.fingerprint.model_dump(), "m": body, "d": self.lora_dropout}, sort_keys=True
-        )
+        payload = json.dumps({"fp": self.fingerprint.model_dump(), "m": body, "d": self.lora_dropout}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def check_model(self, model: nn.Module) -> list[LinearSpec]:
@@ -207,9 +199,7 @@ class Plan(BaseModel):
         known = {s.name for s in specs}
         unknown = [n for n in self.modules if n not in known]
         if unknown:
-            raise QRAError(
-                f"plan names {len(unknown)} module(s) the model does not have, e.g. {unknown[0]!r}"
-            )
+            raise QRAError(f"plan names {len(unknown)} module(s) the model does not have, e.g. {unknown[0]!r}")
         return specs
 
     # ---------------------------------------------------------------- I/O
@@ -220,11 +210,7 @@ class Plan(BaseModel):
         """Write YAML (or JSON for a .json suffix) atomically."""
         path = Path(path)
         data = self.to_dict()
-        text = (
-            json.dumps(data, indent=2) + "\n"
-            if path.suffix == ".json"
-            else yaml.safe_dump(data, sort_keys=False)
-        )
+        text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
         return write_text_atomic(path, text)
 
     @classmethod
@@ -251,9 +237,7 @@ class Plan(BaseModel):
             raise QRAError(f"{source}: invalid plan: {one_line_validation_error(exc)}") from None
 
 
-def _module_plan(
-    bits: int, rank: int, backend: str | None, group_size: int | None, alpha: float | None
-) -> ModulePlan:
+def _module_plan(bits: int, rank: int, backend: str | None, group_size: int | None, alpha: float | None) -> ModulePlan:
     data: dict[str, Any] = {"bits": bits, "rank": rank}
     if backend is not None:
         data["backend"] = "none" if bits == 16 else backend

@@ -27,9 +27,7 @@ def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def quantize_model(
-    model: nn.Module, plan: Plan, compute_dtype: torch.dtype | None = None
-) -> dict[str, nn.Module]:
+def quantize_model(model: nn.Module, plan: Plan, compute_dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
     """Quantize every module the plan gives fewer than 16 bits; return the new modules by name.
 
     Idempotent: a module that is already quantized is left alone (Axolotl may call hooks twice).

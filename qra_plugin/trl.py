@@ -66,9 +66,7 @@ class QRACallback(TrainerCallback):
         self.metrics: dict[str, Any] = {"train_loss_history": [], "eval": []}
 
     # ---------------------------------------------------------------- logging
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
-    ):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         model = kw.get("model")
         plan = self.plan or getattr(model, "qra_plan", None)
         if model is not None:
@@ -81,9 +79,7 @@ class QRACallback(TrainerCallback):
             self.metrics["plan_hash"] = plan.content_hash()
         self._flush(state)
 
-    def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any
-    ):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
         logs = logs or {}
         loss = logs.get("loss")
         local_reason = None
@@ -107,13 +103,9 @@ class QRACallback(TrainerCallback):
             self._stop(control, f"reached step {self.stop_at_step}")
             control.should_evaluate = args.eval_strategy != "no"
 
-    def on_evaluate(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw
-    ):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw):
         if metrics:
-            self.metrics["eval"].append(
-                {"step": state.global_step, **{k: float(v) for k, v in metrics.items()}}
-            )
+            self.metrics["eval"].append({"step": state.global_step, **{k: float(v) for k, v in metrics.items()}})
         self._flush(state)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
