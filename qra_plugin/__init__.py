@@ -24,7 +24,21 @@ _EXPORTS = {
     "QRAPlugin": "qra_plugin.axolotl",
     "QRACallback": "qra_plugin.trl",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Fingerprint",
+    "MemoryReport",
+    "ModulePlan",
+    "Plan",
+    "QRACallback",
+    "QRAError",
+    "QRAPlugin",
+    "apply_plan",
+    "fingerprint",
+    "load_for_inference",
+    "lora_config",
+    "memory_report",
+    "quantize_model",
+]
 
 if TYPE_CHECKING:
     from qra_plugin.apply import apply_plan, load_for_inference

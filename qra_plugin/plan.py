@@ -149,16 +149,43 @@ class Plan(BaseModel):
         alpha: float | None = None,
     ) -> Plan:
         """One (bits, rank) pair per transformer block; all of a block's linears share it (AutoQRA's unit)."""
-        specs = quantizable_linears(model)
-        n_blocks = max(s.block for s in specs) + 1
-        if len(blocks) != n_blocks:
-            raise QRAError(f"from_blocks needs {n_blocks} (bits, rank) pairs for this model, got {len(blocks)}")
-        per_block = [_module_plan(b, r, backend, None, alpha) for b, r in blocks]
-        return cls(fingerprint=fingerprint(model), modules={s.name: per_block[s.block] for s in specs})
+        return cls.from_block_pairs(fingerprint(model), quantizable_linears(model), blocks, backend, alpha)
 
     @classmethod
-    def from_specs(cls, fp: Fingerprint, assignment: dict[str, ModulePlan], **extra: Any) -> Plan:
-        return cls(fingerprint=fp, modules=dict(assignment), **extra)
+    def from_block_pairs(
+        cls,
+        fp: Fingerprint,
+        specs: Sequence[LinearSpec],
+        blocks: Sequence[tuple[int, int]],
+        backend: str | None = None,
+        alpha: float | None = None,
+    ) -> Plan:
+        """Like ``from_blocks`` but from a fingerprint and specs alone (the planner has no weights)."""
+        n_blocks = max(s.block for s in specs) + 1
+        if len(blocks) != n_blocks:
+            raise QRAError(f"need {n_blocks} (bits, rank) pairs for this model, got {len(blocks)}")
+        per_block = [_module_plan(b, r, backend, None, alpha) for b, r in blocks]
+        return cls(fingerprint=fp, modules={s.name: per_block[s.block] for s in specs})
+
+    @classmethod
+    def from_module_pairs(
+        cls,
+        fp: Fingerprint,
+        specs: Sequence[LinearSpec],
+        pairs: Sequence[tuple[int, int]],
+        backend: str | None = None,
+        alpha: float | None = None,
+    ) -> Plan:
+        """One (bits, rank) pair per quantizable module, in ``specs`` order (module granularity)."""
+        if len(pairs) != len(specs):
+            raise QRAError(f"need {len(specs)} (bits, rank) pairs, one per module, got {len(pairs)}")
+        cache: dict[tuple[int, int], ModulePlan] = {}
+        modules = {}
+        for spec, (b, r) in zip(specs, pairs, strict=True):
+            if (b, r) not in cache:
+                cache[(b, r)] = _module_plan(b, r, backend, None, alpha)
+            modules[spec.name] = cache[(b, r)]
+        return cls(fingerprint=fp, modules=modules)
 
     # ---------------------------------------------------------------- queries
     def lora_targets(self) -> list[str]:

@@ -1,0 +1,164 @@
+"""The YAML config of ``qra profile`` / ``qra search`` / ``qra baseline``, validated with pydantic.
+
+Each section belongs to one stage; unknown keys are errors so a typo never silently changes a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qra_plugin.errors import QRAError
+from qra_plugin.plan import one_line_validation_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyModel(_Section):
+    """A model built in code from a config (no weights file): for tests and the tiny search."""
+
+    arch: Literal["llama", "qwen2"] = "llama"
+    layers: int = Field(4, ge=1)
+    hidden: int = Field(64, ge=16)
+    vocab_size: int = Field(512, ge=64)
+    seed: int = 0
+
+
+class ModelSection(_Section):
+    """Exactly one of ``path`` (a local HF dir, or ``demo`` for the bundled SmolLM2-135M) or ``tiny``."""
+
+    path: str | None = None
+    tiny: TinyModel | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path (a local dir or 'demo') and model.tiny")
+        return self
+
+
+class DataSection(_Section):
+    """SFT data: the bundled wiki summaries, or a local jsonl of prompt/completion or alpaca rows."""
+
+    source: Literal["wiki", "jsonl"] = "wiki"
+    path: str | None = None
+    eval_path: str | None = None
+    train_examples: int = Field(256, ge=1)
+    eval_examples: int = Field(32, ge=1)
+    calibration_examples: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _path_for_jsonl(self) -> DataSection:
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.source 'jsonl' needs data.path")
+        return self
+
+
+class SpaceSection(_Section):
+    """The per-unit choices the planner searches over."""
+
+    unit: Literal["block", "module"] = "block"
+    bits: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8])
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
+    backend: Literal["hqq", "bnb"] = "hqq"
+
+    @model_validator(mode="after")
+    def _sane(self) -> SpaceSection:
+        if any(r < 0 for r in self.ranks):
+            raise ValueError("space.ranks must be >= 0")
+        if self.backend == "bnb" and not set(self.bits) <= {4, 8, 16}:
+            raise ValueError("space.backend 'bnb' supports only bits 4, 8 and 16")
+        self.bits = sorted(set(self.bits))
+        self.ranks = sorted(set(self.ranks))
+        return self
+
+
+class TrainSection(_Section):
+    """Training settings shared by the memory model, the fidelity runs and the final fine-tune."""
+
+    batch: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=8)
+    optimizer: str = "adamw_torch"
+    grad_checkpointing: bool = False
+    lr: float = Field(5e-4, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+
+class FidelityLevel(_Section):
+    """One fidelity: a real short SFT run of ``steps`` optimizer steps, scored on ``eval_examples``."""
+
+    steps: int = Field(ge=0)
+    eval_examples: int = Field(ge=1)
+    train_examples: int | None = Field(default=None, ge=1)
+
+
+class FidelitySection(_Section):
+    low: FidelityLevel = FidelityLevel(steps=6, eval_examples=16)
+    high: FidelityLevel = FidelityLevel(steps=24, eval_examples=32)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    subprocess: bool = True
+    timeout_s: float = Field(3600, gt=0)
+
+
+class ProfileSection(_Section):
+    """Importance priors (``qra profile``)."""
+
+    bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4])
+    calibration_examples: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=8)
+    batch: int = Field(8, ge=1)
+    plasticity_steps: int = Field(4, ge=1)
+    plasticity_rank: int = Field(8, ge=1)
+
+
+class SearchSection(_Section):
+    """Stage 1 (multi-fidelity evolution) and stage 2 (trust-region BO) sizes."""
+
+    population: int = Field(12, ge=2)
+    generations: int = Field(3, ge=1)
+    offspring: int = Field(12, ge=1)
+    promote: int = Field(4, ge=1)
+    tr_iterations: int = Field(6, ge=0)
+    tr_batch: int = Field(1, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    gpus_per_eval: float = Field(0.0, ge=0)
+
+
+class QRAConfig(_Section):
+    name: str = "qra"
+    seed: int = 0
+    model: ModelSection
+    data: DataSection = DataSection()
+    space: SpaceSection = SpaceSection()
+    train: TrainSection = TrainSection()
+    budget: str = "uniform:4bit:r16"
+    fidelity: FidelitySection = FidelitySection()
+    profile: ProfileSection = ProfileSection()
+    search: SearchSection = SearchSection()
+
+    @classmethod
+    def load(cls, path: str | Path) -> QRAConfig:
+        """Read and validate a YAML config; every problem is one QRAError line naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise QRAError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise QRAError(f"{path}: malformed YAML ({str(exc).strip().splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise QRAError(f"{path}: a config must be a YAML mapping")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            raise QRAError(f"{path}: invalid config: {one_line_validation_error(exc)}") from None
+        if config.data.path and not Path(config.data.path).is_file():
+            raise QRAError(f"{path}: data.path not found: {config.data.path}")
+        return config
