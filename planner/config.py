@@ -91,19 +91,33 @@ class TrainSection(_Section):
 
 
 class FidelityLevel(_Section):
-    """One fidelity: a real short SFT run of ``steps`` optimizer steps, scored on ``eval_examples``."""
+    """One fidelity: a real short SFT run of ``steps`` optimizer steps, scored on ``eval_examples``.
+
+    ``train_examples`` is the data fraction (default: data.train_examples); ``seq_len`` / ``batch``
+    override the train section for this level only (cheaper low fidelities).
+    """
 
     steps: int = Field(ge=0)
     eval_examples: int = Field(ge=1)
     train_examples: int | None = Field(default=None, ge=1)
+    seq_len: int | None = Field(default=None, ge=8)
+    batch: int | None = Field(default=None, ge=1)
 
 
 class FidelitySection(_Section):
+    """How candidates are scored (planner.fidelity) and run (planner.executors)."""
+
     low: FidelityLevel = FidelityLevel(steps=6, eval_examples=16)
     high: FidelityLevel = FidelityLevel(steps=24, eval_examples=32)
     seeds: list[int] = Field(default_factory=lambda: [0])
     subprocess: bool = True
     timeout_s: float = Field(3600, gt=0)
+    #: stop a run whose logged train loss exceeds this after ``min_steps`` steps (status "stopped").
+    stop_if_loss_above: float | None = None
+    min_steps: int = Field(1, ge=0)
+    #: torch CPU threads inside an evaluation (None: torch's default). 1 avoids oversubscription on shared CPUs.
+    torch_threads: int | None = Field(default=None, ge=1)
+    eval_batch: int = Field(8, ge=1)
 
 
 class ProfileSection(_Section):

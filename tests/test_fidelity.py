@@ -1,0 +1,133 @@
+"""Real short SFT runs on a tiny Llama: the fidelity score responds to training, plan and seed."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+from torch import nn
+
+from planner.config import QRAConfig
+from planner.fidelity import EvalResult, EvalTask, _base_model_cached, run_fidelity
+from planner.loading import load_meta_model
+from qra_plugin import Plan
+from qra_plugin.errors import QRAError
+
+
+def tiny_config(**over) -> QRAConfig:
+    data = {
+        "name": "tiny-fidelity",
+        "model": {"tiny": {"layers": 4, "hidden": 64, "vocab_size": 512}},
+        "data": {"train_examples": 32},
+        "train": {"batch": 4, "seq_len": 64, "lr": 5e-3},
+        "fidelity": {
+            "low": {"steps": 6, "eval_examples": 8},
+            "high": {"steps": 0, "eval_examples": 8},
+            "torch_threads": 1,
+        },
+    }
+    for section, values in over.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return QRAConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def cfg() -> QRAConfig:
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def meta(cfg: QRAConfig) -> nn.Module:
+    return load_meta_model(cfg.model)
+
+
+def task(cfg: QRAConfig, plan: Plan, level: str = "low", seed: int = 0) -> EvalTask:
+    return EvalTask(plan=plan, level=level, seed=seed, config=cfg, tag="test")
+
+
+def test_training_lowers_eval_loss_and_reports_real_measurements(cfg, meta):
+    plan = Plan.uniform(meta, bits=4, rank=8)
+    before = run_fidelity(task(cfg, plan, "high"))  # 0 steps: just the eval
+    after = run_fidelity(task(cfg, plan, "low"))
+    assert before.status == after.status == "ok"
+    assert before.steps == 0 and before.train_loss is None
+    assert after.steps == 6 and after.train_loss is not None and math.isfinite(after.train_loss)
+    assert after.eval_loss < before.eval_loss - 0.02
+    # training holds LoRA grads, optimizer states and activations on top of the weights
+    assert after.memory_measured > before.memory_measured >= before.weight_bytes > 0
+    assert after.token_accuracy is not None and 0.0 <= after.token_accuracy <= 1.0
+
+
+def test_same_seed_same_score_and_seed_changes_the_run(cfg, meta):
+    plan = Plan.uniform(meta, bits=4, rank=8)
+    a = run_fidelity(task(cfg, plan, seed=0))
+    b = run_fidelity(task(cfg, plan, seed=0))
+    c = run_fidelity(task(cfg, plan, seed=1))
+    assert a.eval_loss == b.eval_loss and a.train_loss == b.train_loss
+    assert c.eval_loss != a.eval_loss  # data order and LoRA init follow the seed
+
+
+def test_plan_changes_score_and_weight_bytes(cfg, meta):
+    low_bits = Plan.uniform(meta, bits=2, rank=4)
+    mixed = Plan.from_blocks(meta, [(8, 16), (4, 8), (3, 8), (8, 16)])
+    r_low = run_fidelity(task(cfg, low_bits))
+    r_mixed = run_fidelity(task(cfg, mixed))
+    assert r_low.status == r_mixed.status == "ok"
+    assert r_low.eval_loss != r_mixed.eval_loss
+    assert r_low.weight_bytes < r_mixed.weight_bytes
+
+
+def test_cached_base_model_is_never_mutated(cfg, meta):
+    run_fidelity(task(cfg, Plan.uniform(meta, bits=2, rank=4), "high"))
+    cached = _base_model_cached(cfg.model.model_dump_json())
+    layer = cached.model.layers[0].self_attn.q_proj
+    assert type(layer) is nn.Linear and not hasattr(cached, "peft_config")
+
+
+def test_non_finite_training_is_a_failed_result(meta):
+    cfg = tiny_config(train={"lr": 1e30})
+    result = run_fidelity(task(cfg, Plan.uniform(meta, bits=4, rank=8)))
+    assert result.status == "failed"
+    assert "non-finite" in result.error and result.eval_loss is None
+
+
+def test_hopeless_loss_stops_early(meta):
+    cfg = tiny_config(fidelity={"stop_if_loss_above": 0.5, "min_steps": 2})
+    result = run_fidelity(task(cfg, Plan.uniform(meta, bits=4, rank=8)))
+    assert result.status == "stopped"
+    assert result.steps == 2 and "above 0.5" in result.stop_reason
+    assert result.eval_loss is not None and math.isfinite(result.eval_loss)
+
+
+def test_jsonl_alpaca_data(tmp_path, meta):
+    from planner.data import write_alpaca_jsonl
+
+    path = write_alpaca_jsonl(tmp_path / "train.jsonl", "train", 40)
+    eval_path = tmp_path / "eval.jsonl"
+    rows = [{"prompt": "Say the colour of the sky.", "completion": f"Blue, number {i}."} for i in range(8)]
+    eval_path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = tiny_config(data={"source": "jsonl", "path": str(path), "eval_path": str(eval_path)})
+    result = run_fidelity(task(cfg, Plan.uniform(meta, bits=4, rank=8)))
+    assert result.status == "ok" and math.isfinite(result.eval_loss)
+    wiki = run_fidelity(task(tiny_config(), Plan.uniform(meta, bits=4, rank=8)))
+    assert wiki.eval_loss != result.eval_loss  # a different eval set really was used
+
+
+def test_bad_rows_and_levels_are_one_line_errors(tmp_path, cfg, meta):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(QRAError, match="prompt/completion or instruction"):
+        run_fidelity(task(tiny_config(data={"source": "jsonl", "path": str(bad)}), Plan.uniform(meta)))
+    with pytest.raises(QRAError, match="unknown fidelity level"):
+        run_fidelity(EvalTask.model_construct(plan=Plan.uniform(meta), level="mid", seed=0, config=cfg))
+
+
+def test_task_and_result_are_picklable_and_json(cfg, meta):
+    t = task(cfg, Plan.uniform(meta, bits=3, rank=16))
+    assert pickle.loads(pickle.dumps(t)).key == t.key
+    assert EvalTask.model_validate_json(t.model_dump_json()).key == t.key
+    assert t.key == (t.plan.content_hash(), "low", 0)
+    r = EvalResult.failed("Traceback ...\nValueError: boom\n")
+    assert r.error == "ValueError: boom" and r.status == "failed"
