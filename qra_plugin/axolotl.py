@@ -1,0 +1,110 @@
+"""Axolotl integration: ``plugins: [qra_plugin.QRAPlugin]`` + ``qra_plan: plan.yaml``.
+
+Thin by design: every hook calls a ``qra_plugin`` function. Every hook does nothing unless
+``qra_plan`` is set (from Axolotl 0.21 installed plugins load for every config).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from qra_plugin.distributed import check_sharding, deepspeed_stage
+from qra_plugin.io import write_json_atomic
+from qra_plugin.lora import rank_alpha_patterns
+from qra_plugin.memory_report import memory_report
+from qra_plugin.plan import Plan
+from qra_plugin.quantize import quantize_model
+
+log = logging.getLogger("axolotl.integrations.qra")
+
+
+def sharding_of(cfg: Any) -> str | None:
+    """The weight-sharding mode an Axolotl config asks for: zero3, fsdp, zero2 or None."""
+    if cfg.get("fsdp") or cfg.get("fsdp_config"):
+        return "fsdp"
+    stage = deepspeed_stage(cfg.get("deepspeed"))
+    if stage is None:
+        return None
+    return "zero3" if stage >= 3 else "zero2"
+
+
+class QRAPlugin(BasePlugin):
+    """Applies a qra plan: per-module quantization before LoRA, per-module rank/alpha for LoRA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._plans: dict[str, Plan] = {}
+
+    def get_input_args(self) -> str:
+        return "qra_plugin.axolotl_args.QRAArgs"
+
+    def _plan(self, cfg: Any) -> Plan | None:
+        path = cfg.get("qra_plan")
+        if not path:
+            return None
+        if path not in self._plans:
+            self._plans[path] = Plan.load(path)
+        return self._plans[path]
+
+    def pre_model_load(self, cfg: Any) -> None:
+        plan = self._plan(cfg)
+        if plan is None:
+            return
+        check_sharding(plan, sharding=sharding_of(cfg), half_precision=bool(cfg.get("bf16") or cfg.get("fp16")))
+        # The plan, not lora_target_linear, decides which modules get an adapter (rank 0 = none).
+        cfg["lora_target_modules"] = plan.lora_targets()
+        cfg["lora_target_linear"] = False
+        if plan.backends_used() & {"hqq"}:
+            for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+                cfg[key] = False
+        log.info("qra: plan %s: %s", cfg.get("qra_plan"), plan.summary())
+
+    def get_lora_config_kwargs(self, cfg: Any) -> dict:
+        plan = self._plan(cfg)
+        if plan is None:
+            return {}
+        patterns = rank_alpha_patterns(plan)
+        return {"rank_pattern": patterns["rank_pattern"], "alpha_pattern": patterns["alpha_pattern"]}
+
+    def pre_lora_load(self, cfg: Any, model: Any) -> None:
+        plan = self._plan(cfg)
+        if plan is None:
+            return
+        if not cfg.get("qra_check_fingerprint", True):
+            plan = plan.model_copy(update={"fingerprint": _fingerprint_of(model)})
+        quantize_model(model, plan)
+
+    def post_model_load(self, cfg: Any, model: Any) -> None:
+        plan = self._plan(cfg)
+        if plan is None:
+            return
+        report = memory_report(model)
+        log.info("qra: measured weights: %s", report.summary())
+        out = cfg.get("output_dir")
+        if out and _is_main_process():
+            plan.save(Path(out) / "qra_plan.yaml")
+            write_json_atomic(Path(out) / "qra_memory.json", report.to_dict())
+
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
+        plan = self._plan(cfg)
+        if plan is None:
+            return []
+        from qra_plugin.trl import QRACallback
+
+        return [QRACallback(plan=plan, stop_at_step=cfg.get("qra_stop_at_step"))]
+
+
+def _fingerprint_of(model: Any):
+    from qra_plugin.plan import fingerprint
+
+    return fingerprint(model)
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

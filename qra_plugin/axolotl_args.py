@@ -1,0 +1,40 @@
+"""The YAML keys the Axolotl plugin adds (merged into Axolotl's config schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class QRAArgs(BaseModel):
+    """``qra_plan`` turns the plugin on; without it every hook does nothing."""
+
+    qra_plan: str | None = Field(default=None, description="path to a qra plan (YAML/JSON)")
+    qra_check_fingerprint: bool = Field(default=True, description="refuse a plan made for another model")
+    qra_stop_at_step: int | None = Field(default=None, ge=1, description="stop training after this many steps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate_plan(cls, data):
+        """Fail at config time, with one line, for a missing/malformed plan or a backend clash."""
+        if not isinstance(data, dict) or not data.get("qra_plan"):
+            return data
+        from qra_plugin.errors import QRAError
+        from qra_plugin.plan import Plan
+
+        try:
+            plan = Plan.load(data["qra_plan"])
+        except QRAError as exc:
+            raise ValueError(str(exc)) from None
+        if data.get("load_in_4bit") or data.get("load_in_8bit"):
+            raise ValueError(
+                "qra_plan quantizes per module itself: remove load_in_4bit/load_in_8bit (use adapter: lora)"
+            )
+        if data.get("adapter") not in (None, "lora"):
+            raise ValueError(f"qra_plan needs adapter: lora (got {data.get('adapter')!r})")
+        if plan.backends_used() & {"hqq"}:
+            # Axolotl's Triton LoRA kernels assume a bnb/plain base layer.
+            for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+                if data.get(key):
+                    raise ValueError(f"{key} does not support HQQ base layers in this plan: set {key}: false")
+                data[key] = False
+        return data
