@@ -121,14 +121,25 @@ class FidelitySection(_Section):
 
 
 class ProfileSection(_Section):
-    """Importance priors (``qra profile``)."""
+    """Importance priors (``qra profile``): calibration size, unit granularity and plasticity settings.
+
+    ``unit`` defaults to ``space.unit``; ``calibration_offset`` skips wiki rows so disjoint samples can be
+    profiled (stability checks).
+    """
 
     bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4])
+    unit: Literal["block", "module"] | None = None
     calibration_examples: int = Field(16, ge=1)
+    calibration_offset: int = Field(0, ge=0)
     seq_len: int = Field(128, ge=8)
     batch: int = Field(8, ge=1)
-    plasticity_steps: int = Field(4, ge=1)
+    plasticity_draws: int = Field(2, ge=1)
     plasticity_rank: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _sorted_bits(self) -> ProfileSection:
+        self.bits = sorted(set(self.bits))
+        return self
 
 
 class SearchSection(_Section):

@@ -1,0 +1,59 @@
+"""PNG bar chart of the priors: I_q per bit-width (log scale) above, I_r below, one bar group per unit."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from planner.priors import Priors
+
+
+def plot_priors(priors: Priors, path: str | Path) -> Path:
+    """Write the chart atomically (rendered in memory, then renamed into place)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(priors.units)
+    bits = sorted(priors.I_q)
+    width = 0.8 / max(1, len(bits))
+    fig, (ax_q, ax_r) = plt.subplots(2, 1, figsize=(max(8.0, 0.3 * n), 6.5), sharex=True)
+    for k, b in enumerate(bits):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(n)]
+        ax_q.bar(xs, [max(v, 1e-9) for v in priors.I_q[b]], width=width, label=f"{b} bits")
+    ax_q.set_yscale("log")
+    ax_q.set_ylabel("I_q: KL when only this unit is quantized")
+    ax_q.legend(loc="upper right", fontsize=8)
+    ax_r.bar(range(n), priors.I_r, color="tab:green")
+    ax_r.set_yscale("log")
+    ax_r.set_ylabel("I_r: ||grad LoRA B||^2 at init")
+    ax_r.set_xticks(range(n))
+    ax_r.set_xticklabels(priors.units, rotation=90, fontsize=7)
+    fig.suptitle(f"qra priors: {priors.fingerprint.describe()}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return _write_bytes_atomic(Path(path), buffer.getvalue())
+
+
+def _write_bytes_atomic(target: Path, data: bytes) -> Path:
+    """Binary twin of ``qra_plugin.io.write_text_atomic`` (temp file, fsync, rename)."""
+    import os
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
