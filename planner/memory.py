@@ -110,7 +110,7 @@ def _optimizer_bytes(optimizer: str, shapes: Iterable[tuple[int, int]]) -> int:
         if optimizer in ("adamw_torch", "adamw_torch_fused"):
             total += 2 * rows * cols * 4 + 4  # exp_avg, exp_avg_sq, fp32 ``step`` tensor
         elif optimizer == "adafactor":
-            total += (rows + cols) * 4  # factored second moment (HF Adafactor, beta1=None)
+            total += (rows + cols) * 4 + 4  # factored second moment + 0-dim RMS tensor (HF, beta1=None)
         elif optimizer == "sgd":
             total += 0
         else:
