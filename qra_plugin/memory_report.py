@@ -35,6 +35,9 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
         if "lora_" not in name:
             tensors.append(t)
     tensors += _tensors_in(getattr(module, "meta", None))
+    bias = getattr(module, "bias", None)  # HQQLinear keeps its bias as a plain tensor attribute
+    if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
+        tensors.append(bias)
     weight = getattr(module, "weight", None)
     if weight is not None:
         tensors += _tensors_in(getattr(weight, "quant_state", None))
