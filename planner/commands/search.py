@@ -1,0 +1,37 @@
+"""``qra search CONFIG --out DIR``: the two-stage planner; re-running with the same DIR resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("search")
+    def search_command(
+        config: Path = typer.Argument(..., help="qra YAML config (model, data, space, budget, fidelity, search)"),
+        out: Path | None = typer.Option(None, "--out", help="output directory (default runs/<name>)"),
+        seed: int | None = typer.Option(None, "--seed", help="search seed (default: the config's seed)"),
+        executor: str | None = typer.Option(None, "--executor", help="local or ray (default: search.executor)"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress"),
+    ) -> None:
+        """Write DIR/plan.yaml, DIR/pareto.json, DIR/report.html and DIR/store.sqlite."""
+        from planner.config import QRAConfig
+        from planner.search import PARETO_FILE, REPORT_FILE, STORE_FILE, run_search
+        from qra_plugin.errors import QRAError
+
+        if executor is not None and executor not in ("local", "ray"):
+            raise QRAError(f"--executor must be 'local' or 'ray', not {executor!r}")
+        cfg = QRAConfig.load(config)
+        out_dir = out if out is not None else Path("runs") / cfg.name
+        result = run_search(cfg, out_dir, seed, executor, progress=progress)
+        typer.echo(f"plan:   {result.plan_path}")
+        typer.echo(f"pareto: {out_dir / PARETO_FILE}")
+        typer.echo(f"report: {out_dir / REPORT_FILE}")
+        typer.echo(f"store:  {out_dir / STORE_FILE}")
+        typer.echo(
+            f"best eval loss {result.best_score:.4f} at {result.best_memory / 2**20:.2f} MiB "
+            f"(budget {result.budget_bytes / 2**20:.2f} MiB); {result.evaluations} evaluations, "
+            f"{result.computed} computed in this run"
+        )

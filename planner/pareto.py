@@ -1,0 +1,84 @@
+"""The quality/memory Pareto front of high-fidelity results, and the best plan for any budget.
+
+One search serves several budgets: ``pareto.json`` lists every non-dominated (eval loss, bytes) plan,
+so a user with a smaller or larger budget picks ``best_for_budget`` instead of searching again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.space import Config, SearchSpace, config_key
+from qra_plugin.errors import QRAError
+from qra_plugin.io import write_json_atomic
+
+
+@dataclass(frozen=True)
+class Point:
+    """One finished high-fidelity evaluation: score (eval loss, lower is better) and predicted bytes."""
+
+    config: Config
+    score: float
+    memory: int
+    memory_measured: int | None = None
+    stage: str = ""
+
+
+def front(points: Sequence[Point]) -> list[Point]:
+    """Non-dominated points on (score ↓, memory ↓), sorted by memory (ties: lower score, then config)."""
+    ordered = sorted(points, key=lambda p: (p.memory, p.score, p.config))
+    out: list[Point] = []
+    best = float("inf")
+    for p in ordered:
+        if p.score < best:
+            out.append(p)
+            best = p.score
+    return out
+
+
+def best_for_budget(points: Sequence[Point], budget: int) -> Point | None:
+    """The lowest-score point whose memory fits ``budget`` (ties: less memory), or None."""
+    fitting = [p for p in points if p.memory <= budget]
+    return min(fitting, key=lambda p: (p.score, p.memory, p.config)) if fitting else None
+
+
+def write_pareto(
+    path: str | Path, space: SearchSpace, points: Sequence[Point], budget: int, budget_text: str, kind: str
+) -> list[Point]:
+    """Write ``pareto.json`` (front with full plans) atomically; return the front."""
+    pts = front(points)
+    data: dict[str, Any] = {
+        "budget": budget_text,
+        "budget_bytes": budget,
+        "budget_kind": kind,
+        "objective": "high-fidelity held-out eval loss (lower is better)",
+        "points": [
+            {
+                "score": p.score,
+                "memory_bytes": p.memory,
+                "memory_measured": p.memory_measured,
+                "fits_budget": p.memory <= budget,
+                "stage": p.stage,
+                "config": config_key(p.config),
+                "plan": space.to_plan(p.config).to_dict(),
+            }
+            for p in pts
+        ],
+    }
+    write_json_atomic(path, data)
+    return pts
+
+
+def load_pareto(path: str | Path) -> dict[str, Any]:
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise QRAError(f"pareto file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise QRAError(f"{path}: malformed pareto file ({exc.msg})") from None

@@ -1,0 +1,176 @@
+"""``report.html`` + PNGs of a search: Pareto front, per-unit bits and ranks, search trace, priors.
+
+Plain matplotlib (Agg) images next to one self-contained HTML page, so a search on a headless machine
+leaves something a person can open. Every file is rendered in memory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from planner.pareto import Point
+from planner.space import SearchSpace, config_key
+from qra_plugin.io import write_text_atomic
+
+STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _plt().close(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_pareto(path: Path, points: Sequence[Point], front: Sequence[Point], best: Point, budget: int) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    mib = 2.0**20
+    for stage, colour in STAGE_COLOURS.items():
+        pts = [p for p in points if p.stage == stage]
+        if pts:
+            ax.scatter([p.memory / mib for p in pts], [p.score for p in pts], s=18, c=colour, alpha=0.6, label=stage)
+    ax.step([p.memory / mib for p in front], [p.score for p in front], where="post", c="k", lw=1, label="Pareto front")
+    ax.scatter([best.memory / mib], [best.score], marker="*", s=220, c="gold", edgecolors="k", zorder=5, label="plan")
+    ax.axvline(budget / mib, ls="--", c="tab:red", lw=1, label="budget")
+    ax.set_xlabel("predicted training memory (MiB)")
+    ax.set_ylabel("high-fidelity eval loss")
+    ax.legend(fontsize=8)
+    ax.set_title("quality / memory")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_plan(path: Path, space: SearchSpace, best: Point) -> Path:
+    plt = _plt()
+    n = space.n_units
+    fig, (ax_b, ax_r) = plt.subplots(2, 1, figsize=(max(6.5, 0.25 * n), 4.8), sharex=True)
+    ax_b.bar(range(n), [b for b, _ in best.config], color="tab:blue")
+    ax_b.set_ylabel("bits")
+    ax_b.set_yticks(sorted(set(space.bits)))
+    ax_r.bar(range(n), [r for _, r in best.config], color="tab:green")
+    ax_r.set_ylabel("LoRA rank")
+    ax_r.set_xlabel(f"{space.unit} index")
+    ax_b.set_title("chosen plan per unit")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_trace(path: Path, trace: Sequence[dict[str, Any]]) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    markers = {"low": "o", "high": "s"}
+    for stage, colour in STAGE_COLOURS.items():
+        for level, marker in markers.items():
+            rows = [r for r in trace if r["stage"] == stage and r["level"] == level and r["score"] is not None]
+            if rows:
+                ax.scatter(
+                    [r["index"] for r in rows],
+                    [r["score"] for r in rows],
+                    c=colour,
+                    marker=marker,
+                    s=20,
+                    label=f"{stage} {level}",
+                )
+    failed = [r for r in trace if r["score"] is None]
+    scores = [r["score"] for r in trace if r["score"] is not None]
+    if failed:  # drawn at the worst finished score so they do not stretch the axis
+        top = max(scores) if scores else 0.0
+        ax.scatter([r["index"] for r in failed], [top] * len(failed), c="tab:red", marker="x", s=40, label="failed")
+    best, xs, ys = float("inf"), [], []
+    for r in trace:
+        if r["level"] == "high" and r["score"] is not None:
+            best = min(best, r["score"])
+            xs.append(r["index"])
+            ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", c="k", lw=1, label="best high so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("eval loss")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("search trace by stage and fidelity")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_report(
+    out: Path,
+    space: SearchSpace,
+    priors: Any,
+    summary: dict[str, Any],
+    points: Sequence[Point],
+    front: Sequence[Point],
+    best: Point,
+) -> Path:
+    """Write the PNGs and ``report.html`` into ``out``; return the HTML path."""
+    plot_pareto(out / "pareto.png", points, front, best, summary["budget_bytes"])
+    plot_plan(out / "plan.png", space, best)
+    plot_trace(out / "trace.png", summary["evaluations"])
+    priors_png = out / "priors.png"
+    if priors is not None and not priors_png.is_file():
+        from planner.priors_plot import plot_priors
+
+        plot_priors(priors, priors_png)
+    trace = summary["evaluations"]
+    counts: dict[tuple[str, str], int] = {}
+    for r in trace:
+        counts[(r["stage"], r["level"])] = counts.get((r["stage"], r["level"]), 0) + 1
+    failed = sum(r["score"] is None for r in trace)
+    mib = 2.0**20
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    rows = "".join(
+        f"<tr><td>{p.score:.4f}</td><td>{p.memory / mib:.2f}</td>"
+        f"<td>{'yes' if p.memory <= summary['budget_bytes'] else 'no'}</td>"
+        f"<td>{html.escape(p.stage)}</td><td><code>{html.escape(config_key(p.config))}</code></td></tr>"
+        for p in front
+    )
+    evals = "".join(f"<li>{s} / {lv}: {n}</li>" for (s, lv), n in sorted(counts.items()))
+    ratio = summary["search_steps"] / summary["final_finetune_steps"] if summary["final_finetune_steps"] else None
+    name = html.escape(summary["name"])
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>qra search: {name}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{padding:2px 8px}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}img{{max-width:100%}}</style></head><body>
+<h1>qra search: {html.escape(summary["name"])}</h1>
+<p>Budget <b>{html.escape(summary["budget"])}</b> = {summary["budget_bytes"] / mib:.2f} MiB.
+Chosen plan: high-fidelity eval loss <b>{best.score:.4f}</b> at {best.memory / mib:.2f} MiB
+(<code>{html.escape(config_key(best.config))}</code>), seed {summary["seed"]}.</p>
+<ul><li>evaluations (every one a real SFT run): {len(trace)}, failed {failed}</li>{evals}
+<li>performance model held-out Spearman (low→high fidelity): {fmt(summary["surrogate_spearman"])};
+screening model: {fmt(summary["screening_spearman"])}</li>
+<li>search cost: {summary["search_steps"]} optimizer steps
+= {fmt(ratio)} × the high-fidelity run ({summary["final_finetune_steps"]} steps)</li>
+<li>stage 2 trust-region restarts: {summary["stage2_restarts"]}</li></ul>
+<h2>Pareto front</h2><img src="pareto.png" alt="pareto front">
+<table><tr><th>eval loss</th><th>MiB</th><th>fits</th><th>stage</th><th>bits/rank per unit</th></tr>{rows}</table>
+<h2>Chosen plan</h2><img src="plan.png" alt="bits and ranks per unit">
+<h2>Search trace</h2><img src="trace.png" alt="search trace">
+<h2>Priors</h2><img src="priors.png" alt="priors">
+</body></html>
+"""
+    return write_text_atomic(out / "report.html", body)
