@@ -1,0 +1,126 @@
+"""The real ``axolotl train`` CLI with the plugin and a plan on a tiny model and a local jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from planner.data import write_alpaca_jsonl
+from tests.conftest import mixed_plan
+
+pytest.importorskip("axolotl")
+pytestmark = pytest.mark.axolotl
+
+AXOLOTL = shutil.which("axolotl") or str(Path(sys.executable).parent / "axolotl")
+
+
+def _config(tmp_path: Path, model_dir: Path, **extra) -> Path:
+    data = write_alpaca_jsonl(tmp_path / "train.jsonl", "train", 64)
+    cfg = {
+        "base_model": str(model_dir),
+        "plugins": ["qra_plugin.QRAPlugin"],
+        "adapter": "lora",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "datasets": [{"path": str(data), "type": "alpaca", "ds_type": "json"}],
+        "dataset_prepared_path": str(tmp_path / "prepared"),
+        "val_set_size": 0,
+        "sequence_len": 256,
+        "micro_batch_size": 2,
+        "max_steps": 3,
+        "optimizer": "adamw_torch",
+        "learning_rate": 1e-3,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "flash_attention": False,
+        "output_dir": str(tmp_path / "out"),
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        **extra,
+    }
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(config: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    return subprocess.run([AXOLOTL, "train", str(config)], capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_axolotl_train_applies_plan_ranks_and_quantization(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    plan = mixed_plan(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    plan.save(tmp_path / "plan.yaml")
+    # lora_target_linear would target every linear: the plan must win (rank-0 modules get no adapter)
+    proc = _run(_config(tmp_path, tiny_model_dir, qra_plan=str(tmp_path / "plan.yaml"), lora_target_linear=True))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    planned = {n: m.rank for n, m in plan.modules.items() if m.rank > 0}
+    assert adapter["rank_pattern"] == planned
+    # PEFT may shorten a long list of full names to the minimal suffix set that selects the same modules
+    targets = adapter["target_modules"]
+
+    def targeted(name: str) -> bool:
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    assert {n for n in plan.modules if targeted(n)} == set(planned)
+    assert adapter["alpha_pattern"] == {n: m.lora_alpha for n, m in plan.modules.items() if m.rank > 0}
+    memory = json.loads((out / "qra_memory.json").read_text())
+    kinds = {m["name"]: m["kind"] for m in memory["modules"]}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "HQQLinear"
+    assert kinds["model.layers.0.self_attn.v_proj"] == "Linear4bit"
+    assert kinds["model.layers.0.self_attn.o_proj"] == "Linear8bitLt"
+    assert (out / "qra_plan.yaml").is_file()
+
+
+def test_axolotl_missing_plan_file_is_a_clear_error(tmp_path, tiny_model_dir):
+    proc = _run(_config(tmp_path, tiny_model_dir, qra_plan=str(tmp_path / "nope.yaml")))
+    assert proc.returncode != 0
+    assert "plan file not found" in proc.stdout + proc.stderr
+
+
+def test_plugin_hooks_do_nothing_without_qra_plan(tiny_model):
+    from axolotl.utils.dict import DictDefault
+
+    from qra_plugin import QRAPlugin
+
+    plugin = QRAPlugin()
+    cfg = DictDefault({"lora_target_modules": ["q_proj"], "lora_target_linear": True})
+    plugin.pre_model_load(cfg)
+    plugin.pre_lora_load(cfg, tiny_model)
+    assert plugin.get_lora_config_kwargs(cfg) == {}
+    assert plugin.add_callbacks_pre_trainer(cfg, tiny_model) == []
+    assert cfg["lora_target_modules"] == ["q_proj"] and cfg["lora_target_linear"] is True
+    assert type(tiny_model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_sharded_backends_refuse_hqq_and_int8(tiny_model, tmp_path):
+    from qra_plugin import Plan, QRAError
+    from qra_plugin.distributed import check_sharding
+
+    mixed = mixed_plan(tiny_model)
+    with pytest.raises(QRAError, match="zero3 cannot shard 2-bit hqq"):
+        check_sharding(mixed, sharding="zero3", half_precision=True)
+    with pytest.raises(QRAError, match="fsdp cannot shard"):
+        check_sharding(mixed, sharding="fsdp", half_precision=True)
+    check_sharding(mixed, sharding="zero2", half_precision=False)  # replicated weights: anything goes
+    nf4 = Plan.uniform(tiny_model, bits=4, rank=8, backend="bnb")
+    check_sharding(nf4, sharding="fsdp", half_precision=True)
+    with pytest.raises(QRAError, match="needs bf16 or fp16"):
+        check_sharding(nf4, sharding="zero3", half_precision=False)
