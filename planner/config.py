@@ -151,6 +151,13 @@ class SearchSection(_Section):
     promote: int = Field(4, ge=1)
     tr_iterations: int = Field(6, ge=0)
     tr_batch: int = Field(1, ge=1)
+    #: members of the first population drawn from the priors (default: half the population)
+    warm_start: int | None = Field(default=None, ge=0)
+    #: offspring drafted per offspring evaluated; the screening model picks which get a low-fidelity run
+    screen_factor: int = Field(3, ge=1)
+    #: initial trust-region length (one-step moves from the centre) and candidates sampled per iteration
+    tr_length: int = Field(4, ge=1)
+    tr_candidates: int = Field(256, ge=1)
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     gpus_per_eval: float = Field(0.0, ge=0)
