@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=0, help="evaluate on this many held-out examples")
     parser.add_argument("--out", default="outputs/trl-qra")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-if-loss-above", type=float, default=None, help="early stop (agreed on all ranks)")
+    parser.add_argument("--min-steps", type=int, default=0, help="never stop early before this step")
     args = parser.parse_args()
 
     section = ModelSection(tiny=TinyModel()) if args.model == "tiny" else ModelSection(path=args.model)
@@ -66,11 +68,23 @@ def main() -> None:
         train_dataset=sft_dataset("train", args.train_examples, seed=args.seed),
         eval_dataset=sft_dataset("eval", args.eval_examples) if args.eval_examples else None,
         processing_class=tokenizer,
-        callbacks=[QRACallback(plan=plan, metrics_path=out / "qra_metrics.json")],  # (3) log plan + memory
+        callbacks=[  # (3) log plan + memory; optional early stop with the same decision on every rank
+            QRACallback(
+                plan=plan,
+                metrics_path=out / "qra_metrics.json",
+                stop_if_loss_above=args.stop_if_loss_above,
+                min_steps=args.min_steps,
+            )
+        ],
     )
     result = trainer.train()
     rank = int(os.environ.get("RANK", "0"))
-    summary = {"rank": rank, "train_loss": result.training_loss, "steps": trainer.state.global_step}
+    summary = {
+        "rank": rank,
+        "world_size": trainer.args.world_size,
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+    }
     summary["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if args.eval_examples:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
