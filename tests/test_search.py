@@ -1,0 +1,176 @@
+"""The whole search on a tiny model with tiny real SFT fidelities: both stages, budget, resume, failures.
+
+Every evaluation here is a real TRL SFTTrainer run (planner.fidelity) on a tiny Llama built from
+``example_configs/tiny-search.yaml``. Evaluations run in-process (``fidelity.subprocess: false``) to
+keep the file within a few minutes on 2 cores; the child-process path is the executors' own test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from planner.config import QRAConfig
+from planner.fidelity import EvalResult, EvalTask, run_fidelity
+from planner.search import PARETO_FILE, PLAN_FILE, REPORT_FILE, STORE_FILE, TRACE_FILE, run_search
+from qra_plugin.plan import Plan, block_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "example_configs" / "tiny-search.yaml"
+
+
+def _write_config(path: Path, **over: dict) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data["fidelity"]["subprocess"] = False
+    for section, values in over.items():
+        data[section] = {**data.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _rows(store: Path) -> list[dict]:
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30) as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute("SELECT * FROM evaluations ORDER BY id")]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "planner.cli", *args]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted search (in this process)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg_path = _write_config(tmp / "cfg.yaml")
+    cfg = QRAConfig.load(cfg_path)
+    out = tmp / "out"
+    result = run_search(cfg, out, seed=0, executor_kind="local", progress=False)
+    return cfg_path, cfg, out, result
+
+
+def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference) -> None:
+    from planner.memory import Budget, plan_bytes
+    from planner.model_info import load_model_info
+
+    _, cfg, out, result = reference
+    for name in (PLAN_FILE, PARETO_FILE, REPORT_FILE, STORE_FILE, "pareto.png", "plan.png", "trace.png"):
+        assert (out / name).is_file(), name
+    stages = {(r["stage"], r["level"]) for r in result.trace}
+    assert stages == {("stage1", "low"), ("stage1", "high"), ("stage2", "high")}
+    s = cfg.search
+    assert sum(r["level"] == "low" for r in result.trace) == s.population + s.generations * s.offspring
+    assert sum(r["stage"] == "stage2" for r in result.trace) == s.tr_iterations * s.tr_batch
+
+    rows = _rows(out / STORE_FILE)
+    assert len(rows) == len(result.trace) and all(r["status"] == "ok" for r in rows)
+    for r in rows:  # real SFT runs: the level's optimizer steps, a finite train loss, measured memory
+        level = getattr(cfg.fidelity, r["level"])
+        assert r["steps"] == level.steps and r["train_loss"] is not None and r["memory_measured"] > 0
+
+    info = load_model_info(cfg.model)
+    budget = Budget.parse(cfg.budget)
+    plan = Plan.load(out / PLAN_FILE)
+    assert plan_bytes(info, plan, cfg.train, budget.kind) <= budget.resolve(info, cfg.train)
+    assert block_pairs(plan) == list(result.best)
+    best_high = min(r["score"] for r in result.trace if r["level"] == "high" and r["score"] is not None)
+    assert plan.meta["qra_search"]["score"] == result.best_score == best_high
+
+    pareto = json.loads((out / PARETO_FILE).read_text())
+    mems = [p["memory_bytes"] for p in pareto["points"]]
+    scores = [p["score"] for p in pareto["points"]]
+    assert mems == sorted(mems) and scores == sorted(scores, reverse=True)  # a front: more memory, lower loss
+    assert any(p["fits_budget"] and p["score"] == result.best_score for p in pareto["points"])
+    Plan.parse(pareto["points"][0]["plan"])
+    html = (out / REPORT_FILE).read_text()
+    assert "pareto.png" in html and "Spearman" in html
+    trace = json.loads((out / TRACE_FILE).read_text())
+    assert "surrogate_spearman" in trace and trace["search_steps"] > 0
+
+
+def test_killed_search_resumes_recomputes_at_most_one_and_ends_with_the_same_plan(reference, tmp_path) -> None:
+    cfg_path, _, ref_out, ref_result = reference
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = _cli("search", str(cfg_path), "--out", str(out), "--seed", "0", "--no-progress")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+    store = out / STORE_FILE
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if store.is_file() and sum(r["status"] == "ok" for r in _rows(store)) >= 8:
+                break
+            assert proc.poll() is None, "search ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the search never stored 8 evaluations")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {(r["plan_hash"], r["level"], r["seed"]): r for r in _rows(store) if r["status"] == "ok"}
+    assert not (out / PLAN_FILE).exists()
+
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = {(r["plan_hash"], r["level"], r["seed"]): r for r in _rows(store)}
+    for key, row in before.items():  # nothing finished before the kill was run again
+        assert after[key]["finished_at"] == row["finished_at"] and after[key]["attempts"] == row["attempts"]
+    assert sum(r["attempts"] - 1 for r in after.values()) <= 1  # at most the one in flight was redone
+    ref_keys = {(r["plan_hash"], r["level"], r["seed"]) for r in _rows(ref_out / STORE_FILE)}
+    assert set(after) == ref_keys
+    assert Plan.load(out / PLAN_FILE).content_hash() == Plan.load(ref_out / PLAN_FILE).content_hash()
+    assert block_pairs(Plan.load(out / PLAN_FILE)) == list(ref_result.best)
+
+
+_CALLS = {"n": 0}
+
+
+def _third_evaluation_raises(task: EvalTask) -> EvalResult:
+    """The real fidelity, except that the third evaluation raises (an injected candidate crash)."""
+    _CALLS["n"] += 1
+    if _CALLS["n"] == 3:
+        raise RuntimeError("injected candidate crash")
+    return run_fidelity(task)
+
+
+def test_a_raising_candidate_is_recorded_as_failed_and_the_search_finishes(tmp_path) -> None:
+    small = {"population": 4, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1}
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", search=small))
+    _CALLS["n"] = 0
+    result = run_search(cfg, tmp_path / "out", seed=1, evaluate=_third_evaluation_raises, progress=False)
+    rows = _rows(tmp_path / "out" / STORE_FILE)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and "injected candidate crash" in failed[0]["error"]
+    assert sum(r["score"] is None for r in result.trace) == 1
+    assert (tmp_path / "out" / PLAN_FILE).is_file() and result.best_score > 0
+    assert len(rows) == len(result.trace)
+
+
+def test_cli_rejects_bad_input_with_one_line(tmp_path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run(
+        _cli("search", str(TINY), "--out", str(tmp_path), "--executor", "spark"),
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("qra: error: --executor")
+    tight = _write_config(tmp_path / "tight.yaml")
+    data = yaml.safe_load(tight.read_text())
+    data["budget"] = "100KiB"
+    tight.write_text(yaml.safe_dump(data))
+    too_small = subprocess.run(
+        _cli("search", str(tight), "--out", str(tmp_path / "o")), env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert too_small.returncode == 2 and "budget" in too_small.stderr.strip().splitlines()[-1]
