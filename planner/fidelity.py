@@ -10,19 +10,19 @@ from __future__ import annotations
 import atexit
 import copy
 import gc
-import hashlib
 import json
 import math
 import tempfile
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from planner.config import DataSection, FidelityLevel, ModelSection, QRAConfig
+from planner.config import FidelityLevel, ModelSection, QRAConfig
+from planner.fidelity_data import answer_accuracy, examples, sft_rows
+from planner.fidelity_memory import ActivationMeter, state_bytes
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import Plan
 
@@ -114,132 +114,15 @@ def fresh_model(section: ModelSection) -> torch.nn.Module:
     return model
 
 
-def _jsonl_rows(path: str) -> list[dict[str, Any]]:
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise QRAError(f"{path}:{i}: not a JSON line") from None
-        if not isinstance(row, dict):
-            raise QRAError(f"{path}:{i}: each line must be a JSON object")
-        rows.append(row)
-    return rows
-
-
-def _as_pair(row: dict[str, Any], where: str) -> tuple[str, str]:
-    """prompt/completion rows or alpaca (instruction, input, output) rows → (prompt, completion) text."""
-    if "prompt" in row and "completion" in row:
-        return str(row["prompt"]), str(row["completion"])
-    if "instruction" in row and "output" in row:
-        extra = str(row.get("input") or "").strip()
-        prompt = str(row["instruction"]) + (f"\n\n{extra}" if extra else "")
-        return prompt, str(row["output"])
-    raise QRAError(f"{where}: rows need prompt/completion or instruction/input/output fields")
-
-
-def _held_out(text: str) -> bool:
-    from planner.data import EVAL_EVERY
-
-    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % EVAL_EVERY == 0
-
-
-@lru_cache(maxsize=16)
-def _pairs(data_json: str, split: str, n: int) -> tuple[tuple[str, str], ...]:
-    """A fixed sample of (prompt, completion) texts: wiki split, or a jsonl file (held out by hash)."""
-    data = DataSection.model_validate_json(data_json)
-    if data.source == "wiki":
-        from planner.data import PROMPT, wiki_split
-
-        return tuple((PROMPT.format(title=r["title"]), r["text"]) for r in wiki_split(split, n, seed=0))
-    path = data.eval_path if split == "eval" and data.eval_path else data.path
-    assert path is not None
-    pairs = [_as_pair(row, path) for row in _jsonl_rows(path)]
-    if not (split == "eval" and data.eval_path):
-        pairs = [p for p in pairs if _held_out(p[0]) == (split == "eval")]
-    if not pairs:
-        raise QRAError(f"{path}: no {split} rows (1 prompt in 10 is held out for eval unless data.eval_path is set)")
-    return tuple(pairs[:n])
-
-
-def _raw_dataset(data: DataSection, split: str, n: int, conversational: bool):
-    from datasets import Dataset
-
-    rows = []
-    for prompt, completion in _pairs(data.model_dump_json(), split, n):
-        if conversational:
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "completion": [{"role": "assistant", "content": completion}],
-                }
-            )
-        else:
-            rows.append({"prompt": prompt + "\n", "completion": completion})
-    return Dataset.from_list(rows)
-
-
 _PROCESSED: dict[str, Any] = {}  # tokenized datasets per (model, data, split, n, seq_len), filled by SFTTrainer
 
 
 def _dataset(config: QRAConfig, split: str, n: int, seq_len: int, tokenizer: Any) -> tuple[str, Any]:
+    """The cached tokenized dataset when a previous run made it, else the raw rows (SFTTrainer tokenizes)."""
     key = json.dumps([config.model.model_dump(), config.data.model_dump(), split, n, seq_len], sort_keys=True)
     if key in _PROCESSED:
         return key, _PROCESSED[key]
-    return key, _raw_dataset(config.data, split, n, bool(getattr(tokenizer, "chat_template", None)))
-
-
-# ---------------------------------------------------------------------------------------------- memory
-def _storage_bytes(tensors: list[torch.Tensor]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for t in tensors:
-        if t is None or t.device.type == "meta":
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-class _ActivationMeter:
-    """Peak bytes of tensors autograd saves for backward within one step (activations on CPU)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.exclude |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-        self.peak = 0
-        self._seen: set[int] = set()
-        self._bytes = 0
-
-    def step(self):
-        self._seen, self._bytes = set(), 0
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta":
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self.exclude and ptr not in self._seen:
-                self._seen.add(ptr)
-                self._bytes += t.untyped_storage().nbytes()
-                self.peak = max(self.peak, self._bytes)
-        return t
-
-
-def _state_bytes(model: torch.nn.Module, optimizer: Any) -> int:
-    """Weights (incl. quantized storage and LoRA) + one grad per trainable param + optimizer states."""
-    from qra_plugin.memory_report import memory_report
-
-    weights = memory_report(model).total_bytes
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    states: list[torch.Tensor] = []
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            states += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return weights + grads + _storage_bytes(states)
+    return key, sft_rows(examples(config.data, split, n), bool(getattr(tokenizer, "chat_template", None)))
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -249,7 +132,7 @@ def _make_trainer_class():
     class _MeteredSFTTrainer(SFTTrainer):
         """SFTTrainer that measures activation bytes and the optimizer state at its largest."""
 
-        qra_meter: _ActivationMeter | None = None
+        qra_meter: ActivationMeter | None = None
         qra_state_bytes: int = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -286,6 +169,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     n_train = level.train_examples or cfg.data.train_examples
     train_key, train_ds = _dataset(cfg, "train", n_train, seq_len, tokenizer)
     eval_key, eval_ds = _dataset(cfg, "eval", level.eval_examples, seq_len, tokenizer)
+    eval_items = examples(cfg.data, "eval", level.eval_examples)
     args = SFTConfig(
         output_dir=workdir,
         max_steps=max(level.steps, 1),
@@ -319,7 +203,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     class _OptimizerBytes(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
             if state.global_step == 1:  # optimizer states exist after the first step and keep their size
-                trainer.qra_state_bytes = _state_bytes(model, optimizer)
+                trainer.qra_state_bytes = state_bytes(model, optimizer)
 
     progress = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -336,7 +220,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         if progress:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)
-    trainer.qra_meter = _ActivationMeter(peft_model)
+    trainer.qra_meter = ActivationMeter(peft_model)
     _PROCESSED.setdefault(train_key, trainer.train_dataset)
     _PROCESSED.setdefault(eval_key, trainer.eval_dataset)
 
@@ -352,7 +236,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     if on_cuda:
         memory = int(torch.cuda.max_memory_allocated())
     else:
-        memory = max(trainer.qra_state_bytes, _state_bytes(peft_model, None)) + trainer.qra_meter.peak
+        memory = max(trainer.qra_state_bytes, state_bytes(peft_model, None)) + trainer.qra_meter.peak
 
     status: Status = "ok"
     error = None
@@ -366,7 +250,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     return EvalResult(
         status=status,
         eval_loss=eval_loss if math.isfinite(eval_loss) else None,
-        accuracy=None,
+        accuracy=answer_accuracy(peft_model, tokenizer, eval_items) if status != "failed" else None,
         token_accuracy=float(token_acc) if token_acc is not None else None,
         train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
         memory_measured=memory,

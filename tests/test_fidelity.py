@@ -115,6 +115,31 @@ def test_jsonl_alpaca_data(tmp_path, meta):
     assert wiki.eval_loss != result.eval_loss  # a different eval set really was used
 
 
+def test_task_accuracy_where_rows_have_answers(tmp_path, meta):
+    rows = [
+        {"prompt": f"Question {i}: what colour is the sky?", "completion": "Blue", "answer": "Blue"} for i in range(80)
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = {"source": "jsonl", "path": str(path), "train_examples": 64}
+    plan = Plan.uniform(meta, bits=4, rank=8)
+    untrained = run_fidelity(task(tiny_config(data=data, fidelity={"low": {"steps": 0, "eval_examples": 8}}), plan))
+    trained = run_fidelity(
+        task(tiny_config(data=data, train={"lr": 1e-2}, fidelity={"low": {"steps": 8, "eval_examples": 8}}), plan)
+    )
+    assert untrained.accuracy == 0.0  # a random tiny model does not say "Blue"
+    assert trained.accuracy == 1.0 and trained.eval_loss < untrained.eval_loss
+    wiki = run_fidelity(task(tiny_config(), plan, "high"))
+    assert wiki.accuracy is None  # wiki summaries have no short answers
+
+
+def test_answer_matching_rule():
+    from planner.fidelity_data import answer_matches
+
+    assert answer_matches(" Blue.", "blue") and answer_matches("Paris is the capital", "Paris")
+    assert not answer_matches("Parisian food", "Paris") and not answer_matches("", "x") and not answer_matches("a", "")
+
+
 def test_bad_rows_and_levels_are_one_line_errors(tmp_path, cfg, meta):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n')

@@ -1,0 +1,143 @@
+"""SFT examples for fidelity runs: the bundled wiki summaries or a jsonl file, plus answer accuracy.
+
+Every candidate must be scored on the same rows, so samples are fixed (seed 0) and only the data
+order inside training follows the evaluation seed. jsonl rows are prompt/completion or alpaca
+(instruction/input/output); a row may carry a short ``answer`` for task accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from planner.config import DataSection
+from qra_plugin.errors import QRAError
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    answer: str | None = None
+
+
+def _jsonl_rows(path: str) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise QRAError(f"{path}:{i}: not a JSON line") from None
+        if not isinstance(row, dict):
+            raise QRAError(f"{path}:{i}: each line must be a JSON object")
+        rows.append(row)
+    return rows
+
+
+def as_example(row: dict[str, Any], where: str) -> Example:
+    """prompt/completion rows or alpaca (instruction, input, output) rows; ``answer`` is optional."""
+    answer = str(row["answer"]) if row.get("answer") is not None else None
+    if "prompt" in row and "completion" in row:
+        return Example(str(row["prompt"]), str(row["completion"]), answer)
+    if "instruction" in row and "output" in row:
+        extra = str(row.get("input") or "").strip()
+        prompt = str(row["instruction"]) + (f"\n\n{extra}" if extra else "")
+        return Example(prompt, str(row["output"]), answer)
+    raise QRAError(f"{where}: rows need prompt/completion or instruction/input/output fields")
+
+
+def _held_out(text: str) -> bool:
+    from planner.data import EVAL_EVERY
+
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % EVAL_EVERY == 0
+
+
+@lru_cache(maxsize=16)
+def _examples(data_json: str, split: str, n: int) -> tuple[Example, ...]:
+    data = DataSection.model_validate_json(data_json)
+    if data.source == "wiki":
+        from planner.data import PROMPT, wiki_split
+
+        return tuple(Example(PROMPT.format(title=r["title"]), r["text"]) for r in wiki_split(split, n, seed=0))
+    own_eval_file = split == "eval" and bool(data.eval_path)
+    path = data.eval_path if own_eval_file else data.path
+    assert path is not None
+    examples = [as_example(row, path) for row in _jsonl_rows(path)]
+    if not own_eval_file:
+        examples = [e for e in examples if _held_out(e.prompt) == (split == "eval")]
+    if not examples:
+        raise QRAError(f"{path}: no {split} rows (1 prompt in 10 is held out for eval unless data.eval_path is set)")
+    return tuple(examples[:n])
+
+
+def examples(data: DataSection, split: str, n: int) -> tuple[Example, ...]:
+    """A fixed sample of ``n`` rows of the ``train`` or ``eval`` split."""
+    return _examples(data.model_dump_json(), split, n)
+
+
+def sft_rows(items: tuple[Example, ...], conversational: bool):
+    """A ``datasets.Dataset`` in TRL prompt-completion form (loss on the completion only)."""
+    from datasets import Dataset
+
+    rows = []
+    for e in items:
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": e.prompt}],
+                    "completion": [{"role": "assistant", "content": e.completion}],
+                }
+            )
+        else:
+            rows.append({"prompt": e.prompt + "\n", "completion": e.completion})
+    return Dataset.from_list(rows)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .,:;!?\"'")
+
+
+def answer_matches(generated: str, answer: str) -> bool:
+    """Exact match after normalising case, whitespace and surrounding punctuation; the answer may be
+    followed by more text (a short model reply often explains after the answer)."""
+    gen, ans = _norm(generated), _norm(answer)
+    return bool(ans) and (gen == ans or gen.startswith(ans + " ") or gen.startswith(ans + "."))
+
+
+@torch.no_grad()
+def answer_accuracy(model: torch.nn.Module, tokenizer: Any, items: tuple[Example, ...]) -> float | None:
+    """Greedy-decode each prompt that has an ``answer``; the fraction answered correctly (None: no answers)."""
+    with_answers = [e for e in items if e.answer is not None]
+    if not with_answers:
+        return None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for e in with_answers:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": e.prompt}], add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = e.prompt + "\n"
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        budget = len(tokenizer(e.answer, add_special_tokens=False).input_ids) + 4
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=budget,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        hits += answer_matches(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), e.answer)
+    model.train(was_training)
+    return hits / len(with_answers)
