@@ -174,3 +174,20 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path) -> None:
         _cli("search", str(tight), "--out", str(tmp_path / "o")), env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert too_small.returncode == 2 and "budget" in too_small.stderr.strip().splitlines()[-1]
+
+
+def test_ray_executor_runs_the_tiny_search_on_local_ray(tmp_path) -> None:
+    ray = pytest.importorskip("ray")
+    small = {"population": 3, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1}
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", search=small))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_search(cfg, tmp_path / "out", seed=0, executor_kind="ray", progress=False)
+    finally:
+        ray.shutdown()
+    rows = _rows(tmp_path / "out" / STORE_FILE)
+    assert len(rows) == len(result.trace) == 3 + 2 + 2 * 1 + 1 and all(r["status"] == "ok" for r in rows)
+    assert {r["stage"] for r in result.trace} == {"stage1", "stage2"}
+    # the local executor finds every Ray result in the store: nothing recomputed, the same plan
+    again = run_search(cfg, tmp_path / "out", seed=0, executor_kind="local", progress=False)
+    assert again.computed == 0 and again.best == result.best
