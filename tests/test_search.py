@@ -191,3 +191,19 @@ def test_ray_executor_runs_the_tiny_search_on_local_ray(tmp_path) -> None:
     # the local executor finds every Ray result in the store: nothing recomputed, the same plan
     again = run_search(cfg, tmp_path / "out", seed=0, executor_kind="local", progress=False)
     assert again.computed == 0 and again.best == result.best
+
+
+def test_pareto_front_and_best_for_budget() -> None:
+    from planner.pareto import Point, best_for_budget, front
+
+    pts = [
+        Point(((4, 16),), 2.0, 100),
+        Point(((8, 16),), 1.5, 200),
+        Point(((8, 32),), 1.6, 250),  # dominated by the 200-byte point
+        Point(((2, 4),), 3.0, 50),
+        Point(((3, 4),), 3.0, 60),  # dominated: same score, more memory
+    ]
+    assert [p.memory for p in front(pts)] == [50, 100, 200]
+    assert best_for_budget(pts, 150).memory == 100
+    assert best_for_budget(pts, 1000).memory == 200
+    assert best_for_budget(pts, 10) is None
