@@ -286,7 +286,13 @@ def _to_fake_cpu(model: torch.nn.Module, mode: Any) -> None:
 # ---------------------------------------------------------------- breakdown
 @dataclass
 class MemoryBreakdown:
-    """Predicted training memory in bytes. ``total`` is the predicted peak: every part held at once."""
+    """Predicted training memory in bytes, part by part.
+
+    ``total`` is the predicted peak, not the sum of the parts: LoRA gradients only appear once the backward
+    reaches the adapters, after the logits buffers are gone; ``peak_phase`` says which moment peaks
+    (``loss``, ``recompute`` under gradient checkpointing, or ``optimizer``). ``activations`` is what is
+    held after the forward; ``recompute`` is one block rebuilt during a checkpointed backward.
+    """
 
     quantized_weights: int
     unquantized_weights: int
@@ -296,6 +302,8 @@ class MemoryBreakdown:
     activations: int
     logits_loss: int
     total: int
+    recompute: int = 0
+    peak_phase: str = "loss"
     quantized_by_backend: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -400,19 +408,29 @@ def _estimate(
                 block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
     unquantized += info.other_bytes(dtype)
     lora_bytes = lora * _elem(LORA_DTYPE)
-    activations = logits = 0
+    activations = logits = recompute = 0
     if trace is not None:
         per_block = [
             trace.blocks_saved[i] + block_extra[i] + sum(block_inputs[i].values()) for i in range(info.n_blocks)
         ]
         if grad_checkpointing:
             # every block keeps only its input; backward recomputes one block at a time
-            activations = trace.pre_saved + info.n_blocks * trace.block_input + max(per_block)
+            activations = trace.pre_saved + info.n_blocks * trace.block_input
+            recompute = max(per_block)
         else:
             activations = trace.pre_saved + sum(per_block)
         # loss backward: saved fp32 log-softmax + its incoming grad + the grad it produces
         logits = trace.head_saved + 2 * trace.logits_elems * 4
-    total = quantized + unquantized + lora_bytes * 2 + optim + activations + logits
+    static = quantized + unquantized + lora_bytes + optim
+    # Peak = the largest of the moments that follow each other in a step (gradients are None until the
+    # backward reaches the adapters, by then the logits buffers are freed):
+    phases = {
+        "loss": activations + logits,  # end of forward / start of backward
+        "recompute": activations + recompute + lora_bytes,  # gradient checkpointing: one block rebuilt
+        "optimizer": lora_bytes,  # all gradients, activations freed
+    }
+    phase = max(phases, key=lambda k: phases[k])
+    total = static + phases[phase]
     return MemoryBreakdown(
         quantized_weights=quantized,
         unquantized_weights=unquantized,
@@ -422,6 +440,8 @@ def _estimate(
         activations=activations,
         logits_loss=logits,
         total=total,
+        recompute=recompute,
+        peak_phase=phase,
         quantized_by_backend=by_backend,
         settings={
             "optimizer": optimizer,

@@ -261,3 +261,26 @@ def test_static_parts_smollm2() -> None:
     pred = estimate(info, plan, batch=1, seq_len=8)
     meas = measured_static(model, plan, "adamw_torch", batch=1, seq=8)
     assert_static_close(pred, meas)
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_peak_matches_profiler_measurement(gc: bool, tmp_path) -> None:
+    """Predicted peak vs the allocator-level measurement of the benchmark (one real training step)."""
+    import importlib.util
+    from pathlib import Path
+
+    from planner.tiny import save_tiny_model
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_accuracy.py"
+    spec = importlib.util.spec_from_file_location("memory_accuracy", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model_dir = save_tiny_model(tmp_path / "m", "llama", layers=4, hidden=128, vocab_size=512)
+    section = ModelSection(path=str(model_dir))
+    info = load_model_info(section)
+    cfg = {"blocks": [(4, 16), (8, 8), (3, 8), (2, 32)], "backend": "hqq", "batch": 2, "seq": 64, "gc": gc}
+    pred, meas = bench.predict(info, cfg), bench.measure(section, cfg, info, seed=0)
+    assert pred["static_bytes"] == pytest.approx(meas["static_bytes"], rel=0.01)
+    assert pred["peak"] == pytest.approx(meas["peak"], rel=0.10)
+    if not gc:
+        assert pred["activations_after_forward"] == pytest.approx(meas["activations_after_forward"], rel=0.05)
