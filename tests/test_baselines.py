@@ -1,0 +1,100 @@
+"""Baselines: each returns a feasible config under the budget; evaluating ones spend their evaluation count.
+
+The objective here is a real, cheap one: the HQQ reconstruction error of each unit's actual weights at its
+bit-width (computed with the real backend on the tiny model), minus a small bonus for rank.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+
+from planner.baselines import METHODS, choose, flat_importance
+from planner.config import QRAConfig
+from planner.evolution import Importance
+from planner.memory import Budget, plan_bytes
+from planner.model_info import load_model_info
+from planner.space import BudgetCost, SearchSpace
+from planner.tiny import build_tiny_model
+from qra_plugin import QRAError
+from qra_plugin.backends import get_backend
+from qra_plugin.plan import ModulePlan
+
+
+@pytest.fixture(scope="module")
+def setting():
+    cfg = QRAConfig.model_validate({"model": {"tiny": {"layers": 4}}, "budget": "uniform:4bit:r8"})
+    info = load_model_info(cfg.model)
+    budget = Budget.parse(cfg.budget)
+    space = SearchSpace.from_config(cfg, info)
+    budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+    model = build_tiny_model("llama", seed=0)
+
+    @cache
+    def unit_error(unit: int, bits: int) -> float:
+        layers = [m for n, m in model.named_modules() if f"layers.{unit}." in n and isinstance(m, torch.nn.Linear)]
+        total = 0.0
+        for layer in layers:
+            copy = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+            copy.weight.data = layer.weight.data.clone()
+            q = get_backend("hqq").quantize(copy, ModulePlan(bits=bits, rank=0), torch.float32)
+            total += float((q.dequantize() - layer.weight).norm() / layer.weight.norm())
+        return total
+
+    calls: list[int] = []
+
+    def evaluate(configs, level):
+        calls.append(len(configs))
+        return [sum(unit_error(u, b) - 0.01 * np.log2(1 + r) for u, (b, r) in enumerate(c)) for c in configs]
+
+    importance = Importance.from_arrays(
+        space, {b: [unit_error(u, b) for u in range(space.n_units)] for b in (2, 3, 4)}, [1.0] * space.n_units
+    )
+    return space, cost, budget_bytes, evaluate, importance, calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_baseline_fits_the_budget(setting, method):
+    space, cost, budget, evaluate, importance, calls = setting
+    calls.clear()
+    result = choose(method, space, cost, budget, evaluate, importance=importance, evaluations=6, rank=8, seed=0)
+    assert cost(result.config) <= budget
+    assert result.score is not None
+    assert len(result.config) == space.n_units
+    if method in ("random", "tpe"):
+        assert 1 < result.evaluations <= 6 and sum(calls) == result.evaluations
+        assert result.score == min(s for _, s in result.history if s is not None)
+    else:
+        assert result.evaluations == 1
+
+
+def test_baselines_are_deterministic_for_a_seed(setting):
+    space, cost, budget, evaluate, importance, _ = setting
+    for method in ("random", "tpe"):
+        a = choose(method, space, cost, budget, evaluate, evaluations=5, seed=3)
+        b = choose(method, space, cost, budget, evaluate, evaluations=5, seed=3)
+        assert a.config == b.config and a.history == b.history
+
+
+def test_ilp_minimises_summed_iq_better_than_uniform(setting):
+    space, cost, budget, evaluate, importance, _ = setting
+    ilp = choose("ilp", space, cost, budget, evaluate, importance=importance, rank=8)
+    uniform = choose("uniform", space, cost, budget, evaluate, rank=8)
+
+    def summed(config):
+        return sum(importance.quant[b][u] for u, (b, _) in enumerate(config))
+
+    assert summed(ilp.config) <= summed(uniform.config) + 1e-9
+
+
+def test_priors_methods_need_priors_and_unknown_method_errors(setting):
+    space, cost, budget, evaluate, _, _ = setting
+    with pytest.raises(QRAError, match="needs the priors"):
+        choose("ilp", space, cost, budget, evaluate)
+    with pytest.raises(QRAError, match="unknown baseline"):
+        choose("magic", space, cost, budget, evaluate)
+    assert flat_importance(space).plasticity.tolist() == [1.0] * space.n_units
