@@ -162,9 +162,10 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
 
     model = fresh_model(cfg.model).to(device)
     transformers.set_seed(task.seed)  # LoRA init
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
     peft_model = apply_plan(model, task.plan)
+    if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     n_train = level.train_examples or cfg.data.train_examples
     train_key, train_ds = _dataset(cfg, "train", n_train, seq_len, tokenizer)

@@ -156,3 +156,24 @@ def test_task_and_result_are_picklable_and_json(cfg, meta):
     assert t.key == (t.plan.content_hash(), "low", 0)
     r = EvalResult.failed("Traceback ...\nValueError: boom\n")
     assert r.error == "ValueError: boom" and r.status == "failed"
+
+
+@pytest.mark.slow
+def test_smollm2_low_fidelity_is_a_real_short_finetune():
+    """SmolLM2-135M, uniform HQQ-4 r8, 2 steps at seq 64: a sane score and real memory numbers."""
+    cfg = QRAConfig.model_validate(
+        {
+            "model": {"path": "demo"},
+            "data": {"train_examples": 16},
+            "train": {"batch": 2, "seq_len": 64, "lr": 5e-4},
+            "fidelity": {"low": {"steps": 2, "eval_examples": 8}},
+        }
+    )
+    plan = Plan.uniform(load_meta_model(cfg.model), bits=4, rank=8)
+    result = run_fidelity(task(cfg, plan))
+    assert result.status == "ok" and result.steps == 2
+    # a pretrained 135M model with 4-bit weights: ≈ 3 nats; a broken quantization or LoRA gives > 6
+    assert 1.0 < result.eval_loss < 4.5
+    # 4-bit planned linears + fp32 embeddings: well under the 538 MB of the fp32 model
+    assert 50e6 < result.weight_bytes < 300e6 < 538e6
+    assert result.memory_measured > result.weight_bytes
