@@ -130,6 +130,8 @@ class ActivationTrace:
     input_bytes: dict[str, int]  # planned linear name -> bytes of its input tensor
     input_key: dict[str, int]  # planned linear name -> id of its input storage (shared inputs share it)
     input_saved: dict[str, bool]  # whether the base graph (not LoRA) already saves that input
+    lora_saved: dict[str, tuple[tuple[int, int], ...]]  # name -> (storage id, bytes) lora_A saved (input or cast)
+    base_keys: frozenset[int]  # storages the base graph saves
     logits_elems: int  # batch * seq * vocab
 
 
@@ -164,7 +166,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     model.train()
     params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
     _, blocks = find_blocks(base)
-    state = {"phase": -1, "lora": 0}  # phase: -1 before blocks, i inside block i, n after
+    state: dict[str, Any] = {"phase": -1, "lora": 0, "in_a": None}  # phase: -1 before blocks, i in block i
+    lora_saved: dict[str, dict[int, int]] = {s.name: {} for s in info.linears}
     saved: dict[int, list[int]] = {}  # storage key -> [bytes, phase, saved_by_base]
     input_bytes: dict[str, int] = {}
     input_key: dict[str, int] = {}
@@ -178,6 +181,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
         entry = saved.setdefault(k, [t.untyped_storage().nbytes(), state["phase"], 0])
         if not state["lora"]:
             entry[2] = 1
+        if state["in_a"] is not None:
+            lora_saved[state["in_a"]][k] = entry[0]
         return t
 
     def enter(*_: Any) -> None:
@@ -210,6 +215,15 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
         for adapter in (layer.lora_A, layer.lora_B):
             hooks.append(adapter.register_forward_pre_hook(enter))
             hooks.append(adapter.register_forward_hook(leave))
+
+        def a_pre(module: Any, args: Any, name: str = spec.name) -> None:
+            state["in_a"] = name
+
+        def a_post(module: Any, args: Any, out: Any) -> None:
+            state["in_a"] = None
+
+        hooks.append(layer.lora_A.register_forward_pre_hook(a_pre))
+        hooks.append(layer.lora_A.register_forward_hook(a_post))
     try:
         with _unpacked_sequences(), mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -240,6 +254,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
         input_bytes=input_bytes,
         input_key=input_key,
         input_saved={name: k in base_keys for name, k in input_key.items()},
+        lora_saved={name: tuple(v.items()) for name, v in lora_saved.items()},
+        base_keys=frozenset(base_keys),
         logits_elems=batch * seq_len * info.vocab_size,
     )
     _TRACES[key] = trace
@@ -343,13 +359,9 @@ def _module_cost(
     lora = lora_numel(spec, mp.rank)
     optim = _optimizer_bytes(optimizer, [(mp.rank, spec.in_features), (spec.out_features, mp.rank)]) if mp.rank else 0
     extra = 0
-    saves_input = mp.rank > 0
+    saves_input = False
     if mp.rank > 0:
         extra += tokens * mp.rank * _elem(LORA_DTYPE)  # lora_A output, saved by lora_B
-        if dtype != LORA_DTYPE:
-            # PEFT casts the input to the adapter dtype per module: that copy is what lora_A saves.
-            extra += tokens * spec.in_features * _elem(LORA_DTYPE)
-            saves_input = False
     if quantized and mp.backend == "bnb" and mp.bits == 8:
         saves_input = True  # MatMul8bitFp (CPU) keeps its input A
     cost = _ModuleCost(base, quantized, lora, optim, extra, saves_input)
@@ -365,9 +377,14 @@ def estimate(
     seq_len: int,
     optimizer: str = "adamw_torch",
     grad_checkpointing: bool = False,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> MemoryBreakdown:
-    """Predict every part of the training memory of ``plan`` on ``info``'s model."""
+    """Predict every part of the training memory of ``plan`` on ``info``'s model.
+
+    ``compute_dtype`` is the dtype the model is loaded and trained in (default: ``info.dtype``, which is
+    float32 unless the model section says otherwise).
+    """
+    compute_dtype = compute_dtype or info.dtype
     if batch < 1 or seq_len < 1:
         raise QRAError(f"batch and seq_len must be >= 1 (got {batch}, {seq_len})")
     if plan.fingerprint != info.fingerprint:
@@ -404,6 +421,12 @@ def _estimate(
         optim += cost.optim
         if trace is not None:
             block_extra[spec.block] += cost.act_extra
+            if mp.rank > 0:
+                # what lora_A saves: the module input (shared by sibling adapters) or, when the base dtype
+                # differs from the adapters', the module's own cast copy
+                for key, nbytes in trace.lora_saved[spec.name]:
+                    if key not in trace.base_keys:
+                        block_inputs[spec.block][key] = nbytes
             if cost.saves_input and not trace.input_saved[spec.name]:
                 block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
     unquantized += info.other_bytes(dtype)
