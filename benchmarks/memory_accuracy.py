@@ -57,13 +57,13 @@ def configs(n_blocks: int) -> list[dict[str, Any]]:
     ladder = [((2, 3, 4, 8, 16)[i % 5], 16) for i in range(n_blocks)]
     return [
         {"name": "hqq4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 128, "gc": False},
-        {"name": "hqq4-r16-gc", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 128, "gc": True},
-        {"name": "nf4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "bnb", "batch": 2, "seq": 128, "gc": False},
-        {"name": "int8-r4-b4-s64", "blocks": [(8, 4)] * n_blocks, "backend": "bnb", "batch": 4, "seq": 64, "gc": False},
-        {"name": "hqq8x6+hqq4-r8-b4-s64", "blocks": mixed, "backend": "hqq", "batch": 4, "seq": 64, "gc": False},
-        {"name": "hqq3/hqq8-r8-b1-s256", "blocks": alternating, "backend": "hqq", "batch": 1, "seq": 256, "gc": False},
-        {"name": "hqq2-r32-gc", "blocks": [(2, 32)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 128, "gc": True},
-        {"name": "ladder2..16-r16-b1-s256-gc", "blocks": ladder, "backend": "hqq", "batch": 1, "seq": 256, "gc": True},
+        {"name": "hqq4-r16-gc", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 4, "seq": 128, "gc": True},
+        {"name": "nf4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "bnb", "batch": 1, "seq": 64, "gc": False},
+        {"name": "int8-r4", "blocks": [(8, 4)] * n_blocks, "backend": "bnb", "batch": 4, "seq": 64, "gc": False},
+        {"name": "hqq8x6+hqq4-r8", "blocks": mixed, "backend": "hqq", "batch": 4, "seq": 128, "gc": False},
+        {"name": "hqq3/hqq8-r8", "blocks": alternating, "backend": "hqq", "batch": 1, "seq": 256, "gc": False},
+        {"name": "hqq2-r32-gc", "blocks": [(2, 32)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 64, "gc": True},
+        {"name": "ladder2..16-r16-gc", "blocks": ladder, "backend": "hqq", "batch": 1, "seq": 512, "gc": True},
     ]
 
 

@@ -19,6 +19,11 @@ input (once per distinct input tensor) and its rank-``r`` hidden; an HQQ layer (
 dequantized weight for the backward matmul; a bitsandbytes int8 layer on CPU saves its input.
 The loss part: the HF causal-LM loss saves an fp32 log-softmax of the logits, and its backward holds two
 more fp32 ``batch x seq x vocab`` buffers at once; that is the logits/loss term.
+
+The peak is the largest of the moments of a step (``MemoryBreakdown.peak_phase``): the start of the
+backward (activations + logits buffers), the recompute of one block under gradient checkpointing, and
+the optimizer step (all LoRA gradients). ``benchmarks/memory_accuracy.py`` compares it with the
+allocator-level peak of real training steps.
 """
 
 from __future__ import annotations

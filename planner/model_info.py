@@ -71,6 +71,11 @@ class ModelInfo:
         return params + buffers
 
     @property
+    def other_param_bytes(self) -> int:
+        """Bytes of everything outside the planned linears, as the model is loaded (``other_bytes()``)."""
+        return self.other_bytes()
+
+    @property
     def linear_numel(self) -> int:
         return sum(s.numel for s in self.linears)
 
