@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -86,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--offset-b", type=int, default=5000)
     parser.add_argument("--random-sets", type=int, default=3)
+    parser.add_argument("--note", default="2-core CPU shared with 4 other engineers' jobs during the run")
     args = parser.parse_args()
     load_start = os.getloadavg()
     started = time.perf_counter()
@@ -125,7 +125,11 @@ def main() -> None:
     random_results = [_damage_of_blocks(s, eval_tokens, ref, n) for s in random_sets]
 
     result = {
-        "command": "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/priors_smollm2.py " + " ".join(sys.argv[1:]),
+        "command": (
+            "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/priors_smollm2.py "
+            f"--k {args.k} --examples {args.examples} --seq-len {args.seq_len} "
+            f"--offset-b {args.offset_b} --random-sets {args.random_sets}"
+        ),
         "model": "SmolLM2-135M-Instruct (30 blocks), HQQ axis 0, group 16/32/64 at 2/3/4 bits",
         "calibration": {
             "examples": args.examples,
@@ -160,7 +164,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
-            "note": "2-core CPU shared with 4 other engineers' jobs during the run",
+            "note": args.note,
         },
         "I_q_a": {str(b): v for b, v in pa.I_q.items()},
         "I_q_b": {str(b): v for b, v in pb.I_q.items()},

@@ -26,7 +26,7 @@ def plot_priors(priors: Priors, path: str | Path) -> Path:
         ax_q.bar(xs, [max(v, 1e-9) for v in priors.I_q[b]], width=width, label=f"{b} bits")
     ax_q.set_yscale("log")
     ax_q.set_ylabel("I_q: KL when only this unit is quantized")
-    ax_q.legend(loc="upper right", fontsize=8)
+    ax_q.legend(loc="upper center", ncol=len(bits), fontsize=8)
     ax_r.bar(range(n), priors.I_r, color="tab:green")
     ax_r.set_yscale("log")
     ax_r.set_ylabel("I_r: ||grad LoRA B||^2 at init")
