@@ -18,7 +18,7 @@ from planner.pareto import Point
 from planner.space import SearchSpace, config_key
 from qra_plugin.io import write_text_atomic
 
-STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange"}
+STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange", "baseline": "tab:purple"}
 
 
 def _plt():
@@ -165,7 +165,9 @@ Chosen plan: high-fidelity eval loss <b>{best.score:.4f}</b> at {best.memory / m
 screening model: {fmt(summary["screening_spearman"])}</li>
 <li>search cost: {summary["search_steps"]} optimizer steps
 = {fmt(ratio)} × the high-fidelity run ({summary["final_finetune_steps"]} steps)</li>
-<li>stage 2 trust-region restarts: {summary["stage2_restarts"]}</li></ul>
+<li>stage 2 trust-region restarts: {summary["stage2_restarts"]}</li>
+<li>uniform baseline <code>{html.escape(str(summary.get("baseline")))}</code>: high-fidelity eval loss
+{fmt(summary.get("baseline_score"))}</li></ul>
 <h2>Pareto front</h2><img src="pareto.png" alt="pareto front">
 <table><tr><th>eval loss</th><th>MiB</th><th>fits</th><th>stage</th><th>bits/rank per unit</th></tr>{rows}</table>
 <h2>Chosen plan</h2><img src="plan.png" alt="bits and ranks per unit">

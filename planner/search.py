@@ -200,6 +200,11 @@ def run_search(
             seed=seed,
         )
         stage2 = run_stage2(space, fits, cost, evaluator.for_stage("stage2"), high, tr, progress=say)
+        history = dict(stage2.history)
+        baseline = _baseline(budget, space)
+        if baseline is not None and fits(baseline) and baseline not in history:
+            say("[bold]baseline[/bold]: the uniform plan that defines the budget, at the high fidelity")
+            history[baseline] = evaluator.run([baseline], "high", "baseline")[0]
     finally:
         executor.close()
         store.close()
@@ -212,7 +217,7 @@ def run_search(
     measured = {row["config"]: row["memory_measured"] for row in evaluator.trace if row["level"] == "high"}
     points = [
         Point(c, float(v), cost(c), measured.get(config_key(c)), stage_of.get(config_key(c), ""))
-        for c, v in sorted(stage2.history.items())
+        for c, v in sorted(history.items())
         if v is not None
     ]
     best = best_for_budget(points, budget_bytes)
@@ -260,6 +265,8 @@ def run_search(
         "screening_spearman": stage1.screening_spearman,
         "stage1_generations": stage1.generations,
         "stage2_restarts": stage2.restarts,
+        "baseline": config_key(baseline) if baseline is not None else None,
+        "baseline_score": history.get(baseline) if baseline is not None else None,
         "evaluations": evaluator.trace,
         "computed_this_run": counts["computed"],
         "wall_s_this_run": round(time.time() - started, 1),
@@ -275,6 +282,16 @@ def run_search(
         f"{budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
     )
     return result
+
+
+def _baseline(budget: Any, space: SearchSpace) -> Config | None:
+    """The uniform config a relative budget names (``uniform:4bit:r16``), if the space contains it."""
+    if budget.uniform is None:
+        return None
+    bits, rank, backend = budget.uniform
+    if bits not in space.bits or rank not in space.ranks or (bits < 16 and backend != space.backend):
+        return None
+    return space.uniform(bits, rank)
 
 
 def _fmt(value: float | None) -> str:
