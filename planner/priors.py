@@ -166,6 +166,12 @@ def _key_matches(data: dict[str, Any] | None, fp: Fingerprint, calib: str, setti
     )
 
 
+def _add_time(timings: dict[str, float], key: str, wall_start: float, cpu_start: float) -> None:
+    """Accumulate wall and CPU seconds (``key`` and ``key_cpu``): on a shared machine they differ a lot."""
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - wall_start
+    timings[f"{key}_cpu"] = timings.get(f"{key}_cpu", 0.0) + time.process_time() - cpu_start
+
+
 # ---------------------------------------------------------------- profile
 
 
@@ -220,7 +226,7 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
     dtype = DTYPES[cfg.model.dtype]
     with _Progress(progress, total=len(todo) + (0 if state["I_r"] is not None else 1)) as bar:
         if todo:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             ref = reference_pass(model, tokens, p.batch)
             state["reference_loss"] = ref.loss
             for b, i in todo:
@@ -229,18 +235,18 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
                 kl, dloss = unit_damage(model, tokens, p.batch, ref, unit_modules[i], unit_blocks[i], plan, dtype)
                 state["I_q"].setdefault(str(b), {})[names[i]] = kl
                 state["loss_increase"].setdefault(str(b), {})[names[i]] = dloss
-                state["timings_s"]["I_q"] = state["timings_s"].get("I_q", 0.0) + time.perf_counter() - start
-                start = time.perf_counter()
+                _add_time(state["timings_s"], "I_q", start, cpu)
+                start, cpu = time.perf_counter(), time.process_time()
                 write_json_atomic(partial_path, state)
                 bar.advance()
             del ref
         if state["I_r"] is None:
             bar.describe("I_r (LoRA gradient at init)")
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             state["I_r"] = plasticity(
                 model, tokens, p.batch, unit_modules, p.plasticity_rank, p.plasticity_draws, cfg.seed
             )
-            state["timings_s"]["I_r"] = time.perf_counter() - start
+            _add_time(state["timings_s"], "I_r", start, cpu)
             write_json_atomic(partial_path, state)
             bar.advance()
 
