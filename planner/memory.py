@@ -217,7 +217,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
             input_key[name] = _storage_key(args[0])
 
         hooks.append(layer.register_forward_pre_hook(lin_pre))
-        for adapter in (layer.lora_A, layer.lora_B):
+        lora_a, lora_b = next(iter(layer.lora_A.values())), next(iter(layer.lora_B.values()))  # ModuleDicts
+        for adapter in (lora_a, lora_b):
             hooks.append(adapter.register_forward_pre_hook(enter))
             hooks.append(adapter.register_forward_hook(leave))
 
@@ -227,8 +228,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
         def a_post(module: Any, args: Any, out: Any) -> None:
             state["in_a"] = None
 
-        hooks.append(layer.lora_A.register_forward_pre_hook(a_pre))
-        hooks.append(layer.lora_A.register_forward_hook(a_post))
+        hooks.append(lora_a.register_forward_pre_hook(a_pre))
+        hooks.append(lora_a.register_forward_hook(a_post))
     try:
         with _unpacked_sequences(), mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -367,8 +368,10 @@ def _module_cost(
     saves_input = False
     if mp.rank > 0:
         extra += tokens * mp.rank * _elem(LORA_DTYPE)  # lora_A output, saved by lora_B
-    if quantized and mp.backend == "bnb" and mp.bits == 8:
-        saves_input = True  # MatMul8bitFp (CPU) keeps its input A
+    if quantized and (mp.backend == "hqq" or mp.bits == 8):
+        # HQQLinear trains through HQQMatmulNoCacheMul and bnb int8 through MatMul8bitFp (CPU): both keep
+        # their input, not a dequantized weight (shared with the LoRA's saved input unless dtypes differ)
+        saves_input = True
     cost = _ModuleCost(base, quantized, lora, optim, extra, saves_input)
     _COSTS[key] = cost
     return cost
