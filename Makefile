@@ -8,6 +8,8 @@ export HF_DATASETS_OFFLINE := 1
 export AXOLOTL_DO_NOT_TRACK := 1
 export DISABLE_CUDA := 1
 export DS_BUILD_OPS := 0
+# tools that re-launch themselves (axolotl -> accelerate) must find the venv's executables
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup test test-fast demo lint
 

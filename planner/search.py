@@ -49,7 +49,7 @@ class SearchResult:
         return self.out_dir / PLAN_FILE
 
 
-class _Evaluator:
+class Evaluator:
     """Turns ``evaluate(configs, level)`` calls of a stage into EvalTasks, runs them, records a trace."""
 
     def __init__(self, cfg: QRAConfig, space: SearchSpace, cost: BudgetCost, executor: Any, say: Callable) -> None:
@@ -106,6 +106,36 @@ class _Evaluator:
         return scores
 
 
+@dataclass
+class SearchSetup:
+    """What every planner run needs before it evaluates anything: model structure, budget, space, cost."""
+
+    cfg: QRAConfig
+    info: Any
+    budget: Any
+    space: SearchSpace
+    budget_bytes: int
+    cost: BudgetCost
+
+    @classmethod
+    def build(cls, cfg: QRAConfig) -> SearchSetup:
+        from planner.memory import Budget, plan_bytes
+        from planner.model_info import load_model_info
+
+        info = load_model_info(cfg.model)
+        budget = Budget.parse(cfg.budget)
+        space = SearchSpace.from_config(cfg, info)
+        budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
+        cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+        return cls(cfg, info, budget, space, budget_bytes, cost)
+
+    def fits(self, config: Config) -> bool:
+        return self.cost(config) <= self.budget_bytes
+
+    def evaluator(self, executor: Any, say: Callable) -> Evaluator:
+        return Evaluator(self.cfg, self.space, self.cost, executor, say)
+
+
 def run_search(
     cfg: QRAConfig,
     out_dir: str | Path,
@@ -122,8 +152,6 @@ def run_search(
     from rich.console import Console
 
     from planner.executors import make_executor
-    from planner.memory import Budget, plan_bytes
-    from planner.model_info import load_model_info
     from planner.priors import profile, warm_start
     from planner.store import Store
 
@@ -136,14 +164,8 @@ def run_search(
     started = time.time()
 
     # ---- model, budget, space, priors
-    info = load_model_info(cfg.model)
-    budget = Budget.parse(cfg.budget)
-    space = SearchSpace.from_config(cfg, info)
-    budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
-    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
-
-    def fits(c: Config) -> bool:
-        return cost(c) <= budget_bytes
+    setup = SearchSetup.build(cfg)
+    budget, space, budget_bytes, cost, fits = setup.budget, setup.space, setup.budget_bytes, setup.cost, setup.fits
 
     say(
         f"[bold]qra search[/bold] {cfg.name}: {space.n_units} {space.unit} units, budget {cfg.budget} = "
@@ -154,6 +176,11 @@ def run_search(
     s = cfg.search
     n_warm = s.warm_start if s.warm_start is not None else max(1, s.population // 2)
     warm = warm_start(priors, space, fits, min(n_warm, s.population), seed) if n_warm else []
+    budget_plan = _baseline(budget, space)
+    if budget_plan is not None and fits(budget_plan) and budget_plan not in warm:
+        # The uniform plan the budget names is what the user would otherwise run: start from it, so the
+        # search explores around it and never needs luck to match it.
+        warm = [budget_plan, *warm]
 
     # ---- stages, each evaluation through the store-backed executor
     store = Store(out / STORE_FILE)
@@ -172,7 +199,7 @@ def run_search(
         on_result=on_result,
         **({"evaluate": evaluate} if evaluate is not None else {}),
     )
-    evaluator = _Evaluator(cfg, space, cost, executor, say)
+    evaluator = Evaluator(cfg, space, cost, executor, say)
     try:
         say("[bold]stage 1[/bold]: multi-fidelity evolution")
         stage1 = run_stage1(

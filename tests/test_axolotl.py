@@ -58,6 +58,8 @@ def _config(tmp_path: Path, model_dir: Path, **extra) -> Path:
 
 def _run(config: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    # axolotl re-launches itself through `accelerate` found on PATH: make it this interpreter's
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run([AXOLOTL, "train", str(config)], capture_output=True, text=True, env=env, timeout=900)
 
 

@@ -1,0 +1,35 @@
+"""``qra baseline METHOD CONFIG --out DIR``: run one baseline planner under the config's budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("baseline")
+    def baseline(
+        method: str = typer.Argument(..., help="uniform | random | tpe | ilp | greedy_priors"),
+        config: Path = typer.Argument(..., help="the same YAML config qra search takes"),
+        out: Path = typer.Option(..., "--out", help="output directory (store.sqlite is shared and resumable)"),
+        evaluations: int = typer.Option(8, help="high-fidelity evaluations for random / tpe"),
+        rank: int = typer.Option(16, help="uniform rank for uniform / ilp"),
+        bits: int | None = typer.Option(None, help="uniform bits (default: the most that fits the budget)"),
+        seed: int | None = typer.Option(None, help="defaults to the config's seed"),
+        executor: str | None = typer.Option(None, help="local | ray (default: the config's)"),
+    ) -> None:
+        """Choose a plan with a baseline method; writes OUT/METHOD/plan.yaml and result.json."""
+        from planner.baseline_run import run_baseline
+        from planner.config import QRAConfig
+
+        run_baseline(
+            QRAConfig.load(config),
+            out,
+            method,
+            evaluations=evaluations,
+            rank=rank,
+            bits=bits,
+            seed=seed,
+            executor_kind=executor,
+        )
