@@ -40,6 +40,7 @@ def test_yaml_and_json_round_trip(tmp_path, tiny_model):
         assert again == plan
         assert again.content_hash() == plan.content_hash()
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temp files
+    assert (path.stat().st_mode & 0o044) == 0o044  # readable like any written file, not mkstemp's 0600
 
 
 def test_fingerprint_differs_between_models():

@@ -41,6 +41,7 @@ def test_uniform_4bit_quarter_of_bf16_and_one_training_step(demo_dir, backend, l
     assert low <= report.planned_ratio_vs_bf16 <= high, report.summary()
 
     tokenizer = AutoTokenizer.from_pretrained(demo_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # SmolLM2's GGUF tokenizer has none
     batch = tokenizer([as_plain_text(r) for r in wiki_split("train", 2)], return_tensors="pt", padding=True,
                       truncation=True, max_length=64)  # fmt: skip
     params = [p for p in peft_model.parameters() if p.requires_grad]
