@@ -54,7 +54,7 @@ class EvalResult(BaseModel):
     ``memory_measured`` (bytes): on CUDA the peak allocated memory of the run; on CPU the measured
     bytes of weights + LoRA + LoRA grads + optimizer states + the peak of tensors autograd saved for
     backward in one step (activations) — real tensors, not an estimate. ``weight_bytes``: weights
-    incl. LoRA as held after quantization (``qra_plugin.memory_report``).
+    incl. LoRA as held after quantization (``qra_plugin.weight_memory``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -151,7 +151,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     from trl import SFTConfig
 
     from qra_plugin import QRACallback, apply_plan
-    from qra_plugin.memory_report import memory_report
+    from qra_plugin.weight_memory import memory_report
 
     cfg = task.config
     batch = level.batch or cfg.train.batch

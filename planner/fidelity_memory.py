@@ -53,7 +53,7 @@ class ActivationMeter:
 
 def state_bytes(model: torch.nn.Module, optimizer: Any = None) -> int:
     """Weights (incl. quantized storage and LoRA) + one grad per trainable param + optimizer states."""
-    from qra_plugin.memory_report import memory_report
+    from qra_plugin.weight_memory import memory_report
 
     weights = memory_report(model).total_bytes
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

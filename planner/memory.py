@@ -1,6 +1,6 @@
 """Predict the peak training memory of a plan, part by part, and compare plans with a budget.
 
-Every byte count follows how the real libraries store things (checked against ``qra_plugin.memory_report``
+Every byte count follows how the real libraries store things (checked against ``qra_plugin.weight_memory``
 on real HQQ/bitsandbytes layers in ``tests/test_memory.py``):
 
 * HQQ packs the (reshaped) weight along dim 0: 8 bit 1/byte, 4 bit 2/byte, 2 bit 4/byte (uint8), 3 bit

@@ -18,8 +18,8 @@ _EXPORTS = {
     "apply_plan": "qra_plugin.apply",
     "load_for_inference": "qra_plugin.apply",
     "lora_config": "qra_plugin.lora",
-    "MemoryReport": "qra_plugin.memory_report",
-    "memory_report": "qra_plugin.memory_report",
+    "MemoryReport": "qra_plugin.weight_memory",
+    "memory_report": "qra_plugin.weight_memory",
     "quantize_model": "qra_plugin.quantize",
     "QRAPlugin": "qra_plugin.axolotl",
     "QRACallback": "qra_plugin.trl",
@@ -45,10 +45,10 @@ if TYPE_CHECKING:
     from qra_plugin.axolotl import QRAPlugin
     from qra_plugin.errors import QRAError
     from qra_plugin.lora import lora_config
-    from qra_plugin.memory_report import MemoryReport, memory_report
     from qra_plugin.plan import Fingerprint, ModulePlan, Plan, fingerprint
     from qra_plugin.quantize import quantize_model
     from qra_plugin.trl import QRACallback
+    from qra_plugin.weight_memory import MemoryReport, memory_report
 
 
 def __getattr__(name: str) -> Any:

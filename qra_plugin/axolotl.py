@@ -15,9 +15,9 @@ from axolotl.integrations.base import BasePlugin
 from qra_plugin.distributed import check_sharding, deepspeed_stage
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
-from qra_plugin.memory_report import memory_report
 from qra_plugin.plan import Plan
 from qra_plugin.quantize import quantize_model
+from qra_plugin.weight_memory import memory_report
 
 log = logging.getLogger("axolotl.integrations.qra")
 

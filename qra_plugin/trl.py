@@ -20,8 +20,8 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from qra_plugin.io import write_json_atomic
-from qra_plugin.memory_report import memory_report
 from qra_plugin.plan import Plan
+from qra_plugin.weight_memory import memory_report
 
 log = logging.getLogger("qra")
 

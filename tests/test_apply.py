@@ -136,3 +136,16 @@ def test_load_for_inference_without_adapter_is_one_line_error(tiny_model_dir, tm
     Plan.uniform(__import__("planner.tiny", fromlist=["x"]).build_tiny_model()).save(tmp_path / "plan.yaml")
     with pytest.raises(QRAError, match="no PEFT adapter"):
         load_for_inference(tiny_model_dir, tmp_path / "plan.yaml", tmp_path / "missing")
+
+
+def test_public_names_stay_functions_after_every_submodule_is_imported():
+    import importlib
+    import pkgutil
+
+    import qra_plugin
+
+    for info in pkgutil.walk_packages(qra_plugin.__path__, "qra_plugin."):
+        importlib.import_module(info.name)
+    for name in qra_plugin.__all__:
+        value = getattr(qra_plugin, name)
+        assert not isinstance(value, type(qra_plugin)), f"qra_plugin.{name} is shadowed by a submodule"

@@ -1,4 +1,4 @@
-"""planner.memory against what real HQQ/bitsandbytes/PEFT/torch tensors hold (qra_plugin.memory_report)."""
+"""planner.memory against what real HQQ/bitsandbytes/PEFT/torch tensors hold (qra_plugin.weight_memory)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from planner.model_info import load_model_info
 from planner.tiny import build_tiny_model
 from qra_plugin import apply_plan
 from qra_plugin.errors import QRAError
-from qra_plugin.memory_report import memory_report, storage_bytes
 from qra_plugin.plan import ModulePlan, Plan
+from qra_plugin.weight_memory import memory_report, storage_bytes
 
 #: every (bits, backend, axis) the plugin can build; HQQ 3-bit on axis 1 exercises the 10-per-int32 padding
 COMBOS = [
@@ -123,7 +123,7 @@ def test_every_combo_exact_per_module() -> None:
 
 def saved_activation_bytes(model: torch.nn.Module, plan: Plan, batch: int, seq: int) -> int:
     """Bytes autograd really saves in one training forward (new storages only, weights excluded)."""
-    from qra_plugin.memory_report import module_tensors
+    from qra_plugin.weight_memory import module_tensors
 
     peft_model = apply_plan(model, plan)
     peft_model.train()
