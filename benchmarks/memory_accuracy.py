@@ -38,8 +38,8 @@ from planner.memory import estimate, trace_activations  # noqa: E402
 from planner.model_info import load_model_info  # noqa: E402
 from qra_plugin import apply_plan  # noqa: E402
 from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
-from qra_plugin.memory_report import memory_report, storage_bytes  # noqa: E402
 from qra_plugin.plan import Plan  # noqa: E402
+from qra_plugin.weight_memory import memory_report, storage_bytes  # noqa: E402
 
 METHOD = (
     "torch.profiler(profile_memory=True) records every allocation/free through PyTorch's CPU allocator; "
