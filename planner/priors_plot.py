@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qra_plugin.io import write_bytes_atomic
+
 if TYPE_CHECKING:
     from planner.priors import Priors
 
@@ -37,23 +39,4 @@ def plot_priors(priors: Priors, path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return _write_bytes_atomic(Path(path), buffer.getvalue())
-
-
-def _write_bytes_atomic(target: Path, data: bytes) -> Path:
-    """Binary twin of ``qra_plugin.io.write_text_atomic`` (temp file, fsync, rename)."""
-    import os
-    import tempfile
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_bytes_atomic(path, buffer.getvalue())

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import html
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from planner.pareto import Point
 from planner.space import SearchSpace, config_key
-from qra_plugin.io import write_text_atomic
+from qra_plugin.io import write_bytes_atomic, write_text_atomic
 
 STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange", "baseline": "tab:purple"}
 
@@ -34,15 +32,7 @@ def _save(fig: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     _plt().close(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_pareto(path: Path, points: Sequence[Point], front: Sequence[Point], best: Point, budget: int) -> Path:

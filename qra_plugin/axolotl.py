@@ -15,7 +15,7 @@ from axolotl.integrations.base import BasePlugin
 from qra_plugin.distributed import check_sharding, deepspeed_stage
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
-from qra_plugin.plan import Plan
+from qra_plugin.plan import Plan, fingerprint
 from qra_plugin.quantize import quantize_model
 from qra_plugin.weight_memory import memory_report
 
@@ -75,7 +75,7 @@ class QRAPlugin(BasePlugin):
         if plan is None:
             return
         if not cfg.get("qra_check_fingerprint", True):
-            plan = plan.model_copy(update={"fingerprint": _fingerprint_of(model)})
+            plan = plan.model_copy(update={"fingerprint": fingerprint(model)})
         quantize_model(model, plan)
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
@@ -96,12 +96,6 @@ class QRAPlugin(BasePlugin):
         from qra_plugin.trl import QRACallback
 
         return [QRACallback(plan=plan, stop_at_step=cfg.get("qra_stop_at_step"))]
-
-
-def _fingerprint_of(model: Any):
-    from qra_plugin.plan import fingerprint
-
-    return fingerprint(model)
 
 
 def _is_main_process() -> bool:
