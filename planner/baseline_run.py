@@ -27,6 +27,7 @@ def run_baseline(
     seed: int | None = None,
     executor_kind: str | None = None,
     progress: bool = True,
+    score_choice: bool = True,
 ) -> BaselineResult:
     """Choose a plan with ``method``; write ``<out>/<method>/plan.yaml`` and ``result.json``."""
     if method not in METHODS:
@@ -56,6 +57,7 @@ def run_baseline(
         ray_address=cfg.search.ray_address,
         gpus_per_eval=cfg.search.gpus_per_eval,
         timeout_s=cfg.fidelity.timeout_s,
+        workers=cfg.fidelity.workers,
     )
     try:
         evaluate = setup.evaluator(executor, console.log).for_stage(f"baseline-{method}")
@@ -70,6 +72,7 @@ def run_baseline(
             rank=rank,
             bits=bits,
             seed=seed,
+            score_choice=score_choice,
         )
     finally:
         executor.close()

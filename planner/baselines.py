@@ -160,8 +160,10 @@ def choose(
     rank: int = 16,
     bits: int | None = None,
     seed: int = 0,
+    score_choice: bool = True,
 ) -> BaselineResult:
-    """Run one baseline method and score its choice at the high fidelity."""
+    """Run one baseline method; score its choice at the high fidelity unless ``score_choice`` is False
+    (uniform/ILP/greedy choose without evaluating; a benchmark that fine-tunes the choice anyway skips it)."""
     if method == "random":
         return random_search(space, cost, budget, evaluate, evaluations, seed)
     if method == "tpe":
@@ -178,6 +180,8 @@ def choose(
         )
     else:
         raise QRAError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if not score_choice:
+        return BaselineResult(method, config, None, 0, [])
     score = evaluate([config], "high")[0]
     return BaselineResult(method, config, score, 1, [(config, score)])
 

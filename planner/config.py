@@ -118,6 +118,8 @@ class FidelitySection(_Section):
     #: torch CPU threads inside an evaluation (None: torch's default). 1 avoids oversubscription on shared CPUs.
     torch_threads: int | None = Field(default=None, ge=1)
     eval_batch: int = Field(8, ge=1)
+    #: evaluations run side by side (spawned workers of the local executor): several small runs share a GPU
+    workers: int = Field(1, ge=1)
 
 
 class ProfileSection(_Section):

@@ -169,22 +169,46 @@ class _ChildWorker:
 
 
 class SubprocessExecutor(_StoreBacked):
-    """Evaluations one by one in a long-lived spawned child: imports and cached weights are paid once,
-    and a crash, OOM kill or hang in a candidate ends only the child (recreated for the next one)."""
+    """Evaluations in long-lived spawned children: imports and cached weights are paid once per child,
+    and a crash, OOM kill or hang in a candidate ends only its child (recreated for the next one).
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
+    ``workers`` > 1 runs that many children side by side (one GPU shared by several small evaluations,
+    or several CPU evaluations of a batch); results are stored from this thread as each one finishes.
+    """
+
+    def __init__(self, *args: Any, workers: int = 1, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self._worker = _ChildWorker()
+        self._workers = [_ChildWorker() for _ in range(max(1, int(workers)))]
 
     def _run_pending(self, tasks: list[EvalTask]) -> None:
-        for task in tasks:
-            self.store.mark_running(task)
-            start = time.perf_counter()
-            reply = self._worker.call(self.evaluate, task, self.timeout_s)
-            self._finish(task, self._from_reply(reply, time.perf_counter() - start))
+        if len(self._workers) == 1 or len(tasks) == 1:
+            for task in tasks:
+                self.store.mark_running(task)
+                start = time.perf_counter()
+                reply = self._workers[0].call(self.evaluate, task, self.timeout_s)
+                self._finish(task, self._from_reply(reply, time.perf_counter() - start))
+            return
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        idle = list(self._workers)
+        queue = list(tasks)
+        with ThreadPoolExecutor(max_workers=len(self._workers), thread_name_prefix="qra-eval") as pool:
+            inflight: dict[Any, tuple[EvalTask, _ChildWorker, float]] = {}
+            while queue or inflight:
+                while queue and idle:
+                    task, worker = queue.pop(0), idle.pop(0)
+                    self.store.mark_running(task)
+                    future = pool.submit(worker.call, self.evaluate, task, self.timeout_s)
+                    inflight[future] = (task, worker, time.perf_counter())
+                done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+                for future in done:
+                    task, worker, start = inflight.pop(future)
+                    idle.append(worker)
+                    self._finish(task, self._from_reply(future.result(), time.perf_counter() - start))
 
     def close(self) -> None:
-        self._worker.stop()
+        for worker in self._workers:
+            worker.stop()
 
 
 class RayExecutor(_StoreBacked):
@@ -263,12 +287,17 @@ def make_executor(
     gpus_per_eval: float = 0.0,
     timeout_s: float = 3600.0,
     on_result: OnResult | None = None,
+    workers: int = 1,
 ) -> _StoreBacked:
     """The executor a config asks for. ``evaluate`` must be a picklable top-level function for the
-    subprocess and ray paths. ``on_result(task, result, from_store)`` is called for every result."""
+    subprocess and ray paths; ``workers``: parallel children of the local subprocess executor;
+    ``on_result(task, result, from_store)`` is called for every result."""
     if kind == "local":
-        cls = SubprocessExecutor if subprocess else InProcessExecutor
-        return cls(store, evaluate, timeout_s, on_result)
+        if subprocess:
+            return SubprocessExecutor(store, evaluate, timeout_s, on_result, workers=workers)
+        if workers > 1:
+            raise QRAError("fidelity.workers > 1 needs fidelity.subprocess: true")
+        return InProcessExecutor(store, evaluate, timeout_s, on_result)
     if kind == "ray":
         return RayExecutor(store, evaluate, timeout_s, on_result, address=ray_address, gpus_per_eval=gpus_per_eval)
     raise QRAError(f"unknown executor {kind!r}: use 'local' or 'ray'")

@@ -70,6 +70,8 @@ class EvalResult(BaseModel):
     error: str | None = None
     token_accuracy: float | None = None
     stop_reason: str | None = None
+    #: seconds inside ``trainer.train()`` only (no load, quantization or eval): step time = train_s / steps
+    train_s: float | None = None
 
     @classmethod
     def failed(cls, reason: str, wall_s: float = 0.0) -> EvalResult:
@@ -225,9 +227,15 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     _PROCESSED.setdefault(train_key, trainer.train_dataset)
     _PROCESSED.setdefault(eval_key, trainer.eval_dataset)
 
-    train_loss = None
+    train_loss = train_s = None
     if level.steps > 0:
+        if on_cuda:
+            torch.cuda.synchronize()
+        train_start = time.perf_counter()
         out = trainer.train()
+        if on_cuda:
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - train_start
         train_loss = float(out.training_loss)
     metrics = trainer.evaluate()
     steps = int(trainer.state.global_step)
@@ -259,6 +267,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         steps=steps,
         error=error,
         stop_reason=reason,
+        train_s=train_s,
     )
 
 

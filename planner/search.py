@@ -55,6 +55,8 @@ class Evaluator:
     def __init__(self, cfg: QRAConfig, space: SearchSpace, cost: BudgetCost, executor: Any, say: Callable) -> None:
         self.cfg, self.space, self.cost, self.executor, self.say = cfg, space, cost, executor, say
         self.trace: list[dict[str, Any]] = []
+        #: wall seconds spent waiting for evaluations; the rest of a search's wall time is the planner's own
+        self.eval_wall_s = 0.0
 
     def for_stage(self, stage: str) -> Callable[[list[Config], str], list[float | None]]:
         def evaluate(configs: list[Config], level: str) -> list[float | None]:
@@ -78,7 +80,9 @@ class Evaluator:
             for c in configs
             for s in seeds
         ]
+        start = time.perf_counter()
         results = self.executor.run(tasks)
+        self.eval_wall_s += time.perf_counter() - start
         scores: list[float | None] = []
         for i, c in enumerate(configs):
             group = results[i * len(seeds) : (i + 1) * len(seeds)]
@@ -196,10 +200,12 @@ def run_search(
         ray_address=s.ray_address,
         gpus_per_eval=s.gpus_per_eval,
         timeout_s=cfg.fidelity.timeout_s,
+        workers=cfg.fidelity.workers,
         on_result=on_result,
         **({"evaluate": evaluate} if evaluate is not None else {}),
     )
     evaluator = Evaluator(cfg, space, cost, executor, say)
+    stages_start = time.perf_counter()
     try:
         say("[bold]stage 1[/bold]: multi-fidelity evolution")
         stage1 = run_stage1(
@@ -235,6 +241,7 @@ def run_search(
     finally:
         executor.close()
         store.close()
+    planner_s = time.perf_counter() - stages_start - evaluator.eval_wall_s
 
     # ---- outputs
     stage_of = {}
@@ -298,6 +305,9 @@ def run_search(
         "computed_this_run": counts["computed"],
         "wall_s_this_run": round(time.time() - started, 1),
         "search_steps": sum(r["steps"] for r in evaluator.trace),
+        # the planner's own compute (operators, performance model, GP fits, acquisition) between evaluations
+        "planner_s": round(planner_s, 3),
+        "planner_s_per_proposal": round(planner_s / max(len(evaluator.trace), 1), 4),
         "final_finetune_steps": cfg.fidelity.high.steps,
     }
     write_json_atomic(out / TRACE_FILE, summary)

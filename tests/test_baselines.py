@@ -72,6 +72,17 @@ def test_every_baseline_fits_the_budget(setting, method):
         assert result.evaluations == 1
 
 
+@pytest.mark.parametrize("method", ["uniform", "ilp", "greedy_priors"])
+def test_choosing_without_scoring_spends_no_evaluation(setting, method):
+    space, cost, budget, evaluate, importance, calls = setting
+    calls.clear()
+    scored = choose(method, space, cost, budget, evaluate, importance=importance, rank=8)
+    calls.clear()
+    unscored = choose(method, space, cost, budget, evaluate, importance=importance, rank=8, score_choice=False)
+    assert calls == [] and unscored.evaluations == 0 and unscored.score is None
+    assert unscored.config == scored.config  # the choice never depends on its own score
+
+
 def test_baselines_are_deterministic_for_a_seed(setting):
     space, cost, budget, evaluate, importance, _ = setting
     for method in ("random", "tpe"):

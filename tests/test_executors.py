@@ -105,10 +105,10 @@ def test_subprocess_worker_survives_errors_crashes_and_timeouts(tmp_path):
         ex = make_executor("local", subprocess=True, store=store, evaluate=misbehaving_evaluate, timeout_s=300)
         with ex:
             first, raised = ex.run([ok4, raise3])
-            pid = ex._worker._proc.pid
+            pid = ex._workers[0]._proc.pid
             assert first.status == "ok" and first.steps == 2
             assert raised.status == "failed" and "RuntimeError: injected failure for the 3-bit plan" in raised.error
-            assert ex._worker._proc.pid == pid  # an exception does not cost the worker its warm caches
+            assert ex._workers[0]._proc.pid == pid  # an exception does not cost the worker its warm caches
 
             ex.timeout_s = 8
             start = time.perf_counter()
@@ -122,10 +122,26 @@ def test_subprocess_worker_survives_errors_crashes_and_timeouts(tmp_path):
             (fine,) = ex.run([ok8])  # and a fresh worker again after the crash
             assert fine.status == "ok"
         assert [r["status"] for r in store.records()] == ["ok", "failed", "failed", "failed", "ok"]
-        assert ex._worker._proc is None  # closed
+        assert ex._workers[0]._proc is None  # closed
 
     # the worker computes the same score as an in-process run (one deterministic fidelity)
     assert fine.eval_loss == run_fidelity(ok8).eval_loss
+
+
+def test_parallel_workers_run_a_batch_side_by_side_and_store_every_result(tmp_path):
+    ok4, raise3, crash2, ok8 = make_tasks(4, 3, 2, 8)
+    with Store(tmp_path / "store.sqlite") as store:
+        ex = make_executor("local", subprocess=True, store=store, evaluate=misbehaving_evaluate, workers=2)
+        with ex:
+            results = ex.run([ok4, raise3, crash2, ok8, ok4])
+            pids = {w._proc.pid for w in ex._workers if w._proc is not None}
+        assert [r.status for r in results] == ["ok", "failed", "failed", "ok", "ok"]
+        assert results[4] == results[0]  # duplicates still run once
+        assert "injected failure" in results[1].error and "exit code 3" in results[2].error
+        assert len(pids) == 2  # two children served the batch (one restarted after the crash)
+        assert sorted(r["status"] for r in store.records()) == ["failed", "failed", "ok", "ok"]
+    # side by side changes nothing about a score
+    assert results[3].eval_loss == run_fidelity(ok8).eval_loss
 
 
 def test_resume_after_sigkill_recomputes_only_the_evaluation_in_flight(tmp_path):

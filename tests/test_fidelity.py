@@ -54,6 +54,7 @@ def test_training_lowers_eval_loss_and_reports_real_measurements(cfg, meta):
     assert before.status == after.status == "ok"
     assert before.steps == 0 and before.train_loss is None
     assert after.steps == 6 and after.train_loss is not None and math.isfinite(after.train_loss)
+    assert before.train_s is None and 0 < after.train_s < after.wall_s  # train time alone: step time = train_s / steps
     assert after.eval_loss < before.eval_loss - 0.02
     # training holds LoRA grads, optimizer states and activations on top of the weights
     assert after.memory_measured > before.memory_measured >= before.weight_bytes > 0

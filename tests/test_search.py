@@ -102,6 +102,10 @@ def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference)
     assert "pareto.png" in html and "Spearman" in html
     trace = json.loads((out / TRACE_FILE).read_text())
     assert "surrogate_spearman" in trace and trace["search_steps"] > 0
+    # the planner's own compute is what is left of the stages' wall time after the evaluations
+    assert trace["planner_s"] > 0 and trace["planner_s_per_proposal"] * len(trace["evaluations"]) == pytest.approx(
+        trace["planner_s"], rel=0.01
+    )
 
 
 def test_killed_search_resumes_recomputes_at_most_one_and_ends_with_the_same_plan(reference, tmp_path) -> None:
