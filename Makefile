@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not axolotl and not distributed"
+	$(PY) -m pytest -q -m "not slow and not axolotl and not distributed and not benchmark"
 
 demo: setup
 	$(VENV)/bin/qra demo-model

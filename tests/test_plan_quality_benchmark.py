@@ -1,0 +1,81 @@
+"""The plan-quality benchmark script end to end on its tiny recipe: the committed command's schema and resume."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = {
+    "final_eval_loss_mean",
+    "final_eval_loss_sd",
+    "seeds",
+    "G",
+    "memory_predicted",
+    "memory_measured",
+    "search_cost",
+    "evaluations",
+    "wall_s",
+}
+
+
+def _rows(out: Path) -> int:
+    total = 0
+    for db in out.rglob("*.sqlite"):
+        con = sqlite3.connect(db)
+        total += con.execute("SELECT COUNT(*) FROM evaluations WHERE status = 'ok'").fetchone()[0]
+        con.close()
+    return total
+
+
+def _run(out: Path, results: Path) -> None:
+    cmd = [
+        sys.executable,
+        "benchmarks/plan_quality.py",
+        "--recipe",
+        "tiny",
+        "--out",
+        str(out),
+        "--results",
+        str(results),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.benchmark
+def test_tiny_recipe_writes_the_schema_and_resumes_without_recomputing(tmp_path):
+    out, results = tmp_path / "work", tmp_path / "plan_quality.json"
+    _run(out, results)
+    data = json.loads(results.read_text())
+    assert data["complete"] is True and data["command"].startswith("python benchmarks/plan_quality.py")
+    assert set(data["budgets"]) == {"uniform4_r16", "uniform3_r16"}
+    for name, budget in data["budgets"].items():
+        methods = budget["methods"]
+        assert {"qra", "bf16_r16", name, "random", "tpe", "ilp", "greedy_priors"} <= set(methods)
+        for method, m in methods.items():
+            assert set(m) >= REQUIRED, method
+            assert len(m["seeds"]) == 2 and m["final_eval_loss_mean"] is not None
+            assert m["memory_measured"] > 0
+        assert methods[name]["G"] == 0.0 and methods["bf16_r16"]["G"] in (1.0, None)
+        for method in ("qra", "random", "tpe", "ilp", "greedy_priors", name):
+            assert methods[method]["within_budget"], method
+        # random and TPE get the search's optimizer steps, spent at the high fidelity
+        qra_steps = methods["qra"]["search_steps"]
+        assert abs(methods["random"]["search_steps"] - qra_steps) <= 3  # rounded to whole high-fidelity runs
+        assert methods["ilp"]["evaluations"] == methods["greedy_priors"]["evaluations"] == 0
+    assert results.with_suffix(".md").read_text().count("| qra |") == 2
+    assert results.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    before = _rows(out)
+    _run(out, results)  # a re-run finds every search, baseline and fine-tune in the stores
+    assert _rows(out) == before
+    again = json.loads(results.read_text())
+    for name in data["budgets"]:
+        for method, m in data["budgets"][name]["methods"].items():
+            assert again["budgets"][name]["methods"][method]["final_eval_loss_mean"] == m["final_eval_loss_mean"]
