@@ -180,11 +180,14 @@ def run_search(
     s = cfg.search
     n_warm = s.warm_start if s.warm_start is not None else max(1, s.population // 2)
     warm = warm_start(priors, space, fits, min(n_warm, s.population), seed) if n_warm else []
+    if n_warm:  # the allocations the priors give for free come before the sampled warm starts
+        warm = [*_prior_allocations(space, cost, budget_bytes, importance, budget), *warm]
     budget_plan = _baseline(budget, space)
-    if budget_plan is not None and fits(budget_plan) and budget_plan not in warm:
+    if budget_plan is not None and fits(budget_plan):
         # The uniform plan the budget names is what the user would otherwise run: start from it, so the
         # search explores around it and never needs luck to match it.
         warm = [budget_plan, *warm]
+    warm = list(dict.fromkeys(warm))  # distinct, first occurrence kept
 
     # ---- stages, each evaluation through the store-backed executor
     store = Store(out / STORE_FILE)
@@ -319,6 +322,33 @@ def run_search(
         f"{budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
     )
     return result
+
+
+def _prior_allocations(
+    space: SearchSpace, cost: BudgetCost, budget_bytes: int, importance: Importance, budget: Any
+) -> list[Config]:
+    """The two allocations the priors give for free: greedy importance-per-byte and the LQ-LoRA-style ILP.
+
+    On SmolLM2 both beat a search that started without them (benchmarks/results/plan_quality.json), so
+    the population starts from them and the evaluations go into refining them, not into finding them.
+    """
+    from planner.baselines import greedy_priors, ilp
+
+    rank = budget.uniform[1] if budget.uniform is not None and budget.uniform[1] in space.ranks else None
+    rank = rank or sorted(space.ranks)[len(space.ranks) // 2]
+    found: list[Config] = []
+    makers = (
+        lambda: greedy_priors(space, cost, budget_bytes, importance),
+        lambda: ilp(space, cost, budget_bytes, importance, rank),
+    )
+    for make in makers:
+        try:
+            config = make()
+        except QRAError:  # the budget leaves no room for this allocation: the other starts still stand
+            continue
+        if config not in found:
+            found.append(config)
+    return found
 
 
 def _baseline(budget: Any, space: SearchSpace) -> Config | None:

@@ -108,6 +108,26 @@ def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference)
     )
 
 
+def test_the_first_generation_starts_from_the_budget_plan_and_both_prior_allocations(reference) -> None:
+    """The greedy and ILP allocations cost no evaluation; the benchmark showed they must not be left to luck."""
+    from planner.baselines import greedy_priors, ilp
+    from planner.evolution import Importance
+    from planner.priors import profile
+    from planner.search import SearchSetup
+
+    _, cfg, out, result = reference
+    setup = SearchSetup.build(cfg)
+    importance = Importance.from_priors(profile(cfg, out, progress=False), setup.space)
+    greedy = greedy_priors(setup.space, setup.cost, setup.budget_bytes, importance)
+    by_ilp = ilp(setup.space, setup.cost, setup.budget_bytes, importance, rank=16)
+    first = [r["config"] for r in result.trace[: cfg.search.population]]
+    assert all(r["stage"] == "stage1" and r["level"] == "low" for r in result.trace[: cfg.search.population])
+    uniform = tuple((4, 16) for _ in range(cfg.model.tiny.layers))
+    for config in (uniform, greedy, by_ilp):
+        assert config_key(config) in first
+    assert len(set(first)) == len(first)
+
+
 def test_killed_search_resumes_recomputes_at_most_one_and_ends_with_the_same_plan(reference, tmp_path) -> None:
     cfg_path, _, ref_out, ref_result = reference
     out = tmp_path / "out"
