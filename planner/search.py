@@ -8,6 +8,7 @@ from the store and continues where a killed run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,8 +187,7 @@ def run_search(
     if budget_plan is not None and fits(budget_plan):
         # The uniform plan the budget names is what the user would otherwise run: start from it, so the
         # search explores around it and never needs luck to match it.
-        warm = [budget_plan, *warm]
-    warm = list(dict.fromkeys(warm))  # distinct, first occurrence kept
+        warm = [budget_plan, *warm]  # run_stage1 keeps the first of any repeats
 
     # ---- stages, each evaluation through the store-backed executor
     store = Store(out / STORE_FILE)
@@ -334,20 +334,14 @@ def _prior_allocations(
     """
     from planner.baselines import greedy_priors, ilp
 
-    rank = budget.uniform[1] if budget.uniform is not None and budget.uniform[1] in space.ranks else None
-    rank = rank or sorted(space.ranks)[len(space.ranks) // 2]
+    named = budget.uniform[1] if budget.uniform is not None else None
+    rank = named if named in space.ranks else sorted(space.ranks)[len(space.ranks) // 2]
     found: list[Config] = []
-    makers = (
-        lambda: greedy_priors(space, cost, budget_bytes, importance),
-        lambda: ilp(space, cost, budget_bytes, importance, rank),
-    )
-    for make in makers:
-        try:
-            config = make()
-        except QRAError:  # the budget leaves no room for this allocation: the other starts still stand
-            continue
-        if config not in found:
-            found.append(config)
+    # a budget that leaves no room for one allocation raises QRAError for it; the other starts still stand
+    with contextlib.suppress(QRAError):
+        found.append(greedy_priors(space, cost, budget_bytes, importance))
+    with contextlib.suppress(QRAError):
+        found.append(ilp(space, cost, budget_bytes, importance, rank))
     return found
 
 
