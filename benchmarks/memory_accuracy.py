@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from planner.config import ModelSection  # noqa: E402
-from planner.data import as_plain_text, wiki_split  # noqa: E402
+from planner.data.wiki import as_plain_text, wiki_split  # noqa: E402
 from planner.loading import load_model, load_tokenizer  # noqa: E402
 from planner.memory import estimate, trace_activations  # noqa: E402
 from planner.model_info import load_model_info  # noqa: E402

@@ -32,10 +32,10 @@ def padded_lengths(cfg: Any, steps: int) -> tuple[list[int], list[int]]:
     """Padded length per batch for the first ``steps`` steps, and every tokenized example's length."""
     from trl import SFTConfig, SFTTrainer
 
-    from planner.fidelity import _tokenizer_cached, fresh_model
-    from planner.fidelity_data import examples, sft_rows
+    from planner.data.sources import examples, sft_rows
+    from planner.fidelity.sft import cached_tokenizer, fresh_model
 
-    tokenizer = _tokenizer_cached(cfg.model.model_dump_json())
+    tokenizer = cached_tokenizer(cfg.model)
     rows = sft_rows(examples(cfg.data, "train", cfg.data.train_examples), bool(tokenizer.chat_template))
     args = SFTConfig(
         output_dir=str(ROOT / "runs" / "memory_offset_probe"),

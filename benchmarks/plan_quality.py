@@ -159,7 +159,7 @@ class Benchmark:
 
     def _priors(self) -> None:
         """Profile once into ``<out>/priors``; every method directory gets a copy (the cache key is checked)."""
-        from planner.priors import profile
+        from planner.priors.profile import profile
 
         t0 = time.time()
         profile(self.base, self.out / "priors")
@@ -173,9 +173,10 @@ class Benchmark:
             shutil.copyfile(source, directory / "priors.json")
 
     def _budget(self, name: str) -> None:
-        from planner.baseline_run import run_baseline
+        from planner.baselines import run_baseline
         from planner.memory import plan_bytes
-        from planner.search import SearchSetup, run_search
+        from planner.search.run import run_search
+        from planner.search.setup import SearchSetup
         from qra_plugin.plan import Plan
 
         bits, rank = BUDGETS[name]
@@ -283,7 +284,7 @@ class Benchmark:
 
     def _finals(self, cfg: QRAConfig, plans: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         from planner.executors import make_executor
-        from planner.fidelity import EvalTask
+        from planner.fidelity.contract import EvalTask
         from planner.store import Store
 
         level = FidelityLevel(steps=self.recipe.final_steps, eval_examples=self.recipe.final_eval_examples)

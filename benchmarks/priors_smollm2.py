@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 
 from planner.config import DataSection, ModelSection, ProfileSection, QRAConfig
 from planner.loading import load_model, load_tokenizer
-from planner.priors import Priors, profile
-from planner.priors_calib import calibration_texts
-from planner.priors_measure import _kl_and_loss, reference_pass
+from planner.priors.calibration import calibration_texts
+from planner.priors.measure import kl_and_loss, reference_pass
+from planner.priors.profile import Priors, profile
 from qra_plugin.io import write_json_atomic
 from qra_plugin.plan import Plan
 from qra_plugin.quantize import quantize_model
@@ -49,7 +49,7 @@ def _config(offset: int, examples: int, seq_len: int) -> QRAConfig:
 
 def _eval_tokens(tokenizer, n_rows: int, seq_len: int) -> torch.Tensor:
     """Packed held-out wiki text (the eval split), disjoint from every calibration sample."""
-    from planner.data import as_plain_text, wiki_split
+    from planner.data.wiki import as_plain_text, wiki_split
 
     ids: list[int] = []
     for record in wiki_split("eval", 400, seed=1):
@@ -68,7 +68,7 @@ def _damage_of_blocks(blocks: list[int], tokens: torch.Tensor, ref, n_blocks: in
     kl_sum = loss_sum = 0.0
     for b, start in enumerate(range(0, tokens.shape[0], 8)):
         chunk = tokens[start : start + 8]
-        kl, loss = _kl_and_loss(model(input_ids=chunk, use_cache=False).logits, ref.log_probs[b], chunk)
+        kl, loss = kl_and_loss(model(input_ids=chunk, use_cache=False).logits, ref.log_probs[b], chunk)
         kl_sum, loss_sum = kl_sum + kl, loss_sum + loss
     return kl_sum / tokens.numel(), loss_sum / (tokens.shape[0] * (tokens.shape[1] - 1)) - ref.loss
 

@@ -17,7 +17,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from planner.config import ModelSection, TinyModel
-from planner.data import sft_dataset
+from planner.data.wiki import sft_dataset
 from planner.loading import load_model, load_tokenizer
 from qra_plugin import Plan, QRACallback, apply_plan
 

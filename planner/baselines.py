@@ -14,12 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from planner.evolution import Importance, repair
-from planner.space import BudgetCost, Config, SearchSpace
+from planner.allocation import Importance, flat_importance, greedy_priors, ilp, repair, uniform_under_budget
+from planner.config import QRAConfig
+from planner.search.space import BudgetCost, Config, SearchSpace, config_key
 from qra_plugin.errors import QRAError
+from qra_plugin.io import write_json_atomic
+
+if TYPE_CHECKING:
+    from planner.search.setup import SearchSetup
 
 Evaluate = Callable[[list[Config], str], list[float | None]]
 METHODS = ("uniform", "random", "tpe", "ilp", "greedy_priors")
@@ -32,68 +39,6 @@ class BaselineResult:
     score: float | None = None
     evaluations: int = 0
     history: list[tuple[Config, float | None]] = field(default_factory=list)
-
-
-def flat_importance(space: SearchSpace) -> Importance:
-    """Importance with no knowledge: every unit equal, loss grows as bits fall and rank shrinks."""
-    n = space.n_units
-    top = max(space.bits)
-    quant = {b: np.full(n, (top - b) / max(top - min(space.bits), 1)) for b in set(space.bits) | {8, 16}}
-    return Importance(quant=quant, plasticity=np.ones(n))
-
-
-def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank: int | None = None) -> Config:
-    """The best uniform plan that fits: most bits first, then most rank (or the given rank)."""
-    ranks = [rank] if rank is not None else sorted(space.ranks, reverse=True)
-    for b in sorted(space.bits, reverse=True):
-        for r in ranks:
-            config = space.uniform(b, r)
-            if cost(config) <= budget:
-                return config
-    raise QRAError("no uniform plan in the search space fits the budget")
-
-
-def greedy_priors(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance) -> Config:
-    """Importance-only allocation: start from the richest config and downgrade by least importance per byte."""
-    config = repair(space, space.uniform(max(space.bits), max(space.ranks)), cost, budget, importance)
-    if config is None:
-        raise QRAError("the budget is below the cheapest config of the search space")
-    return config
-
-
-def ilp(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance, rank: int) -> Config:
-    """LQ-LoRA-style ILP: choose bits per unit minimising summed I_q subject to the budget, uniform rank.
-
-    Memory is linear in per-unit choices up to small cross terms (activations do not depend on bits), so
-    the ILP uses the per-unit marginal bytes; if the exact memory model then says the answer is over
-    budget, the ILP is re-solved with the budget tightened by the overshoot.
-    """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
-    bits = list(space.bits)
-    n, k = space.n_units, len(bits)
-    objective = np.array([importance.quant[b][u] for u in range(n) for b in bits])
-    weights = np.array([cost.marginal[u][(b, rank)] for u in range(n) for b in bits], dtype=np.float64)
-    one_per_unit = np.kron(np.eye(n), np.ones(k))
-    reference = cost(space.uniform(max(space.bits), max(space.ranks)))
-    slack = 0
-    for _ in range(20):
-        limit = budget - reference - slack
-        result = milp(
-            c=objective,
-            constraints=[LinearConstraint(one_per_unit, 1, 1), LinearConstraint(weights[None, :], -np.inf, limit)],
-            integrality=np.ones(n * k),
-            bounds=Bounds(0, 1),
-        )
-        if result.x is None:
-            raise QRAError(f"ILP found no bit allocation at rank {rank} within the budget")
-        choice = result.x.reshape(n, k).argmax(axis=1)
-        config = tuple((bits[i], rank) for i in choice)
-        over = cost(config) - budget
-        if over <= 0:
-            return config
-        slack += over
-    raise QRAError("ILP could not meet the exact budget after 20 tightenings")
 
 
 def random_search(
@@ -193,3 +138,86 @@ def _best(method: str, history: Sequence[tuple[Config, float | None]]) -> Baseli
     _, index = min(scored)
     config, score = history[index]
     return BaselineResult(method, config, score, len(history), list(history))
+
+
+# ---------------------------------------------------------------------------------------------- qra baseline
+def run_baseline(
+    cfg: QRAConfig,
+    out_dir: str | Path,
+    method: str,
+    *,
+    evaluations: int = 8,
+    rank: int = 16,
+    bits: int | None = None,
+    seed: int | None = None,
+    executor_kind: str | None = None,
+    progress: bool = True,
+    score_choice: bool = True,
+) -> BaselineResult:
+    """Choose a plan with ``method``; write ``<out>/<method>/plan.yaml`` and ``result.json``.
+
+    Same model info, budget, space, memory model, store and executor as ``qra search`` (``SearchSetup``),
+    so a baseline's evaluations are the same real SFT runs, shared with a search in the same directory.
+    """
+    if method not in METHODS:
+        raise QRAError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    from rich.console import Console
+
+    from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor
+    from planner.store import Store
+
+    out = Path(out_dir)
+    seed = cfg.seed if seed is None else int(seed)
+    console = Console(stderr=True, quiet=not progress, highlight=False, log_path=False)
+    setup = SearchSetup.build(cfg)  # bad input fails before anything is written
+    with exclusive_run(out):
+        importance = _importance(cfg, out, setup, progress) if method in ("ilp", "greedy_priors") else None
+        store = Store(out / STORE_FILE)
+        executor = open_executor(cfg, store, kind=executor_kind)
+        try:
+            evaluate = setup.evaluator(executor, console.log).for_stage(f"baseline-{method}")
+            result = choose(
+                method,
+                setup.space,
+                setup.cost,
+                setup.budget_bytes,
+                evaluate,
+                importance=importance,
+                evaluations=evaluations,
+                rank=rank,
+                bits=bits,
+                seed=seed,
+                score_choice=score_choice,
+            )
+        finally:
+            executor.close()
+            store.close()
+        target = _write_baseline(out / method, cfg, setup, method, result)
+    mib = setup.cost(result.config) / 2**20
+    console.log(f"[green]{method}[/green] loss {result.score} at {mib:.2f} MiB → {target}")
+    return result
+
+
+def _importance(cfg: QRAConfig, out: Path, setup: SearchSetup, progress: bool) -> Importance:
+    from planner.priors import profile
+
+    return Importance.from_priors(profile(cfg, out, progress=progress), setup.space)
+
+
+def _write_baseline(target: Path, cfg: QRAConfig, setup: SearchSetup, method: str, result: BaselineResult) -> Path:
+    memory = setup.cost(result.config)
+    meta = {"qra_baseline": {"method": method, "score": result.score, "memory_bytes": memory, "budget": cfg.budget}}
+    setup.space.to_plan(result.config, meta=meta).save(target / "plan.yaml")
+    write_json_atomic(
+        target / "result.json",
+        {
+            "method": method,
+            "config": config_key(result.config),
+            "score": result.score,
+            "memory_bytes": memory,
+            "budget_bytes": setup.budget_bytes,
+            "evaluations": result.evaluations,
+            "history": [[config_key(c), s] for c, s in result.history],
+        },
+    )
+    return target / "plan.yaml"

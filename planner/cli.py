@@ -1,4 +1,4 @@
-"""The ``qra`` command. Every module in ``planner.commands`` registers its own subcommands.
+"""The ``qra`` command: the subcommands listed in ``COMMANDS``, each a module of ``planner.commands``.
 
 Any ``QRAError`` (bad config, plan, path) becomes one line on stderr and exit status 2.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
 import sys
 
 import typer
@@ -22,18 +21,22 @@ def _root() -> None:
     """qra: profile a model, search per-layer (bits, rank) under a memory budget, apply the plan."""
 
 
-def _register_commands() -> None:
-    import planner.commands as commands
+#: every subcommand, in the order ``qra --help`` lists them; each module has a ``register(app)``
+COMMANDS = ("demo_model", "export_data", "profile", "search", "baseline", "estimate")
 
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"planner.commands.{info.name}")
-        module.register(app)
+
+def _register_commands() -> None:
+    for name in COMMANDS:
+        importlib.import_module(f"planner.commands.{name}").register(app)
 
 
 _register_commands()
 
 
 def main() -> None:
+    from planner.quiet import quiet_libraries
+
+    quiet_libraries()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         app(standalone_mode=False)

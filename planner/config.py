@@ -66,14 +66,20 @@ class SpaceSection(_Section):
     unit: Literal["block", "module"] = "block"
     bits: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8])
     ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
-    backend: Literal["hqq", "bnb"] = "hqq"
+    backend: str = "hqq"
 
     @model_validator(mode="after")
     def _sane(self) -> SpaceSection:
+        from qra_plugin.backends import registry
+
         if any(r < 0 for r in self.ranks):
             raise ValueError("space.ranks must be >= 0")
-        if self.backend == "bnb" and not set(self.bits) <= {4, 8, 16}:
-            raise ValueError("space.backend 'bnb' supports only bits 4, 8 and 16")
+        backends = {k: v for k, v in registry().items() if k != "none"}
+        if self.backend not in backends:
+            raise ValueError(f"space.backend must be one of {', '.join(sorted(backends))}, not {self.backend!r}")
+        stores = backends[self.backend].bits | {16}
+        if not set(self.bits) <= stores:
+            raise ValueError(f"space.backend {self.backend!r} supports only bits {', '.join(map(str, sorted(stores)))}")
         self.bits = sorted(set(self.bits))
         self.ranks = sorted(set(self.ranks))
         return self
@@ -193,6 +199,14 @@ class QRAConfig(_Section):
             config = cls.model_validate(data)
         except ValidationError as exc:
             raise QRAError(f"{path}: invalid config: {one_line_validation_error(exc)}") from None
-        if config.data.path and not Path(config.data.path).is_file():
-            raise QRAError(f"{path}: data.path not found: {config.data.path}")
+        for key in ("path", "eval_path"):
+            file = getattr(config.data, key)
+            if file and not Path(file).is_file():
+                raise QRAError(f"{path}: data.{key} not found: {file}")
+        from planner.data.sources import check_data
+
+        try:
+            check_data(config.data)  # a bad data file fails here, before any run writes anything
+        except QRAError as exc:
+            raise QRAError(f"{path}: {exc}") from None
         return config

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
-from planner.fidelity import EvalKey, EvalResult, EvalTask, one_line, run_fidelity
-from planner.fidelity_worker import call_one, serve
+from planner.fidelity.contract import EvalKey, EvalResult, EvalTask, one_line
+from planner.fidelity.sft import run_fidelity
+from planner.fidelity.worker import call_one, serve
 from planner.store import Store
 from qra_plugin.errors import QRAError
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from planner.pareto import Point
-from planner.space import SearchSpace, config_key
+from planner.search.pareto import Point
+from planner.search.space import SearchSpace, config_key
 from qra_plugin.io import write_bytes_atomic, write_text_atomic
 
 STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange", "baseline": "tab:purple"}
@@ -121,7 +121,7 @@ def write_report(
     plot_trace(out / "trace.png", summary["evaluations"])
     priors_png = out / "priors.png"
     if priors is not None and not priors_png.is_file():
-        from planner.priors_plot import plot_priors
+        from planner.priors.plot import plot_priors
 
         plot_priors(priors, priors_png)
     trace = summary["evaluations"]
@@ -129,6 +129,7 @@ def write_report(
     for r in trace:
         counts[(r["stage"], r["level"])] = counts.get((r["stage"], r["level"]), 0) + 1
     failed = sum(r["score"] is None for r in trace)
+    fails = summary.get("failures") or {}
     mib = 2.0**20
 
     def fmt(v: float | None) -> str:
@@ -150,7 +151,10 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}img{{ma
 <p>Budget <b>{html.escape(summary["budget"])}</b> = {summary["budget_bytes"] / mib:.2f} MiB.
 Chosen plan: high-fidelity eval loss <b>{best.score:.4f}</b> at {best.memory / mib:.2f} MiB
 (<code>{html.escape(config_key(best.config))}</code>), seed {summary["seed"]}.</p>
-<ul><li>evaluations (every one a real SFT run): {len(trace)}, failed {failed}</li>{evals}
+<ul><li>evaluations (every one a real SFT run): {len(trace)}, failed {failed}
+(in the store for this recipe: {fails.get("transient", 0)} transient — timeout, OOM, dead worker, retried once on
+resume — and {fails.get("deterministic", 0)} deterministic — the plan raised or its loss was not finite)</li>{evals}
+<li>GP fits that failed (prior hyperparameters used instead): {summary.get("gp_fit_failures", 0)}</li>
 <li>performance model held-out Spearman (low→high fidelity): {fmt(summary["surrogate_spearman"])};
 screening model: {fmt(summary["screening_spearman"])}</li>
 <li>search cost: {summary["search_steps"]} optimizer steps

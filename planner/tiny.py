@@ -23,7 +23,7 @@ def tiny_tokenizer(vocab_size: int = 512, n_texts: int = 600):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from planner.data import as_plain_text, wiki_split
+    from planner.data.wiki import as_plain_text, wiki_split
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "MemoryReport": "qra_plugin.weight_memory",
     "memory_report": "qra_plugin.weight_memory",
     "quantize_model": "qra_plugin.quantize",
-    "QRAPlugin": "qra_plugin.axolotl",
+    "QRAPlugin": "qra_plugin.axolotl.plugin",
     "QRACallback": "qra_plugin.trl",
 }
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from qra_plugin.apply import apply_plan, load_for_inference
-    from qra_plugin.axolotl import QRAPlugin
+    from qra_plugin.axolotl.plugin import QRAPlugin
     from qra_plugin.errors import QRAError
     from qra_plugin.lora import lora_config
     from qra_plugin.plan import Fingerprint, ModulePlan, Plan, fingerprint

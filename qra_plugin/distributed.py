@@ -1,4 +1,4 @@
-"""Which plans a sharded training backend can run.
+"""Which plans a sharded training backend can run; each backend says what it allows (``Backend.shardable``).
 
 FSDP1 rejects int8/uint8 weights inside a wrapped unit, FSDP2 only special-cases bitsandbytes
 ``Params4bit``, and ZeRO-3 skips ``zero.Init`` for quantized models (HQQ keeps scale/zero outside
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qra_plugin.backends import registry
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import Plan
 
@@ -35,11 +36,13 @@ def check_sharding(plan: Plan, *, sharding: str | None, half_precision: bool) ->
     """Refuse, in one line, plans the sharding backend cannot hold. ``sharding``: None|"ddp"|"zero2"|"zero3"|"fsdp"."""
     if sharding not in ("zero3", "fsdp"):
         return
-    bad = sorted(
-        {(m.bits, m.backend) for m in plan.modules.values() if m.bits < 16 and not (m.backend == "bnb" and m.bits == 4)}
-    )
+    backends = registry()
+    used = {(m.bits, m.backend) for m in plan.modules.values()}
+    bad = sorted((b, k) for b, k in used if not backends[k].shardable(b, True))
     if bad:
         shown = ", ".join(f"{b}-bit {k}" for b, k in bad)
         raise QRAError(f"{sharding} cannot shard {shown} modules; under {sharding} a plan may only use {SHARDED_OK}")
-    if any(m.bits == 4 for m in plan.modules.values()) and not half_precision:
-        raise QRAError(f"{sharding} with nf4 needs bf16 or fp16 training so nf4 is stored in the compute dtype")
+    needs_half = sorted((b, k) for b, k in used if not backends[k].shardable(b, half_precision))
+    if needs_half:
+        shown = ", ".join(f"{b}-bit {k}" for b, k in needs_half)
+        raise QRAError(f"{sharding} with {shown} needs bf16 or fp16 training so it is stored in the compute dtype")

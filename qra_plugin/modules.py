@@ -62,8 +62,10 @@ def _in_out(module: nn.Module) -> tuple[int, int] | None:
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
-    """True for the quantized base layers we create (HQQLinear, bnb Linear4bit/Linear8bitLt)."""
-    return type(module).__module__.startswith(("hqq.", "bitsandbytes."))
+    """True for the quantized base layers a registered backend creates (``Backend.owns``)."""
+    from qra_plugin.backends import owner
+
+    return owner(module) is not None
 
 
 def quantizable_linears(model: nn.Module) -> list[LinearSpec]:

@@ -16,25 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from qra_plugin.backends import registry
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_text_atomic
 from qra_plugin.modules import LinearSpec, find_blocks, modules_hash, quantizable_linears
 
 Bits = Literal[2, 3, 4, 8, 16]
-Backend = Literal["hqq", "bnb", "none"]
-
-#: Which bit-widths each backend can store. Adding a backend means one entry here and one file in backends/.
-BACKEND_BITS: dict[str, frozenset[int]] = {
-    "hqq": frozenset({2, 3, 4, 8}),
-    "bnb": frozenset({4, 8}),
-    "none": frozenset({16}),
-}
-
-#: HQQ group sizes per bit-width. Below 4 bits small groups matter as much as the bit-width
-#: (SmolLM2-135M, axis 0: 3-bit g64 ppl 63.5 vs g32 29.8; 2-bit g32 14,199 vs g16 1,243).
-DEFAULT_HQQ_GROUP: dict[int, int] = {2: 16, 3: 32, 4: 64, 8: 64}
-#: bitsandbytes nf4 quantizes in fixed blocks of 64; int8 is per row.
-BNB_NF4_BLOCK = 64
 
 
 def default_backend(bits: int) -> str:
@@ -48,7 +35,7 @@ class ModulePlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bits: Bits
-    backend: Backend = "hqq"
+    backend: str = "hqq"
     group_size: int | None = Field(default=None, gt=0)
     axis: Literal[0, 1] = 0
     rank: int = Field(default=16, ge=0)
@@ -63,19 +50,23 @@ class ModulePlan(BaseModel):
         bits = data.get("bits")
         if "backend" not in data and isinstance(bits, int):
             data["backend"] = default_backend(bits)
-        if data.get("group_size") is None and data.get("backend") == "hqq" and bits in DEFAULT_HQQ_GROUP:
-            data["group_size"] = DEFAULT_HQQ_GROUP[bits]
-        if data.get("group_size") is None and data.get("backend") == "bnb" and bits == 4:
-            data["group_size"] = BNB_NF4_BLOCK
+        backend = registry().get(data.get("backend")) if isinstance(data.get("backend"), str) else None
+        if data.get("group_size") is None and backend is not None and bits in backend.default_group:
+            data["group_size"] = backend.default_group[bits]
         return data
 
     @model_validator(mode="after")
     def _check_backend(self) -> ModulePlan:
-        if self.bits not in BACKEND_BITS[self.backend]:
-            allowed = sorted(BACKEND_BITS[self.backend])
+        backends = registry()
+        if self.backend not in backends:
+            raise ValueError(f"unknown backend {self.backend!r} (known: {', '.join(sorted(backends))})")
+        backend = backends[self.backend]
+        if self.bits not in backend.bits:
+            allowed = sorted(backend.bits)
             raise ValueError(f"backend {self.backend!r} cannot store {self.bits}-bit weights (it supports {allowed})")
-        if self.backend == "bnb" and self.bits == 4 and self.group_size != BNB_NF4_BLOCK:
-            raise ValueError(f"bitsandbytes nf4 uses blocks of {BNB_NF4_BLOCK}, not group_size={self.group_size}")
+        problem = backend.check(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property

@@ -52,7 +52,7 @@ def quantize_model(model: nn.Module, plan: Plan, compute_dtype: torch.dtype | No
         flag = backend.model_flags.get(module_plan.bits)
         if flag:
             setattr(model, flag, True)
-    if any(m.backend == "hqq" and m.bits < 16 for m in plan.modules.values()):
+    if "hqq" in plan.backends_used():
         # transformers/PEFT read this to skip the fp32 upcast that prepare_model_for_kbit_training does.
         model.hqq_quantized = True
     model.qra_plan = plan

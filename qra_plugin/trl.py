@@ -67,6 +67,9 @@ class QRACallback(TrainerCallback):
 
     # ---------------------------------------------------------------- logging
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if self.stop_on_nan and getattr(args, "logging_nan_inf_filter", False):
+            # HF's default swaps a NaN/inf step loss for the running mean in the logs: we would never see it
+            args.logging_nan_inf_filter = False
         model = kw.get("model")
         plan = self.plan or getattr(model, "qra_plan", None)
         if model is not None:
@@ -116,10 +119,13 @@ class QRACallback(TrainerCallback):
 
     # ---------------------------------------------------------------- helpers
     def _stop(self, control: TrainerControl, reason: str) -> None:
+        """Stop training. A loss reason outranks "reached step N": Trainer calls ``on_step_end`` before
+        ``on_log`` for the same step, so a bad loss on the last step arrives after the step budget."""
         if not control.should_training_stop:
             log.info("qra: stopping early: %s", reason)
         control.should_training_stop = True
-        self.stop_reason = self.stop_reason or reason
+        if self.stop_reason is None or self.stop_reason.startswith("reached step"):
+            self.stop_reason = reason
         self.metrics["stop_reason"] = self.stop_reason
 
     def _flush(self, state: TrainerState) -> None:

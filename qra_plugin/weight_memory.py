@@ -11,40 +11,14 @@ from torch import nn
 from qra_plugin.modules import quantizable_linears
 
 
-def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    """Tensors hidden outside parameters/buffers: HQQ's ``meta`` dict, bnb's QuantState and int8 scales."""
-    if depth > 4 or obj is None:
-        return []
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors_in(v, depth + 1)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors_in(v, depth + 1)]
-    if type(obj).__name__ == "QuantState":
-        return [
-            t for k in ("absmax", "code", "offset", "state2") for t in _tensors_in(getattr(obj, k, None), depth + 1)
-        ]
-    return []
-
-
 def module_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """All tensors a (possibly quantized) base layer holds, excluding LoRA adapters."""
-    tensors: list[torch.Tensor] = []
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if "lora_" not in name:
-            tensors.append(t)
-    tensors += _tensors_in(getattr(module, "meta", None))
-    bias = getattr(module, "bias", None)  # HQQLinear keeps its bias as a plain tensor attribute
-    if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
-        tensors.append(bias)
-    weight = getattr(module, "weight", None)
-    if weight is not None:
-        tensors += _tensors_in(getattr(weight, "quant_state", None))
-        tensors += _tensors_in(getattr(weight, "SCB", None))
-    state = getattr(module, "state", None)  # bnb int8 moves its scales here after the first forward
-    tensors += _tensors_in(getattr(state, "SCB", None)) + _tensors_in(getattr(state, "CB", None))
-    return tensors
+    """All tensors a (possibly quantized) base layer holds, excluding LoRA adapters: parameters, buffers and
+    what its backend keeps elsewhere (``Backend.hidden_tensors``: HQQ's meta dict, bnb's QuantState, int8 scales)."""
+    from qra_plugin.backends import owner
+
+    tensors = [t for name, t in list(module.named_parameters()) + list(module.named_buffers()) if "lora_" not in name]
+    backend = owner(module)
+    return tensors + (backend.hidden_tensors(module) if backend is not None else [])
 
 
 def storage_bytes(tensors: list[torch.Tensor], seen: set[int] | None = None) -> int:

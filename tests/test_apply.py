@@ -73,7 +73,7 @@ def test_memory_report_measures_quantized_bytes(tiny_model):
 def test_sft_trainer_loss_falls_over_20_steps(tiny_model, tiny_tokenizer, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    from planner.data import sft_dataset
+    from planner.data.wiki import sft_dataset
     from qra_plugin import QRACallback
 
     model = apply_plan(tiny_model, mixed_plan(tiny_model))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.data import write_alpaca_jsonl
+from planner.data.wiki import write_alpaca_jsonl
 from tests.conftest import mixed_plan
 
 pytest.importorskip("axolotl")

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from planner.baselines import METHODS, choose, flat_importance
+from planner.allocation import Importance, flat_importance
+from planner.baselines import METHODS, choose
 from planner.config import QRAConfig
-from planner.evolution import Importance
 from planner.memory import Budget, plan_bytes
 from planner.model_info import load_model_info
-from planner.space import BudgetCost, SearchSpace
+from planner.search.space import BudgetCost, SearchSpace
 from planner.tiny import build_tiny_model
 from qra_plugin import QRAError
 from qra_plugin.backends import get_backend

@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from planner.allocation import Importance, repair
 from planner.config import ModelSection, SpaceSection, TinyModel
-from planner.evolution import (
-    Importance,
-    Stage1Settings,
-    crossover,
-    mutate,
-    nondominated_sort,
-    repair,
-    run_stage1,
-    select,
-)
 from planner.loading import load_model
-from planner.space import BudgetCost, Config, SearchSpace
+from planner.search.evolution import Stage1Settings, crossover, mutate, nondominated_sort, run_stage1, select
+from planner.search.space import BudgetCost, Config, SearchSpace
 from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import fingerprint
 

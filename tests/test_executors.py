@@ -13,7 +13,8 @@ import pytest
 
 from planner.config import QRAConfig
 from planner.executors import make_executor
-from planner.fidelity import EvalResult, EvalTask, run_fidelity
+from planner.fidelity.contract import EvalResult, EvalTask
+from planner.fidelity.sft import run_fidelity
 from planner.loading import load_meta_model
 from planner.store import Store
 from qra_plugin import Plan
@@ -122,7 +123,18 @@ def test_subprocess_worker_survives_errors_crashes_and_timeouts(tmp_path):
             (fine,) = ex.run([ok8])  # and a fresh worker again after the crash
             assert fine.status == "ok"
         assert [r["status"] for r in store.records()] == ["ok", "failed", "failed", "failed", "ok"]
+        assert [r["failure"] for r in store.records()] == [None, "deterministic", "transient", "transient", None]
         assert ex._workers[0]._proc is None  # closed
+
+        # on resume the timeout and the dead worker are retried once; the plan that raised is not
+        evaluated.clear()
+        again = make_executor("local", subprocess=False, store=store, evaluate=counting_evaluate)
+        statuses = [r.status for r in again.run([ok4, raise3, crash2, hang16, ok8])]
+        assert statuses == ["ok", "failed", "ok", "ok", "ok"]
+        assert sorted(evaluated) == sorted([crash2.key, hang16.key])
+        evaluated.clear()
+        again.run([ok4, raise3, crash2, hang16, ok8])
+        assert evaluated == []
 
     # the worker computes the same score as an in-process run (one deterministic fidelity)
     assert fine.eval_loss == run_fidelity(ok8).eval_loss

@@ -10,7 +10,8 @@ import pytest
 from torch import nn
 
 from planner.config import QRAConfig
-from planner.fidelity import EvalResult, EvalTask, _base_model_cached, run_fidelity
+from planner.fidelity.contract import EvalResult, EvalTask
+from planner.fidelity.sft import _base_model_cached, run_fidelity
 from planner.loading import load_meta_model
 from qra_plugin import Plan
 from qra_plugin.errors import QRAError
@@ -103,7 +104,7 @@ def test_hopeless_loss_stops_early(meta):
 
 
 def test_jsonl_alpaca_data(tmp_path, meta):
-    from planner.data import write_alpaca_jsonl
+    from planner.data.wiki import write_alpaca_jsonl
 
     path = write_alpaca_jsonl(tmp_path / "train.jsonl", "train", 40)
     eval_path = tmp_path / "eval.jsonl"
@@ -135,7 +136,7 @@ def test_task_accuracy_where_rows_have_answers(tmp_path, meta):
 
 
 def test_answer_matching_rule():
-    from planner.fidelity_data import answer_matches
+    from planner.fidelity.metrics import answer_matches
 
     assert answer_matches(" Blue.", "blue") and answer_matches("Paris is the capital", "Paris")
     assert not answer_matches("Parisian food", "Paris") and not answer_matches("", "x") and not answer_matches("a", "")
@@ -154,7 +155,7 @@ def test_task_and_result_are_picklable_and_json(cfg, meta):
     t = task(cfg, Plan.uniform(meta, bits=3, rank=16))
     assert pickle.loads(pickle.dumps(t)).key == t.key
     assert EvalTask.model_validate_json(t.model_dump_json()).key == t.key
-    assert t.key == (t.plan.content_hash(), "low", 0)
+    assert t.key == (t.plan.content_hash(), "low", 0, t.recipe_hash)
     r = EvalResult.failed("Traceback ...\nValueError: boom\n")
     assert r.error == "ValueError: boom" and r.status == "failed"
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from planner.allocation import warm_start
 from planner.config import DataSection, ModelSection, ProfileSection, QRAConfig, SpaceSection, TinyModel
-from planner.priors import PARTIAL_FILE, PRIORS_FILE, Priors, profile, warm_start
+from planner.priors.profile import PARTIAL_FILE, PRIORS_FILE, Priors, profile
 from qra_plugin.errors import QRAError
 
 
@@ -66,8 +66,8 @@ def test_profile_writes_contract_files(tmp_path: Path) -> None:
 def test_replayed_prefix_matches_full_model_and_weights_survive() -> None:
     """The cached-prefix shortcut must give exactly the full model's output, and fp weights stay put."""
     from planner.loading import load_model, load_tokenizer
-    from planner.priors_calib import calibration_batch
-    from planner.priors_measure import reference_pass, unit_damage
+    from planner.priors.calibration import calibration_batch
+    from planner.priors.measure import reference_pass, unit_damage
     from qra_plugin.plan import ModulePlan
 
     cfg = _cfg()
@@ -203,13 +203,6 @@ def test_cli_profile_and_bad_config(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 # ---------------------------------------------------------------------------------------------- warm start
 
 
-@dataclass
-class _Space:
-    bits: list[int]
-    ranks: list[int]
-    n_units: int
-
-
 def _priors(iq2: list[float], ir: list[float]) -> Priors:
     from qra_plugin.plan import Fingerprint
 
@@ -224,55 +217,63 @@ def _priors(iq2: list[float], ir: list[float]) -> Priors:
     )
 
 
-def _budget(limit: float):
-    """Weights + LoRA bytes of equal-size units (1000 weights each, LoRA 2·64·rank params at 2 bytes)."""
+def _space(layers: int, unit: str = "block", bits=(2, 3, 4, 8), ranks=(4, 8, 16, 32)):
+    """A real search space of a tiny Llama and a byte cost where every unit weighs the same."""
+    from planner.config import SpaceSection
+    from planner.search.space import BudgetCost, SearchSpace
+    from planner.tiny import build_tiny_model
+    from qra_plugin.modules import quantizable_linears
+    from qra_plugin.plan import fingerprint
 
-    def fits(config) -> bool:
-        return sum(1000 * b / 8 + 2 * 64 * r * 2 for b, r in config) <= limit
+    model = build_tiny_model("llama", layers=layers, hidden=32, vocab_size=128)
+    section = SpaceSection(unit=unit, bits=list(bits), ranks=list(ranks))
+    space = SearchSpace.from_parts(section, fingerprint(model), quantizable_linears(model))
+    return space, BudgetCost(space, lambda c: sum(1000 * b / 8 + 2 * 64 * r * 2 for b, r in c))
 
-    return fits
+
+def _warm(iq, ir, space, cost, limit, n, seed):
+    from planner.allocation import Importance
+
+    return warm_start(Importance.from_priors(_priors(iq, ir), space), space, cost, limit, n, seed)
 
 
 def test_warm_start_maps_importance_and_fits() -> None:
     iq = [0.9, 0.01, 0.5, 0.02, 0.3, 0.001, 0.7, 0.05]
     ir = [0.01, 0.9, 0.02, 0.5, 0.03, 0.8, 0.04, 0.6]
-    space = _Space(bits=[2, 3, 4, 8], ranks=[4, 8, 16, 32], n_units=8)
+    space, cost = _space(8)
     limit = 8 * (1000 * 4 / 8 + 2 * 64 * 16 * 2)  # uniform 4 bits, rank 16
-    fits = _budget(limit)
-    configs = warm_start(_priors(iq, ir), space, fits, n=8, seed=0)
+    configs = _warm(iq, ir, space, cost, limit, 8, 0)
     assert len(configs) == 8 and len(set(configs)) == 8
-    assert all(fits(c) and len(c) == 8 for c in configs)
+    assert all(cost(c) <= limit and len(c) == 8 for c in configs)
     assert all(b in space.bits and r in space.ranks for c in configs for b, r in c)
     first = configs[0]  # the noiseless mapping
     assert first[0][0] > first[5][0]  # most quantization-sensitive unit keeps more bits than the least
     assert first[1][1] > first[0][1]  # most plastic unit gets more rank than the least
-    assert warm_start(_priors(iq, ir), space, fits, n=8, seed=0) == configs
-    assert warm_start(_priors(iq, ir), space, fits, n=8, seed=1) != configs
+    assert _warm(iq, ir, space, cost, limit, 8, 0) == configs
+    assert _warm(iq, ir, space, cost, limit, 8, 1) != configs
 
 
 def test_warm_start_budget_too_small_raises() -> None:
-    space = _Space(bits=[2, 4], ranks=[8, 16], n_units=3)
+    space, cost = _space(3, bits=(2, 4), ranks=(8, 16))
     with pytest.raises(QRAError, match="budget is too small"):
-        warm_start(_priors([0.1, 0.2, 0.3], [0.1, 0.2, 0.3]), space, _budget(10.0), n=2, seed=0)
+        _warm([0.1, 0.2, 0.3], [0.1, 0.2, 0.3], space, cost, 10, 2, 0)
 
 
 def test_warm_start_broadcasts_block_priors_to_modules() -> None:
-    @dataclass
-    class _ModuleSpace(_Space):
-        unit_blocks: list[int]
-
-    space = _ModuleSpace(bits=[2, 4], ranks=[8, 16], n_units=4, unit_blocks=[0, 0, 1, 1])
-    configs = warm_start(_priors([0.9, 0.01], [0.01, 0.9]), space, _budget(1e9), n=1, seed=0)
-    assert configs[0] == ((4, 8), (4, 8), (2, 16), (2, 16))
+    space, cost = _space(2, unit="module", bits=(2, 4), ranks=(8, 16))
+    (config,) = _warm([0.9, 0.01], [0.01, 0.9], space, cost, 1e9, 1, 0)
+    blocks = space.unit_blocks
+    assert {config[u] for u in range(space.n_units) if blocks[u] == 0} == {(4, 8)}
+    assert {config[u] for u in range(space.n_units) if blocks[u] == 1} == {(2, 16)}
 
 
 @pytest.mark.slow
 def test_smollm2_fewer_bits_hurt_more_and_replay_is_exact() -> None:
     """The real demo model: a cheap slice of the profile (2 blocks, 2 x 64 tokens)."""
     from planner.loading import load_model, load_tokenizer
-    from planner.priors import _units
-    from planner.priors_calib import calibration_batch
-    from planner.priors_measure import reference_pass, unit_damage
+    from planner.priors.calibration import calibration_batch
+    from planner.priors.measure import reference_pass, unit_damage
+    from planner.priors.profile import _units
     from qra_plugin.plan import ModulePlan
 
     section = ModelSection(path="demo")

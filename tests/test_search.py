@@ -20,9 +20,11 @@ import pytest
 import yaml
 
 from planner.config import QRAConfig
-from planner.fidelity import EvalResult, EvalTask, run_fidelity
-from planner.search import PARETO_FILE, PLAN_FILE, REPORT_FILE, STORE_FILE, TRACE_FILE, run_search
-from planner.space import config_key
+from planner.fidelity.contract import EvalResult, EvalTask
+from planner.fidelity.sft import run_fidelity
+from planner.search.run import PARETO_FILE, PLAN_FILE, REPORT_FILE, TRACE_FILE, run_search
+from planner.search.setup import STORE_FILE
+from planner.search.space import config_key
 from qra_plugin.plan import Plan, block_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +112,9 @@ def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference)
 
 def test_the_first_generation_starts_from_the_budget_plan_and_both_prior_allocations(reference) -> None:
     """The greedy and ILP allocations cost no evaluation; the benchmark showed they must not be left to luck."""
-    from planner.baselines import greedy_priors, ilp
-    from planner.evolution import Importance
-    from planner.priors import profile
-    from planner.search import SearchSetup
+    from planner.allocation import Importance, greedy_priors, ilp
+    from planner.priors.profile import profile
+    from planner.search.setup import SearchSetup
 
     _, cfg, out, result = reference
     setup = SearchSetup.build(cfg)
@@ -249,7 +250,7 @@ def test_ray_executor_runs_the_tiny_search_on_local_ray(tmp_path) -> None:
 
 
 def test_pareto_front_and_best_for_budget() -> None:
-    from planner.pareto import Point, best_for_budget, front
+    from planner.search.pareto import Point, best_for_budget, front
 
     pts = [
         Point(((4, 16),), 2.0, 100),
@@ -262,3 +263,25 @@ def test_pareto_front_and_best_for_budget() -> None:
     assert best_for_budget(pts, 150).memory == 100
     assert best_for_budget(pts, 1000).memory == 200
     assert best_for_budget(pts, 10) is None
+
+
+def test_a_changed_fidelity_recipe_never_reuses_a_score(reference, tmp_path) -> None:
+    """Same --out, ``fidelity.high.steps`` 6 → 7: the low rows are reused, no high score is."""
+    import shutil
+
+    _, _, ref_out, _ = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    old_rows = _rows(out / STORE_FILE)
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg7.yaml", fidelity={"high": {"steps": 7, "eval_examples": 8}}))
+    result = run_search(cfg, out, seed=0, executor_kind="local", progress=False)
+    high = [r for r in result.trace if r["level"] == "high"]
+    assert high and all(r["steps"] == 7 for r in high if r["status"] == "ok")
+    rows = _rows(out / STORE_FILE)
+    old_high = {r["recipe"] for r in old_rows if r["level"] == "high"}
+    new_high = {r["recipe"] for r in rows if r["level"] == "high"} - old_high
+    assert len(new_high) == 1 and sum(r["recipe"] in new_high for r in rows) == len({r["config"] for r in high})
+    old_low = {r["id"]: r for r in old_rows if r["level"] == "low"}
+    assert all(r["finished_at"] == old_low[r["id"]]["finished_at"] for r in rows if r["id"] in old_low)  # reused
+    summary = json.loads((out / TRACE_FILE).read_text())
+    assert summary["failures"] == {"transient": 0, "deterministic": 0} and "gp_fit_failures" in summary

@@ -30,7 +30,7 @@ def test_qra_demo_model_prints_a_loadable_dir(demo_dir):
 def test_uniform_4bit_quarter_of_bf16_and_one_training_step(demo_dir, backend, low, high):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from planner.data import as_plain_text, wiki_split
+    from planner.data.wiki import as_plain_text, wiki_split
     from qra_plugin import Plan, apply_plan, memory_report
 
     model = AutoModelForCausalLM.from_pretrained(demo_dir, dtype=torch.bfloat16)

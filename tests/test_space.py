@@ -7,7 +7,7 @@ import pytest
 
 from planner.config import ModelSection, SpaceSection, TinyModel
 from planner.loading import load_meta_model
-from planner.space import BudgetCost, SearchSpace, config_key, parse_config_key
+from planner.search.space import BudgetCost, SearchSpace, config_key, parse_config_key
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import block_pairs, fingerprint

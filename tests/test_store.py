@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from planner.config import QRAConfig
-from planner.fidelity import EvalResult, EvalTask
+from planner.fidelity.contract import EvalResult, EvalTask
 from planner.loading import load_meta_model
 from planner.store import Store
 from qra_plugin import Plan
@@ -42,12 +42,12 @@ def test_put_get_records_and_reopen(tmp_path, plans):
         store.mark_running(t0)
         assert store.get(t0.key) is None and [r["plan_hash"] for r in store.running()] == [t0.key[0]]
         store.put(t0, ok_result(2.5))
-        store.put(t1, EvalResult.failed("RuntimeError: out of memory", wall_s=0.2))
+        store.put(t1, EvalResult.failed("RuntimeError: the plan is broken", wall_s=0.2))
         assert store.running() == []
     with Store(path) as store:  # a new process / run sees everything
         assert store.get(make_task(plans[0]).key) == ok_result(2.5)
         failed = store.get(make_task(plans[1], level="high", seed=3))
-        assert failed.status == "failed" and failed.error == "RuntimeError: out of memory"
+        assert failed.status == "failed" and failed.error == "RuntimeError: the plan is broken"
         assert store.get(make_task(plans[1], level="low", seed=3)) is None  # level is part of the key
         records = store.records()
         assert [(r["level"], r["seed"], r["status"]) for r in records] == [("low", 0, "ok"), ("high", 3, "failed")]
@@ -79,7 +79,7 @@ def test_survives_sigkill_between_writes(tmp_path, plans):
         f"""
         import os, signal
         from planner.store import Store
-        from planner.fidelity import EvalTask, EvalResult
+        from planner.fidelity.contract import EvalResult, EvalTask
         tasks = [EvalTask.model_validate_json(line) for line in open({str(tmp_path / "tasks.jsonl")!r})]
         store = Store({str(path)!r})
         store.mark_running(tasks[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.surrogate import PerformanceModel, features, heldout_spearman, spearman
+from planner.search.surrogate import PerformanceModel, features, heldout_spearman, spearman
 from tests.test_evolution import QuantErrorObjective
 
 

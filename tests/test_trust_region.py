@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.trust_region import TRSettings, TRState, propose, region_candidates, run_stage2
+from planner.search.trust_region import TRSettings, TRState, propose, region_candidates, run_stage2
 from tests.test_evolution import QuantErrorObjective, _cost
 
 

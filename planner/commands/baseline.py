@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         executor: str | None = typer.Option(None, help="local | ray (default: the config's)"),
     ) -> None:
         """Choose a plan with a baseline method; writes OUT/METHOD/plan.yaml and result.json."""
-        from planner.baseline_run import run_baseline
+        from planner.baselines import run_baseline
         from planner.config import QRAConfig
 
         run_baseline(

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="local model dir, or 'demo' for SmolLM2-135M"),
         plan: Path | None = typer.Option(None, "--plan", help="plan YAML/JSON"),
         uniform: str | None = typer.Option(None, "--uniform", help="BITS:RANK for a uniform plan, e.g. 4:16"),
-        backend: str = typer.Option("hqq", help="backend of --uniform below 16 bits: hqq or bnb"),
+        backend: str = typer.Option("hqq", help="backend of --uniform below 16 bits (hqq, bnb)"),
         batch: int = typer.Option(4, "--batch", min=1),
         seq_len: int = typer.Option(128, "--seq-len", min=1),
         optimizer: str = typer.Option("adamw_torch", help="HF optim name"),
@@ -49,8 +49,11 @@ def register(app: typer.Typer) -> None:
 
         if (plan is None) == (uniform is None):
             raise QRAError("give exactly one of --plan and --uniform")
-        if backend not in ("hqq", "bnb"):
-            raise QRAError(f"--backend must be hqq or bnb, not {backend!r}")
+        from qra_plugin.backends import quantizing_backends
+
+        names = sorted(b.name for b in quantizing_backends())
+        if backend not in names:
+            raise QRAError(f"--backend must be one of {', '.join(names)}, not {backend!r}")
         info = load_model_info(model, dtype)
         if plan is not None:
             the_plan = Plan.load(plan)

@@ -16,6 +16,6 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="shuffle seed"),
     ) -> None:
         """Export the bundled wiki summaries as instruction rows for `datasets: [{type: alpaca}]`."""
-        from planner.data import write_alpaca_jsonl
+        from planner.data.wiki import write_alpaca_jsonl
 
         typer.echo(str(write_alpaca_jsonl(out, split, n, seed)))

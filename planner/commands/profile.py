@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from planner.config import QRAConfig
-        from planner.priors import CHART_FILE, PRIORS_FILE, profile
+        from planner.priors.profile import CHART_FILE, PRIORS_FILE, profile
 
         cfg = QRAConfig.load(config)
         out_dir = out if out is not None else Path("runs") / cfg.name

@@ -18,7 +18,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write DIR/plan.yaml, DIR/pareto.json, DIR/report.html and DIR/store.sqlite."""
         from planner.config import QRAConfig
-        from planner.search import PARETO_FILE, REPORT_FILE, STORE_FILE, run_search
+        from planner.search.run import PARETO_FILE, REPORT_FILE, run_search
+        from planner.search.setup import STORE_FILE
         from qra_plugin.errors import QRAError
 
         if executor is not None and executor not in ("local", "ray"):

@@ -1,37 +1,88 @@
-"""The bits→backend dispatch table. Each backend lives in one file with ``quantize`` and ``stored_bytes``.
+"""Quantization backends: one file each (after PEFT's ``tuners/lora/{bnb,hqq}.py``), one registry.
 
-Adding a backend: one file here exposing a :class:`Backend`, one entry in ``BACKENDS`` and in
-``qra_plugin.plan.BACKEND_BITS``.
+A backend file declares everything about its backend as one :class:`Backend` named ``BACKEND``: the
+bits it stores, its default group size and axis, ``quantize``, the bytes a quantized layer holds
+(``stored_bytes``, which the planner's memory model uses), how to recognise its layer (``owns``), the
+tensors it hides outside parameters and buffers (for the weight meter), whether ZeRO-3/FSDP can shard it
+and whether Axolotl's Triton LoRA kernels accept it. Every module in this package that defines
+``BACKEND`` is registered, so adding a backend (torchao int4, GPTQ) is one new file plus its test; the
+plan schema, config checks, budget parser, memory model, weight meter, sharding rules and the Axolotl
+plugin all read this registry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from qra_plugin.plan import ModulePlan
-
-
-class Quantizer(Protocol):
-    def __call__(self, linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) -> nn.Module: ...
+    from qra_plugin.modules import LinearSpec
+    from qra_plugin.plan import ModulePlan
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    quantize: Quantizer
+    #: bit-widths this backend can store
+    bits: frozenset[int]
+    #: ``quantize(linear, module_plan, compute_dtype) -> nn.Module`` on the linear's own device
+    quantize: Callable[[nn.Linear, ModulePlan, torch.dtype], nn.Module]
+    #: ``stored_bytes(spec, module_plan, compute_dtype) -> int``: exactly what the quantized layer holds
+    stored_bytes: Callable[[LinearSpec, ModulePlan, torch.dtype], int]
+    #: ``owns(module) -> bool``: is this one of the backend's layers
+    owns: Callable[[nn.Module], bool]
+    #: ``hidden_tensors(module) -> list[Tensor]``: tensors kept outside parameters/buffers (scales, codes)
+    hidden_tensors: Callable[[nn.Module], list[Any]] = lambda module: []
+    #: ``shardable(bits, half_precision) -> bool``: can ZeRO-3/FSDP shard this layer
+    shardable: Callable[[int, bool], bool] = lambda bits, half: False
+    #: whether Axolotl's Triton LoRA kernels (lora_mlp/qkv/o_kernel) handle this base layer
+    axolotl_kernels: bool = False
+    #: default group size per bits (None: the backend has no group size)
+    default_group: dict[int, int] = field(default_factory=dict)
+    default_axis: int = 0
     #: attribute PEFT reads on the model to pick its LoRA wrapper (``is_loaded_in_4bit`` …), per bits
-    model_flags: dict[int, str]
+    model_flags: dict[int, str] = field(default_factory=dict)
+    #: ``check(module_plan) -> str | None``: what is wrong with a module plan for this backend, if anything
+    check: Callable[[ModulePlan], str | None] = lambda plan: None
+    #: one line for docs and errors
+    summary: str = ""
+
+
+@cache
+def registry() -> dict[str, Backend]:
+    """Every backend in this package, by name (``none`` = the unquantized Linear)."""
+    found: dict[str, Backend] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        backend = getattr(module, "BACKEND", None)
+        if isinstance(backend, Backend):
+            found[backend.name] = backend
+    return found
 
 
 def get_backend(name: str) -> Backend:
-    if name == "hqq":
-        from qra_plugin.backends.hqq import BACKEND
-    elif name == "bnb":
-        from qra_plugin.backends.bnb import BACKEND
-    else:
-        raise KeyError(f"unknown backend {name!r}")
-    return BACKEND
+    try:
+        return registry()[name]
+    except KeyError:
+        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(registry()))}") from None
+
+
+def backend_bits() -> dict[str, frozenset[int]]:
+    """Which bit-widths each backend can store (the plan schema validates against this)."""
+    return {name: b.bits for name, b in registry().items()}
+
+
+def quantizing_backends() -> list[Backend]:
+    return [b for b in registry().values() if b.name != "none"]
+
+
+def owner(module: nn.Module) -> Backend | None:
+    """The quantizing backend whose layer ``module`` is, if any."""
+    return next((b for b in quantizing_backends() if b.owns(module)), None)

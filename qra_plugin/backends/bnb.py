@@ -1,16 +1,27 @@
 """bitsandbytes: nf4 (4-bit, blocks of 64, double-quantized absmax) and LLM.int8 (8-bit, per-row scales).
 
 With a bf16/fp16 compute dtype the packed nf4 bytes are stored in that dtype (``quant_storage``), the
-layout FSDP and ZeRO-3 can shard; with fp32 they stay uint8.
+layout FSDP and ZeRO-3 can shard (the QLoRA-FSDP layout); with fp32 they stay uint8. FSDP1 rejects int8
+weights inside a wrapped unit, so int8 is never shardable.
 """
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from qra_plugin.backends import Backend
-from qra_plugin.plan import ModulePlan
+from qra_plugin.errors import QRAError
+
+if TYPE_CHECKING:
+    from qra_plugin.modules import LinearSpec
+    from qra_plugin.plan import ModulePlan
+
+#: nf4 quantizes in fixed blocks of 64; int8 is per row.
+NF4_BLOCK = 64
 
 
 def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) -> nn.Module:
@@ -53,4 +64,62 @@ def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) ->
     return layer.to(device)
 
 
-BACKEND = Backend(name="bnb", quantize=quantize, model_flags={4: "is_loaded_in_4bit", 8: "is_loaded_in_8bit"})
+def stored_bytes(spec: LinearSpec, plan: ModulePlan, compute_dtype: torch.dtype) -> int:
+    """nf4: two values per byte, double-quantized absmax (one uint8 per 64-block, plus fp32 absmax per 256
+    of those, a 256-entry fp32 code and an fp32 offset) and the 16-entry nf4 code, per layer.
+    int8: one byte per weight plus one fp32 scale (SCB) per output row."""
+    numel, elem = spec.numel, compute_dtype.itemsize
+    bias = spec.out_features * elem if spec.bias else 0
+    if plan.bits == 8:
+        return numel + 4 * spec.out_features + bias
+    if plan.bits != 4:
+        raise QRAError(f"{spec.name}: bitsandbytes cannot store {plan.bits}-bit weights")
+    store = (compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else torch.uint8).itemsize
+    packed = math.ceil(math.ceil(numel / 2) / store) * store
+    blocks = math.ceil(numel / NF4_BLOCK)
+    nested = math.ceil(blocks / 256)
+    return packed + blocks + 4 * nested + 4 * 256 + 4 + 4 * 16 + bias
+
+
+def owns(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes.")
+
+
+def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    if depth > 4 or obj is None:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if type(obj).__name__ == "QuantState":
+        return [t for k in ("absmax", "code", "offset", "state2") for t in _tensors(getattr(obj, k, None), depth + 1)]
+    return []
+
+
+def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """nf4's QuantState (absmax, codes, nested state) and int8's scales (moved to ``state`` after a forward)."""
+    weight = getattr(module, "weight", None)
+    state = getattr(module, "state", None)
+    found = _tensors(getattr(weight, "quant_state", None)) + _tensors(getattr(weight, "SCB", None))
+    return found + _tensors(getattr(state, "SCB", None)) + _tensors(getattr(state, "CB", None))
+
+
+def check(plan: ModulePlan) -> str | None:
+    if plan.bits == 4 and plan.group_size != NF4_BLOCK:
+        return f"bitsandbytes nf4 uses blocks of {NF4_BLOCK}, not group_size={plan.group_size}"
+    return None
+
+
+BACKEND = Backend(
+    name="bnb",
+    bits=frozenset({4, 8}),
+    quantize=quantize,
+    stored_bytes=stored_bytes,
+    owns=owns,
+    hidden_tensors=hidden_tensors,
+    shardable=lambda bits, half_precision: bits == 4 and half_precision,
+    axolotl_kernels=True,
+    default_group={4: NF4_BLOCK},
+    check=check,
+    model_flags={4: "is_loaded_in_4bit", 8: "is_loaded_in_8bit"},
+    summary="bitsandbytes nf4 (blocks of 64, double quant) and LLM.int8",
+)

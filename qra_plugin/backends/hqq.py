@@ -1,16 +1,28 @@
 """HQQ (half-quadratic quantization): 2/3/4/8 bits with a group size and axis, calibration-free.
 
 HQQ keeps scale/zero in a plain dict (``meta``), not in registered buffers, so ``.to()``, DDP and FSDP do
-not move them: we always quantize on the layer's final device.
+not move them: we always quantize on the layer's final device, and sharded runs cannot hold HQQ layers.
+Axolotl's Triton LoRA kernels assume a bnb/plain base layer, so they are off for HQQ.
 """
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from qra_plugin.backends import Backend
-from qra_plugin.plan import ModulePlan
+from qra_plugin.errors import QRAError
+
+if TYPE_CHECKING:
+    from qra_plugin.modules import LinearSpec
+    from qra_plugin.plan import ModulePlan
+
+#: Group sizes per bit-width. Below 4 bits small groups matter as much as the bit-width
+#: (SmolLM2-135M, axis 0: 3-bit g64 ppl 63.5 vs g32 29.8; 2-bit g32 14,199 vs g16 1,243).
+DEFAULT_GROUP = {2: 16, 3: 32, 4: 64, 8: 64}
 
 
 def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) -> nn.Module:
@@ -23,4 +35,60 @@ def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) ->
     return layer
 
 
-BACKEND = Backend(name="hqq", quantize=quantize, model_flags={})
+def stored_bytes(spec: LinearSpec, plan: ModulePlan, compute_dtype: torch.dtype) -> int:
+    """Packed W_q + scale + zero (+ bias), as hqq 0.2.x stores them.
+
+    The (reshaped) weight is packed along dim 0: 8 bit 1/byte, 4 bit 2/byte, 2 bit 4/byte (uint8), 3 bit
+    10 per int32 (rows rounded up to 10); scale and zero are one value per group in the compute dtype.
+    """
+    group = plan.group_size or DEFAULT_GROUP[plan.bits]
+    numel = spec.numel
+    if numel % group:
+        raise QRAError(f"{spec.name}: HQQ group_size {group} does not divide its {numel} weights")
+    groups = numel // group
+    rows, cols = (group, groups) if plan.axis == 0 else (groups, group)
+    packed = {8: rows * cols, 4: (rows // 2) * cols, 2: (rows // 4) * cols, 3: math.ceil(rows / 10) * cols * 4}
+    if plan.bits not in packed:
+        raise QRAError(f"{spec.name}: HQQ cannot store {plan.bits}-bit weights")
+    elem = compute_dtype.itemsize
+    return packed[plan.bits] + 2 * groups * elem + (spec.out_features * elem if spec.bias else 0)
+
+
+def owns(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("hqq.")
+
+
+def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    if depth > 4 or obj is None:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v, depth + 1)]
+    return []
+
+
+def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The ``meta`` dict (scale, zero, shapes) and the bias HQQLinear keeps as a plain attribute."""
+    tensors = _tensors(getattr(module, "meta", None))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
+        tensors.append(bias)
+    return tensors
+
+
+BACKEND = Backend(
+    name="hqq",
+    bits=frozenset({2, 3, 4, 8}),
+    quantize=quantize,
+    stored_bytes=stored_bytes,
+    owns=owns,
+    hidden_tensors=hidden_tensors,
+    shardable=lambda bits, half_precision: False,
+    axolotl_kernels=False,
+    default_group=DEFAULT_GROUP,
+    default_axis=0,
+    summary="HQQ 2/3/4/8-bit, groups g16/g32/g64/g64, axis 0; calibration-free",
+)

@@ -68,7 +68,7 @@ def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     )
 
 
-def _kl_and_loss(logits: torch.Tensor, log_p: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+def kl_and_loss(logits: torch.Tensor, log_p: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
     """Summed KL(p || softmax(logits)) over positions and summed next-token loss, from one log_softmax.
 
     Computed as sum p·(log p − log q) with float32 pairwise sums (the shortcut through logsumexp and
@@ -142,7 +142,7 @@ def unit_damage(
                 for i in range(block):
                     blocks[i] = _Replay(early[i], replay)
             logits = model(input_ids=chunk, use_cache=False).logits
-            kl, loss = _kl_and_loss(logits, ref.log_probs[b], chunk)
+            kl, loss = kl_and_loss(logits, ref.log_probs[b], chunk)
             kl_sum += kl
             loss_sum += loss
             tokens_kl += chunk.numel()

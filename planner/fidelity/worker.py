@@ -13,7 +13,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from planner.fidelity import EvalResult, one_line
+from planner.fidelity.contract import EvalResult, one_line
 
 
 def call_one(evaluate: Callable[[Any], EvalResult], task: Any) -> tuple[str, Any]:
@@ -31,6 +31,9 @@ def call_one(evaluate: Callable[[Any], EvalResult], task: Any) -> tuple[str, Any
 
 def serve(conn: Connection) -> None:
     """Answer requests until the pipe closes or a ``None`` request arrives."""
+    from planner.quiet import quiet_libraries
+
+    quiet_libraries()
     while True:
         try:
             raw = conn.recv_bytes()

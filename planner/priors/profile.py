@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from planner.allocation import warm_start
 from planner.config import QRAConfig
-from planner.priors_warm import warm_start
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
 from qra_plugin.plan import Fingerprint, ModulePlan, fingerprint, one_line_validation_error
@@ -181,10 +181,9 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
     A ``priors.json`` with the same key is returned as is. Otherwise the per-(unit, bits) results are
     written to ``priors.partial.json`` as they come, and a later call with the same key resumes from it.
     """
-    from planner.loading import DTYPES, load_model, load_tokenizer
-    from planner.priors_calib import calibration_batch, tokens_hash
-    from planner.priors_measure import plasticity, reference_pass, unit_damage
-    from planner.priors_plot import plot_priors
+    from planner.loading import load_model, load_tokenizer
+    from planner.priors.calibration import calibration_batch, tokens_hash
+    from planner.priors.plot import plot_priors
 
     out = Path(out_dir)
     p = cfg.profile
@@ -218,11 +217,44 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
             "I_r": None,
             "timings_s": {},
         }
+    _measure_into(state, cfg, model, tokens, (names, unit_modules, unit_blocks), partial_path, progress)
+    priors = Priors(
+        units=names,
+        unit=unit,
+        I_q={b: [state["I_q"][str(b)][n] for n in names] for b in p.bits},
+        loss_increase={b: [state["loss_increase"][str(b)][n] for n in names] for b in p.bits},
+        I_r=state["I_r"],
+        fingerprint=fp,
+        calibration_hash=calib,
+        settings=settings,
+        reference_loss=state.get("reference_loss"),
+        timings_s=state["timings_s"],
+    )
+    priors.save(final)
+    plot_priors(priors, out / CHART_FILE)
+    partial_path.unlink(missing_ok=True)
+    return priors
+
+
+def _measure_into(
+    state: dict[str, Any],
+    cfg: QRAConfig,
+    model: nn.Module,
+    tokens: torch.Tensor,
+    units: tuple[list[str], list[list[str]], list[int]],
+    partial_path: Path,
+    progress: bool,
+) -> None:
+    """Fill ``state`` with every missing I_q (unit, bits) and I_r, saving it after each measurement."""
+    from planner.loading import DTYPES
+    from planner.priors.measure import plasticity, reference_pass, unit_damage
+
+    p = cfg.profile
+    names, unit_modules, unit_blocks = units
     done = {(int(b), u) for b, per_unit in state["I_q"].items() for u in per_unit}
     todo = [(b, i) for i in range(len(names)) for b in p.bits if (b, names[i]) not in done]
     if done:
         log.info("qra: resuming profile: %d of %d measurements already done", len(done), len(done) + len(todo))
-
     dtype = DTYPES[cfg.model.dtype]
     with _Progress(progress, total=len(todo) + (0 if state["I_r"] is not None else 1)) as bar:
         if todo:
@@ -249,23 +281,6 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
             _add_time(state["timings_s"], "I_r", start, cpu)
             write_json_atomic(partial_path, state)
             bar.advance()
-
-    priors = Priors(
-        units=names,
-        unit=unit,
-        I_q={b: [state["I_q"][str(b)][n] for n in names] for b in p.bits},
-        loss_increase={b: [state["loss_increase"][str(b)][n] for n in names] for b in p.bits},
-        I_r=state["I_r"],
-        fingerprint=fp,
-        calibration_hash=calib,
-        settings=settings,
-        reference_loss=state.get("reference_loss"),
-        timings_s=state["timings_s"],
-    )
-    priors.save(final)
-    plot_priors(priors, out / CHART_FILE)
-    partial_path.unlink(missing_ok=True)
-    return priors
 
 
 class _Progress:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from qra_plugin.io import write_bytes_atomic
 
 if TYPE_CHECKING:
-    from planner.priors import Priors
+    from planner.priors.profile import Priors
 
 
 def plot_priors(priors: Priors, path: str | Path) -> Path:

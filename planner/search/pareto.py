@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.space import Config, SearchSpace, config_key
+from planner.search.space import Config, SearchSpace, config_key
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
 

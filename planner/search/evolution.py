@@ -20,114 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from planner.space import BudgetCost, Config, SearchSpace
-from planner.surrogate import PerformanceModel, heldout_spearman
+from planner.allocation import Importance, repair
+from planner.search.space import BudgetCost, Config, SearchSpace
+from planner.search.surrogate import PerformanceModel, heldout_spearman
+from qra_plugin.errors import QRAError
 
 Evaluate = Callable[[list[Config], str], list[float | None]]
 Cost = BudgetCost  # exact bytes via __call__, per-unit move savings via .saving
-
-
-# ---------------------------------------------------------------------------------------------- importance
-@dataclass(frozen=True)
-class Importance:
-    """Per-unit importance from the priors, scaled to comparable units.
-
-    ``quant[b][u]``: loss increase when unit ``u`` is quantized to ``b`` bits (0 at 16 bits), divided by
-    the largest value over all bits and units; ``plasticity[u]``: the unit's LoRA gradient signal divided
-    by its maximum. Bit choices the profile did not measure are interpolated (8 bits → 0 when unmeasured,
-    as 8-bit HQQ is near lossless).
-    """
-
-    quant: dict[int, np.ndarray]
-    plasticity: np.ndarray
-
-    @classmethod
-    def from_arrays(cls, space: SearchSpace, iq: dict[int, Sequence[float]], ir: Sequence[float]) -> Importance:
-        n = space.n_units
-        raw = {int(b): np.clip(np.asarray(v, dtype=np.float64), 0.0, None) for b, v in iq.items()}
-        raw = {b: _to_units(space, v) for b, v in raw.items()}
-        raw.setdefault(16, np.zeros(n))
-        raw.setdefault(8, np.zeros(n))
-        known = sorted(raw)
-        quant: dict[int, np.ndarray] = {}
-        for b in sorted(set(space.bits) | set(known)):
-            if b in raw:
-                quant[b] = raw[b]
-            else:  # interpolate between the nearest measured widths (or hold the end value)
-                lo = max((k for k in known if k < b), default=known[0])
-                hi = min((k for k in known if k > b), default=known[-1])
-                w = 0.0 if hi == lo else (b - lo) / (hi - lo)
-                quant[b] = (1 - w) * raw[lo] + w * raw[hi]
-        scale = max(float(max(v.max() for v in quant.values())), 1e-12)
-        quant = {b: v / scale for b, v in quant.items()}
-        ir_arr = _to_units(space, np.clip(np.asarray(ir, dtype=np.float64), 0.0, None))
-        plasticity = ir_arr / max(float(ir_arr.max()), 1e-12)
-        return cls(quant=quant, plasticity=plasticity)
-
-    @classmethod
-    def from_priors(cls, priors: Any, space: SearchSpace) -> Importance:
-        """From ``planner.priors.Priors`` (``I_q``: bits → per-unit list, ``I_r``: per-unit list)."""
-        return cls.from_arrays(space, {int(b): v for b, v in priors.I_q.items()}, priors.I_r)
-
-    def bits_importance(self) -> np.ndarray:
-        """How much a unit suffers from low bits overall (sum over the measured widths)."""
-        return np.sum([v for v in self.quant.values()], axis=0)
-
-    def bit_penalty(self, unit: int, old: int, new: int) -> float:
-        return float(self.quant[new][unit] - self.quant[old][unit])
-
-    def rank_penalty(self, unit: int, old: int, new: int, max_rank: int) -> float:
-        """Lost plasticity when a unit's rank drops, on a log scale of the rank."""
-        span = np.log2(1 + max_rank) or 1.0
-        return float(self.plasticity[unit] * (np.log2(1 + old) - np.log2(1 + new)) / span)
-
-
-def _to_units(space: SearchSpace, values: np.ndarray) -> np.ndarray:
-    """Per-unit values; block-level priors are broadcast onto module units."""
-    if len(values) == space.n_units:
-        return values
-    blocks = space.unit_blocks
-    if len(values) == max(blocks) + 1:
-        return values[np.asarray(blocks)]
-    from qra_plugin.errors import QRAError
-
-    raise QRAError(f"priors have {len(values)} units but the search space has {space.n_units}: re-run qra profile")
-
-
-# ---------------------------------------------------------------------------------------------- operators
-def repair(space: SearchSpace, config: Config, cost: Cost, budget: int, importance: Importance) -> Config | None:
-    """Downgrade the cheapest-to-lose choice per byte saved until ``config`` fits; None if it never can.
-
-    Each step tries every one-step downgrade (a unit's bits or rank) and takes the one with the least
-    importance lost per byte saved, so important units keep their precision and capacity.
-    """
-    current = tuple(config)
-    current_cost = cost(current)
-    max_rank = space.ranks[-1]
-    while current_cost > budget:
-        best: tuple[float, int, Config] | None = None
-        for u, (b, r) in enumerate(current):
-            moves = []
-            bi, ri = space.bits.index(b), space.ranks.index(r)
-            if bi > 0:
-                nb = space.bits[bi - 1]
-                moves.append(((nb, r), importance.bit_penalty(u, b, nb)))
-            if ri > 0:
-                nr = space.ranks[ri - 1]
-                moves.append(((b, nr), importance.rank_penalty(u, r, nr, max_rank)))
-            for k, (pair, penalty) in enumerate(moves):
-                saved = cost.saving(u, (b, r), pair)
-                if saved <= 0:
-                    continue
-                ratio = max(penalty, 0.0) / saved
-                key = (ratio, 2 * u + k)
-                if best is None or key < (best[0], best[1]):
-                    best = (ratio, 2 * u + k, current[:u] + (pair,) + current[u + 1 :])
-        if best is None:
-            return None
-        current = best[2]
-        current_cost = cost(current)
-    return current
 
 
 def mutate(
@@ -299,27 +198,10 @@ def run_stage1(
             records[config] = Record(config, cost(config), generation=gen, origin=origin)
         return records[config]
 
-    # ---- initial population: repaired warm starts, then the most diverse of many random members
-    population: list[Config] = []
-    for c in warm:
-        fixed = repair(space, tuple(c), cost, budget, importance)
-        if fixed is not None and fixed not in population and len(population) < settings.population:
-            population.append(fixed)
-            record(fixed, 0, "prior")
-    pool = []
-    for _ in range(8 * settings.population):
-        fixed = repair(space, space.sample(rng), cost, budget, importance)
-        if fixed is not None and fixed not in population and fixed not in pool:
-            pool.append(fixed)
-    while len(population) < settings.population and pool:
-        pick = _farthest(space, population, pool)
-        population.append(pool.pop(pick))
-        record(population[-1], 0, "random")
-    if not population:
-        from qra_plugin.errors import QRAError
-
-        raise QRAError("no configuration of the search space fits the budget")
-
+    population = []
+    for c, origin in _initial_population(space, importance, cost, budget, warm, settings.population, rng):
+        population.append(c)
+        record(c, 0, origin)
     _evaluate_low(population, records, evaluate)
     _promote(space, records, evaluate, settings.promote, settings.seed, say)
     say(f"stage 1 generation 0: {len(population)} evaluated at low fidelity")
@@ -364,6 +246,34 @@ def run_stage1(
             space, [r.config for r in low_pts], None, [r.low for r in low_pts], settings.seed
         )
     return Stage1Result(records, population, rho, screening_rho, trace)
+
+
+def _initial_population(
+    space: SearchSpace,
+    importance: Importance,
+    cost: Cost,
+    budget: int,
+    warm: Sequence[Config],
+    size: int,
+    rng: np.random.Generator,
+) -> list[tuple[Config, str]]:
+    """Repaired warm starts first, then the most diverse of many random members, as (config, origin)."""
+    chosen: list[tuple[Config, str]] = []
+    for c in warm:
+        fixed = repair(space, tuple(c), cost, budget, importance)
+        if fixed is not None and all(fixed != o for o, _ in chosen) and len(chosen) < size:
+            chosen.append((fixed, "prior"))
+    pool: list[Config] = []
+    for _ in range(8 * size):
+        fixed = repair(space, space.sample(rng), cost, budget, importance)
+        if fixed is not None and all(fixed != o for o, _ in chosen) and fixed not in pool:
+            pool.append(fixed)
+    while len(chosen) < size and pool:
+        pick = _farthest(space, [c for c, _ in chosen], pool)
+        chosen.append((pool.pop(pick), "random"))
+    if not chosen:
+        raise QRAError("no configuration of the search space fits the budget")
+    return chosen
 
 
 def _farthest(space: SearchSpace, chosen: Sequence[Config], pool: Sequence[Config]) -> int:

@@ -15,81 +15,15 @@ import math
 import tempfile
 import time
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from planner.config import FidelityLevel, ModelSection, QRAConfig
-from planner.fidelity_data import answer_accuracy, examples, sft_rows
-from planner.fidelity_memory import ActivationMeter, state_bytes
-from qra_plugin.errors import QRAError
-from qra_plugin.plan import Plan
-
-Status = Literal["ok", "failed", "stopped"]
-EvalKey = tuple[str, str, int]
-
-
-class EvalTask(BaseModel):
-    """One evaluation to run: a plan at a fidelity level with a seed (picklable, JSON-serialisable)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    plan: Plan
-    level: Literal["low", "high"]
-    seed: int
-    config: QRAConfig
-    tag: str = ""
-    memory_predicted: int | None = None
-
-    @property
-    def key(self) -> EvalKey:
-        """What identifies an evaluation in the store: never recompute the same (plan, level, seed)."""
-        return (self.plan.content_hash(), self.level, self.seed)
-
-
-class EvalResult(BaseModel):
-    """What one evaluation measured.
-
-    ``memory_measured`` (bytes): on CUDA the peak allocated memory of the run; on CPU the measured
-    bytes of weights + LoRA + LoRA grads + optimizer states + the peak of tensors autograd saved for
-    backward in one step (activations) — real tensors, not an estimate. ``weight_bytes``: weights
-    incl. LoRA as held after quantization (``qra_plugin.weight_memory``).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    status: Status
-    eval_loss: float | None = None
-    accuracy: float | None = None
-    train_loss: float | None = None
-    memory_measured: int | None = None
-    weight_bytes: int | None = None
-    wall_s: float = 0.0
-    steps: int = 0
-    error: str | None = None
-    token_accuracy: float | None = None
-    stop_reason: str | None = None
-    #: seconds inside ``trainer.train()`` only (no load, quantization or eval): step time = train_s / steps
-    train_s: float | None = None
-
-    @classmethod
-    def failed(cls, reason: str, wall_s: float = 0.0) -> EvalResult:
-        return cls(status="failed", error=one_line(reason), wall_s=wall_s)
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """Store and CLI messages are one line; keep the last line of a traceback-like text."""
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    line = lines[-1] if lines else "unknown error"
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
-    level_cfg = getattr(config.fidelity, level, None)
-    if not isinstance(level_cfg, FidelityLevel):
-        raise QRAError(f"unknown fidelity level {level!r}: use 'low' or 'high'")
-    return level_cfg
+from planner.data.sources import examples, sft_rows
+from planner.fidelity.contract import EvalResult, EvalTask, Status, level_settings
+from planner.fidelity.meter import ActivationMeter, state_bytes
+from planner.fidelity.metrics import answer_accuracy
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -107,6 +41,11 @@ def _tokenizer_cached(model_json: str) -> Any:
     from planner.loading import load_tokenizer
 
     return load_tokenizer(ModelSection.model_validate_json(model_json))
+
+
+def cached_tokenizer(section: ModelSection) -> Any:
+    """The model's tokenizer, loaded once per process."""
+    return _tokenizer_cached(section.model_dump_json())
 
 
 def fresh_model(section: ModelSection) -> torch.nn.Module:
@@ -146,46 +85,24 @@ def _make_trainer_class():
     return _MeteredSFTTrainer
 
 
-def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalResult:
-    import datasets
-    import transformers
-    from transformers.trainer_callback import PrinterCallback, TrainerCallback
+def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, on_cuda: bool) -> Any:
     from trl import SFTConfig
 
-    from qra_plugin import QRACallback, apply_plan
-    from qra_plugin.weight_memory import memory_report
-
     cfg = task.config
-    batch = level.batch or cfg.train.batch
-    seq_len = level.seq_len or cfg.train.seq_len
-    tokenizer = _tokenizer_cached(cfg.model.model_dump_json())
-    on_cuda = torch.cuda.is_available()
-    device = "cuda" if on_cuda else "cpu"
-
-    model = fresh_model(cfg.model).to(device)
-    transformers.set_seed(task.seed)  # LoRA init
-    peft_model = apply_plan(model, task.plan)
-    if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-    n_train = level.train_examples or cfg.data.train_examples
-    train_key, train_ds = _dataset(cfg, "train", n_train, seq_len, tokenizer)
-    eval_key, eval_ds = _dataset(cfg, "eval", level.eval_examples, seq_len, tokenizer)
-    eval_items = examples(cfg.data, "eval", level.eval_examples)
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=workdir,
         max_steps=max(level.steps, 1),
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=level.batch or cfg.train.batch,
         per_device_eval_batch_size=cfg.fidelity.eval_batch,
         learning_rate=cfg.train.lr,
         warmup_steps=round(cfg.train.warmup_ratio * level.steps),
         optim=cfg.train.optimizer,
         gradient_checkpointing=cfg.train.grad_checkpointing,
-        max_length=seq_len,
+        max_length=level.seq_len or cfg.train.seq_len,
         seed=task.seed,
         data_seed=task.seed,
         logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN step loss must reach QRACallback, not the running mean
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -195,6 +112,19 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         fp16=False,
         dataloader_num_workers=0,
     )
+
+
+def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokenizer: Any, workdir: str) -> Any:
+    """An SFTTrainer over the fixed train/eval samples, with the stop callback and memory meters attached."""
+    import datasets
+    from transformers.trainer_callback import PrinterCallback, TrainerCallback
+
+    from qra_plugin import QRACallback
+
+    cfg = task.config
+    seq_len = level.seq_len or cfg.train.seq_len
+    train_key, train_ds = _dataset(cfg, "train", level.train_examples or cfg.data.train_examples, seq_len, tokenizer)
+    eval_key, eval_ds = _dataset(cfg, "eval", level.eval_examples, seq_len, tokenizer)
     callback = QRACallback(
         plan=task.plan,
         stop_at_step=level.steps,
@@ -213,7 +143,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     try:
         trainer = _make_trainer_class()(
             model=peft_model,
-            args=args,
+            args=_sft_args(task, level, workdir, torch.cuda.is_available()),
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
@@ -224,38 +154,65 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)
     trainer.qra_meter = ActivationMeter(peft_model)
+    trainer.qra_callback = callback
     _PROCESSED.setdefault(train_key, trainer.train_dataset)
     _PROCESSED.setdefault(eval_key, trainer.eval_dataset)
+    return trainer
 
-    train_loss = train_s = None
-    if level.steps > 0:
-        if on_cuda:
-            torch.cuda.synchronize()
-        train_start = time.perf_counter()
-        out = trainer.train()
-        if on_cuda:
-            torch.cuda.synchronize()
-        train_s = time.perf_counter() - train_start
-        train_loss = float(out.training_loss)
+
+def _timed_train(trainer: Any, steps: int) -> tuple[float | None, float | None]:
+    """(mean train loss, seconds inside ``train()``); (None, None) for a 0-step level."""
+    if steps <= 0:
+        return None, None
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = trainer.train()
+    if on_cuda:
+        torch.cuda.synchronize()
+    return float(out.training_loss), time.perf_counter() - start
+
+
+def _outcome(stop_reason: str | None, eval_loss: float, steps: int) -> tuple[Status, str | None]:
+    """ok / failed (non-finite loss, the plan's own fault: kept on resume) / stopped (hopeless loss)."""
+    if stop_reason and stop_reason.startswith("non-finite"):
+        return "failed", f"non-finite train loss at step {steps}"
+    if not math.isfinite(eval_loss):
+        return "failed", "non-finite eval loss"
+    if stop_reason and not stop_reason.startswith("reached step"):
+        return "stopped", None
+    return "ok", None
+
+
+def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalResult:
+    import transformers
+
+    from qra_plugin import apply_plan
+    from qra_plugin.weight_memory import memory_report
+
+    cfg = task.config
+    tokenizer = cached_tokenizer(cfg.model)
+    on_cuda = torch.cuda.is_available()
+    model = fresh_model(cfg.model).to("cuda" if on_cuda else "cpu")
+    transformers.set_seed(task.seed)  # LoRA init
+    peft_model = apply_plan(model, task.plan)
+    if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer = _build_trainer(task, level, peft_model, tokenizer, workdir)
+    train_loss, train_s = _timed_train(trainer, level.steps)
     metrics = trainer.evaluate()
     steps = int(trainer.state.global_step)
     eval_loss = float(metrics["eval_loss"])
     token_acc = metrics.get("eval_mean_token_accuracy")
-    weight_bytes = memory_report(peft_model).total_bytes
     if on_cuda:
         memory = int(torch.cuda.max_memory_allocated())
     else:
         memory = max(trainer.qra_state_bytes, state_bytes(peft_model, None)) + trainer.qra_meter.peak
-
-    status: Status = "ok"
-    error = None
-    reason = callback.stop_reason
-    if reason and reason.startswith("non-finite"):
-        status, error = "failed", f"non-finite train loss at step {steps}"
-    elif not math.isfinite(eval_loss):
-        status, error = "failed", "non-finite eval loss"
-    elif reason and not reason.startswith("reached step"):
-        status = "stopped"
+    reason = trainer.qra_callback.stop_reason
+    status, error = _outcome(reason, eval_loss, steps)
+    eval_items = examples(cfg.data, "eval", level.eval_examples)
     return EvalResult(
         status=status,
         eval_loss=eval_loss if math.isfinite(eval_loss) else None,
@@ -263,9 +220,10 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         token_accuracy=float(token_acc) if token_acc is not None else None,
         train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
         memory_measured=memory,
-        weight_bytes=weight_bytes,
+        weight_bytes=memory_report(peft_model).total_bytes,
         steps=steps,
         error=error,
+        failure="deterministic" if status == "failed" else None,
         stop_reason=reason,
         train_s=train_s,
     )

@@ -10,14 +10,19 @@ reports how well it ranks configs it was not trained on (k-fold, a refit per fol
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from planner.space import Config, SearchSpace
+from planner.search.space import Config, SearchSpace
+
+log = logging.getLogger("qra")
+
+#: GP fits done and failed in this process; the search reports the failures in its trace and report
+FIT_STATS = {"fits": 0, "failed": 0}
 
 
 def features(space: SearchSpace, configs: Sequence[Config]) -> np.ndarray:
@@ -51,9 +56,18 @@ def fit_gp(x: np.ndarray, y: np.ndarray, seed: int):
             warnings.simplefilter("ignore", UserWarning)
             model = SingleTaskGP(tx, ty, outcome_transform=Standardize(m=1))
             mll = ExactMarginalLogLikelihood(model.likelihood, model)
-            # a failed fit keeps the prior's hyperparameters: still a valid (if vaguer) GP
-            with contextlib.suppress(Exception):
+            FIT_STATS["fits"] += 1
+            try:
                 fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 200}})
+            except Exception as exc:  # noqa: BLE001 - botorch raises several types; every one is counted
+                # the prior's hyperparameters still make a valid (if vaguer) GP: go on, but say so
+                FIT_STATS["failed"] += 1
+                log.warning(
+                    "qra: GP fit failed on %d points (%s: %s); using prior hyperparameters",
+                    len(tx),
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
     model.eval()
     return model
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from planner.space import Config, SearchSpace
-from planner.surrogate import fit_gp
+from planner.search.space import Config, SearchSpace
+from planner.search.surrogate import fit_gp
 
 Evaluate = Callable[[list[Config], str], list[float | None]]
 

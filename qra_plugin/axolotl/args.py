@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field, model_validator
+
+#: Axolotl's Triton LoRA kernel switches; a backend declares whether it works with them (``Backend.axolotl_kernels``)
+KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
+
+def kernels_blocked_by(plan: Any) -> list[str]:
+    """The backends in ``plan`` that Axolotl's Triton LoRA kernels do not handle."""
+    from qra_plugin.backends import registry
+
+    return sorted(b for b in plan.backends_used() if not registry()[b].axolotl_kernels)
 
 
 class QRAArgs(BaseModel):
@@ -31,10 +43,12 @@ class QRAArgs(BaseModel):
             )
         if data.get("adapter") not in (None, "lora"):
             raise ValueError(f"qra_plan needs adapter: lora (got {data.get('adapter')!r})")
-        if plan.backends_used() & {"hqq"}:
-            # Axolotl's Triton LoRA kernels assume a bnb/plain base layer.
-            for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+        blocked = kernels_blocked_by(plan)
+        if blocked:
+            for key in KERNEL_KEYS:
                 if data.get(key):
-                    raise ValueError(f"{key} does not support HQQ base layers in this plan: set {key}: false")
+                    raise ValueError(
+                        f"{key} does not support {'/'.join(blocked)} base layers in this plan: set {key}: false"
+                    )
                 data[key] = False
         return data

@@ -12,6 +12,7 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
+from qra_plugin.axolotl.args import KERNEL_KEYS, kernels_blocked_by
 from qra_plugin.distributed import check_sharding, deepspeed_stage
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
@@ -40,7 +41,7 @@ class QRAPlugin(BasePlugin):
         self._plans: dict[str, Plan] = {}
 
     def get_input_args(self) -> str:
-        return "qra_plugin.axolotl_args.QRAArgs"
+        return "qra_plugin.axolotl.args.QRAArgs"
 
     def _plan(self, cfg: Any) -> Plan | None:
         path = cfg.get("qra_plan")
@@ -58,8 +59,8 @@ class QRAPlugin(BasePlugin):
         # The plan, not lora_target_linear, decides which modules get an adapter (rank 0 = none).
         cfg["lora_target_modules"] = plan.lora_targets()
         cfg["lora_target_linear"] = False
-        if plan.backends_used() & {"hqq"}:
-            for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+        if kernels_blocked_by(plan):
+            for key in KERNEL_KEYS:
                 cfg[key] = False
         log.info("qra: plan %s: %s", cfg.get("qra_plan"), plan.summary())
 

@@ -1,4 +1,4 @@
-"""SFT examples for fidelity runs: the bundled wiki summaries or a jsonl file, plus answer accuracy.
+"""SFT examples for fidelity runs and priors: the bundled wiki summaries or a jsonl file.
 
 Every candidate must be scored on the same rows, so samples are fixed (seed 0) and only the data
 order inside training follows the evaluation seed. jsonl rows are prompt/completion or alpaca
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from planner.config import DataSection
 from qra_plugin.errors import QRAError
@@ -55,7 +53,7 @@ def as_example(row: dict[str, Any], where: str) -> Example:
 
 
 def _held_out(text: str) -> bool:
-    from planner.data import EVAL_EVERY
+    from planner.data.wiki import EVAL_EVERY
 
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % EVAL_EVERY == 0
 
@@ -64,7 +62,7 @@ def _held_out(text: str) -> bool:
 def _examples(data_json: str, split: str, n: int) -> tuple[Example, ...]:
     data = DataSection.model_validate_json(data_json)
     if data.source == "wiki":
-        from planner.data import PROMPT, wiki_split
+        from planner.data.wiki import PROMPT, wiki_split
 
         return tuple(Example(PROMPT.format(title=r["title"]), r["text"]) for r in wiki_split(split, n, seed=0))
     own_eval_file = split == "eval" and bool(data.eval_path)
@@ -101,43 +99,18 @@ def sft_rows(items: tuple[Example, ...], conversational: bool):
     return Dataset.from_list(rows)
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .,:;!?\"'")
+def source_files(data: DataSection) -> list[Path]:
+    """The files a data section reads: what its identity in a recipe hash is made of."""
+    if data.source == "wiki":
+        from planner.data.wiki import wiki_summaries_path
+
+        return [wiki_summaries_path()]
+    return [Path(p) for p in (data.path, data.eval_path) if p]
 
 
-def answer_matches(generated: str, answer: str) -> bool:
-    """Exact match after normalising case, whitespace and surrounding punctuation; the answer may be
-    followed by more text (a short model reply often explains after the answer)."""
-    gen, ans = _norm(generated), _norm(answer)
-    return bool(ans) and (gen == ans or gen.startswith(ans + " ") or gen.startswith(ans + "."))
-
-
-@torch.no_grad()
-def answer_accuracy(model: torch.nn.Module, tokenizer: Any, items: tuple[Example, ...]) -> float | None:
-    """Greedy-decode each prompt that has an ``answer``; the fraction answered correctly (None: no answers)."""
-    with_answers = [e for e in items if e.answer is not None]
-    if not with_answers:
-        return None
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    hits = 0
-    for e in with_answers:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": e.prompt}], add_generation_prompt=True, tokenize=False
-            )
-        else:
-            text = e.prompt + "\n"
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-        budget = len(tokenizer(e.answer, add_special_tokens=False).input_ids) + 4
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=budget,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        hits += answer_matches(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), e.answer)
-    model.train(was_training)
-    return hits / len(with_answers)
+def check_data(data: DataSection) -> None:
+    """Read a jsonl source once, so a malformed row or an empty split fails before any run starts."""
+    if data.source != "jsonl":
+        return
+    for split in ("train", "eval"):
+        _examples(data.model_dump_json(), split, data.train_examples if split == "train" else data.eval_examples)

@@ -43,7 +43,7 @@ def calibration_texts(data: DataSection, n_texts: int, offset: int, seed: int) -
     """Up to ``n_texts`` training texts starting at ``offset`` (wiki: the shuffled train split)."""
     if data.source == "jsonl":
         return _jsonl_texts(str(data.path))[offset : offset + n_texts]
-    from planner.data import as_plain_text, wiki_split
+    from planner.data.wiki import as_plain_text, wiki_split
 
     return [as_plain_text(r) for r in wiki_split("train", n_texts, seed=seed, offset=offset)]
 

@@ -1,0 +1,260 @@
+"""Allocations from the priors: per-unit importance, the one budget repair, and the plans the priors
+give without any evaluation (greedy importance-per-byte, the LQ-LoRA-style ILP, AutoQRA's warm starts).
+
+The search starts from these; the baselines *are* these. Everything here is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from planner.search.space import BudgetCost, Config, SearchSpace
+from qra_plugin.errors import QRAError
+
+Cost = BudgetCost  # exact bytes via __call__, per-unit move savings via .saving
+
+
+# ---------------------------------------------------------------------------------------------- importance
+@dataclass(frozen=True)
+class Importance:
+    """Per-unit importance from the priors, scaled to comparable units.
+
+    ``quant[b][u]``: loss increase when unit ``u`` is quantized to ``b`` bits (0 at 16 bits), divided by
+    the largest value over all bits and units; ``plasticity[u]``: the unit's LoRA gradient signal divided
+    by its maximum. Bit choices the profile did not measure are interpolated (8 bits → 0 when unmeasured,
+    as 8-bit HQQ is near lossless).
+    """
+
+    quant: dict[int, np.ndarray]
+    plasticity: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, space: SearchSpace, iq: dict[int, Sequence[float]], ir: Sequence[float]) -> Importance:
+        n = space.n_units
+        raw = {int(b): np.clip(np.asarray(v, dtype=np.float64), 0.0, None) for b, v in iq.items()}
+        raw = {b: _to_units(space, v) for b, v in raw.items()}
+        raw.setdefault(16, np.zeros(n))
+        raw.setdefault(8, np.zeros(n))
+        known = sorted(raw)
+        quant: dict[int, np.ndarray] = {}
+        for b in sorted(set(space.bits) | set(known)):
+            if b in raw:
+                quant[b] = raw[b]
+            else:  # interpolate between the nearest measured widths (or hold the end value)
+                lo = max((k for k in known if k < b), default=known[0])
+                hi = min((k for k in known if k > b), default=known[-1])
+                w = 0.0 if hi == lo else (b - lo) / (hi - lo)
+                quant[b] = (1 - w) * raw[lo] + w * raw[hi]
+        scale = max(float(max(v.max() for v in quant.values())), 1e-12)
+        quant = {b: v / scale for b, v in quant.items()}
+        ir_arr = _to_units(space, np.clip(np.asarray(ir, dtype=np.float64), 0.0, None))
+        plasticity = ir_arr / max(float(ir_arr.max()), 1e-12)
+        return cls(quant=quant, plasticity=plasticity)
+
+    @classmethod
+    def from_priors(cls, priors: Any, space: SearchSpace) -> Importance:
+        """From ``planner.priors.Priors`` (``I_q``: bits → per-unit list, ``I_r``: per-unit list)."""
+        return cls.from_arrays(space, {int(b): v for b, v in priors.I_q.items()}, priors.I_r)
+
+    def bits_importance(self) -> np.ndarray:
+        """How much a unit suffers from low bits overall (sum over the measured widths)."""
+        return np.sum([v for v in self.quant.values()], axis=0)
+
+    def bit_penalty(self, unit: int, old: int, new: int) -> float:
+        return float(self.quant[new][unit] - self.quant[old][unit])
+
+    def rank_penalty(self, unit: int, old: int, new: int, max_rank: int) -> float:
+        """Lost plasticity when a unit's rank drops, on a log scale of the rank."""
+        span = np.log2(1 + max_rank) or 1.0
+        return float(self.plasticity[unit] * (np.log2(1 + old) - np.log2(1 + new)) / span)
+
+
+def _to_units(space: SearchSpace, values: np.ndarray) -> np.ndarray:
+    """Per-unit values; block-level priors are broadcast onto module units."""
+    if len(values) == space.n_units:
+        return values
+    blocks = space.unit_blocks
+    if len(values) == max(blocks) + 1:
+        return values[np.asarray(blocks)]
+    raise QRAError(f"priors have {len(values)} units but the search space has {space.n_units}: re-run qra profile")
+
+
+def repair(space: SearchSpace, config: Config, cost: Cost, budget: int, importance: Importance) -> Config | None:
+    """Downgrade the cheapest-to-lose choice per byte saved until ``config`` fits; None if it never can.
+
+    Each step tries every one-step downgrade (a unit's bits or rank) and takes the one with the least
+    importance lost per byte saved, so important units keep their precision and capacity.
+    """
+    current = tuple(config)
+    current_cost = cost(current)
+    max_rank = space.ranks[-1]
+    while current_cost > budget:
+        best: tuple[float, int, Config] | None = None
+        for u, (b, r) in enumerate(current):
+            moves = []
+            bi, ri = space.bits.index(b), space.ranks.index(r)
+            if bi > 0:
+                nb = space.bits[bi - 1]
+                moves.append(((nb, r), importance.bit_penalty(u, b, nb)))
+            if ri > 0:
+                nr = space.ranks[ri - 1]
+                moves.append(((b, nr), importance.rank_penalty(u, r, nr, max_rank)))
+            for k, (pair, penalty) in enumerate(moves):
+                saved = cost.saving(u, (b, r), pair)
+                if saved <= 0:
+                    continue
+                ratio = max(penalty, 0.0) / saved
+                key = (ratio, 2 * u + k)
+                if best is None or key < (best[0], best[1]):
+                    best = (ratio, 2 * u + k, current[:u] + (pair,) + current[u + 1 :])
+        if best is None:
+            return None
+        current = best[2]
+        current_cost = cost(current)
+    return current
+
+
+# ---------------------------------------------------------------------------------------------- allocations
+def flat_importance(space: SearchSpace) -> Importance:
+    """Importance with no knowledge: every unit equal, loss grows as bits fall and rank shrinks."""
+    n = space.n_units
+    top = max(space.bits)
+    quant = {b: np.full(n, (top - b) / max(top - min(space.bits), 1)) for b in set(space.bits) | {8, 16}}
+    return Importance(quant=quant, plasticity=np.ones(n))
+
+
+def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank: int | None = None) -> Config:
+    """The best uniform plan that fits: most bits first, then most rank (or the given rank)."""
+    ranks = [rank] if rank is not None else sorted(space.ranks, reverse=True)
+    for b in sorted(space.bits, reverse=True):
+        for r in ranks:
+            config = space.uniform(b, r)
+            if cost(config) <= budget:
+                return config
+    raise QRAError("no uniform plan in the search space fits the budget")
+
+
+def greedy_priors(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance) -> Config:
+    """Importance-only allocation: start from the richest config and downgrade by least importance per byte."""
+    config = repair(space, space.uniform(max(space.bits), max(space.ranks)), cost, budget, importance)
+    if config is None:
+        raise QRAError("the budget is below the cheapest config of the search space")
+    return config
+
+
+def ilp(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance, rank: int) -> Config:
+    """LQ-LoRA-style ILP: choose bits per unit minimising summed I_q subject to the budget, uniform rank.
+
+    Memory is linear in per-unit choices up to small cross terms (activations do not depend on bits), so
+    the ILP uses the per-unit marginal bytes; if the exact memory model then says the answer is over
+    budget, the ILP is re-solved with the budget tightened by the overshoot.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    bits = list(space.bits)
+    n, k = space.n_units, len(bits)
+    objective = np.array([importance.quant[b][u] for u in range(n) for b in bits])
+    weights = np.array([cost.marginal[u][(b, rank)] for u in range(n) for b in bits], dtype=np.float64)
+    one_per_unit = np.kron(np.eye(n), np.ones(k))
+    reference = cost(space.uniform(max(space.bits), max(space.ranks)))
+    slack = 0
+    for _ in range(20):
+        limit = budget - reference - slack
+        result = milp(
+            c=objective,
+            constraints=[LinearConstraint(one_per_unit, 1, 1), LinearConstraint(weights[None, :], -np.inf, limit)],
+            integrality=np.ones(n * k),
+            bounds=Bounds(0, 1),
+        )
+        if result.x is None:
+            raise QRAError(f"ILP found no bit allocation at rank {rank} within the budget")
+        choice = result.x.reshape(n, k).argmax(axis=1)
+        config = tuple((bits[i], rank) for i in choice)
+        over = cost(config) - budget
+        if over <= 0:
+            return config
+        slack += over
+    raise QRAError("ILP could not meet the exact budget after 20 tightenings")
+
+
+# ---------------------------------------------------------------------------------------------- warm starts
+def _minmax(values: np.ndarray) -> np.ndarray:
+    span = float(values.max() - values.min())
+    return np.full_like(values, 0.5) if span < 1e-12 else (values - values.min()) / span
+
+
+def prior_scores(importance: Importance) -> tuple[np.ndarray, np.ndarray]:
+    """(bits importance, rank importance) per unit in [0, 1]: log-normalised summed I_q and I_r."""
+    return _minmax(np.log1p(1e3 * importance.bits_importance())), _minmax(np.log1p(1e3 * importance.plasticity))
+
+
+def _map(scores: np.ndarray, levels: int, centre: float, spread: float) -> np.ndarray:
+    """Indices into ``levels`` choices: ``centre`` (in [0, 1] of the index range) ± spread·(score − ½)."""
+    top = levels - 1
+    return np.clip(np.rint(top * (centre + spread * (scores - 0.5))), 0, top).astype(np.int64)
+
+
+def _draw_importance(space: SearchSpace, q: np.ndarray, r: np.ndarray, rank_weight: float) -> Importance:
+    """An importance whose bit steps cost ``q`` and rank steps ``r`` (in log-rank), weighted against each other."""
+    top = max(len(space.bits) - 1, 1)
+    quant = {b: (1 - rank_weight) * (q + 0.05) * (top - i) / top for i, b in enumerate(space.bits)}
+    quant.setdefault(16, np.zeros(space.n_units))
+    return Importance(quant=quant, plasticity=rank_weight * (r + 0.05))
+
+
+def warm_start(importance: Importance, space: SearchSpace, cost: Cost, budget: int, n: int, seed: int) -> list[Config]:
+    """AutoQRA's warm start: ``n`` distinct budget-feasible configs mapped from the priors (high I_q → more
+    bits, high I_r → more rank), fewer only if the space has no more.
+
+    Each config is one draw of the mapping: scores get Gumbel noise of a temperature, are mapped around a
+    centre level with a spread, then ``repair`` downgrades them into the budget. The first draw is the
+    noiseless mapping; later ones get hotter and shift centre and bits/rank trade-off, so the population
+    covers the budget frontier instead of n copies of one plan. Raises QRAError when nothing fits.
+    """
+    bits, ranks, n_units = list(space.bits), list(space.ranks), space.n_units
+    if cost(space.uniform(bits[0], ranks[0])) > budget:
+        raise QRAError(f"the budget is too small: even {bits[0]} bits with rank {ranks[0]} everywhere does not fit")
+    q, r = prior_scores(importance)
+    rng = np.random.default_rng(seed)
+    configs: list[Config] = []
+    for attempt in range(10 * n + 10):
+        if len(configs) >= n:
+            break
+        if attempt == 0:
+            tau, centre_b, centre_r, spread, rank_weight = 0.0, 1.0, 1.0, 1.0, 0.5
+        else:
+            tau = 0.05 + 0.45 * min(1.0, attempt / max(n - 1, 1))
+            centre_b, centre_r = rng.uniform(0.5, 1.0, size=2)
+            spread, rank_weight = rng.uniform(0.5, 2.0), rng.uniform(0.2, 0.8)
+        q_t = _minmax(q + tau * rng.gumbel(size=n_units)) if tau else q
+        r_t = _minmax(r + tau * rng.gumbel(size=n_units)) if tau else r
+        drafted = tuple(
+            (bits[b], ranks[k])
+            for b, k in zip(
+                _map(q_t, len(bits), centre_b, spread), _map(r_t, len(ranks), centre_r, spread), strict=True
+            )
+        )
+        config = repair(space, drafted, cost, budget, _draw_importance(space, q_t, r_t, rank_weight))
+        if config is not None and config not in configs:
+            configs.append(config)
+    return configs
+
+
+def prior_allocations(space: SearchSpace, cost: Cost, budget: int, importance: Importance, rank: int) -> list[Config]:
+    """The two allocations the priors give for free: greedy importance-per-byte and the ILP at ``rank``.
+
+    On SmolLM2 both beat a search that started without them (benchmarks/results/plan_quality_v1.json),
+    so the population starts from them and the evaluations go into refining them, not into finding them.
+    A budget that leaves no room for one of them still yields the other.
+    """
+    found: list[Config] = []
+    with contextlib.suppress(QRAError):
+        found.append(greedy_priors(space, cost, budget, importance))
+    with contextlib.suppress(QRAError):
+        found.append(ilp(space, cost, budget, importance, rank))
+    return found

@@ -1,0 +1,1 @@
+"""Data sources: the shipped wiki summaries and local jsonl files, as fixed train/eval samples."""

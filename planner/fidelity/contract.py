@@ -1,0 +1,201 @@
+"""The evaluation contract: what is asked (``EvalTask``), what comes back (``EvalResult``), and the key
+that says when a stored result may be reused.
+
+A stored score is reused only for the same plan, level, seed **and recipe**: the recipe hash covers
+everything else that can change the number — the level's steps/data/eval size, the train section,
+the fidelity settings that act on a run, the model (its files' contents, not only its shapes), the
+data (its files' contents) and ``FIDELITY_VERSION`` of this code. Rows of other recipes stay in the
+store side by side (a reverted change finds its old scores again) and are never read for this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from planner.config import FidelityLevel, QRAConfig
+from qra_plugin.errors import QRAError
+from qra_plugin.plan import Plan
+
+#: Bump when the fidelity run itself changes what it measures (training loop, loss, eval, metric).
+FIDELITY_VERSION = 2
+
+Status = Literal["ok", "failed", "stopped"]
+#: transient failures (timeout, OOM, a killed worker) are retried once on resume; deterministic ones are kept
+Failure = Literal["transient", "deterministic"]
+EvalKey = tuple[str, str, int, str]  # (plan hash, level, seed, recipe hash)
+
+
+class EvalTask(BaseModel):
+    """One evaluation to run: a plan at a fidelity level with a seed (picklable, JSON-serialisable)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plan: Plan
+    level: Literal["low", "high"]
+    seed: int
+    config: QRAConfig
+    tag: str = ""
+    memory_predicted: int | None = None
+
+    @property
+    def recipe_hash(self) -> str:
+        return recipe_hash(self.config, self.level)
+
+    @property
+    def key(self) -> EvalKey:
+        """What identifies an evaluation in the store: never recompute the same (plan, level, seed, recipe)."""
+        return (self.plan.content_hash(), self.level, self.seed, self.recipe_hash)
+
+
+class EvalResult(BaseModel):
+    """What one evaluation measured.
+
+    ``memory_measured`` (bytes): on CUDA the peak allocated memory of the run; on CPU the measured
+    bytes of weights + LoRA + LoRA grads + optimizer states + the peak of tensors autograd saved for
+    backward in one step — real tensors, but *not* the allocator peak the memory model predicts
+    (no logits/loss buffers): compare it with the model's ``saved + states`` parts, not its total.
+    ``weight_bytes``: weights incl. LoRA as held after quantization (``qra_plugin.weight_memory``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Status
+    eval_loss: float | None = None
+    accuracy: float | None = None
+    train_loss: float | None = None
+    memory_measured: int | None = None
+    weight_bytes: int | None = None
+    wall_s: float = 0.0
+    steps: int = 0
+    error: str | None = None
+    failure: Failure | None = None
+    token_accuracy: float | None = None
+    stop_reason: str | None = None
+    #: seconds inside ``trainer.train()`` only (no load, quantization or eval): step time = train_s / steps
+    train_s: float | None = None
+
+    @classmethod
+    def failed(cls, reason: str, wall_s: float = 0.0, failure: Failure | None = None) -> EvalResult:
+        line = one_line(reason)
+        return cls(status="failed", error=line, wall_s=wall_s, failure=failure or classify_failure(line))
+
+
+_TRANSIENT_MARKS = (
+    "timed out",
+    "out of memory",
+    "memoryerror",
+    "cannot allocate memory",
+    "worker was killed",
+    "worker died",
+    "workercrashed",
+)
+
+
+def classify_failure(message: str) -> Failure:
+    """A timeout, an OOM or a dead worker may not happen again on a quieter machine; anything the plan
+    itself raised (or a non-finite loss) will."""
+    text = message.lower()
+    return "transient" if any(mark in text for mark in _TRANSIENT_MARKS) else "deterministic"
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Store and CLI messages are one line; keep the last line of a traceback-like text."""
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else "unknown error"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
+    level_cfg = getattr(config.fidelity, level, None)
+    if not isinstance(level_cfg, FidelityLevel):
+        raise QRAError(f"unknown fidelity level {level!r}: use 'low' or 'high'")
+    return level_cfg
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
+    """Everything besides (plan, seed) that can change a fidelity run's result, as plain JSON."""
+    lv = level_settings(config, level)
+    fid = config.fidelity
+    return {
+        "fidelity_version": FIDELITY_VERSION,
+        "level": {
+            "steps": lv.steps,
+            "eval_examples": lv.eval_examples,
+            "train_examples": lv.train_examples or config.data.train_examples,
+            "seq_len": lv.seq_len or config.train.seq_len,
+            "batch": lv.batch or config.train.batch,
+        },
+        "train": config.train.model_dump(mode="json"),
+        "fidelity": {
+            "eval_batch": fid.eval_batch,
+            "stop_if_loss_above": fid.stop_if_loss_above,
+            "min_steps": fid.min_steps,
+        },
+        "model": config.model.model_dump(mode="json") | {"weights": model_identity(config.model.model_dump_json())},
+        "data": config.data.model_dump(mode="json") | {"files": data_identity(config.data.model_dump_json())},
+    }
+
+
+def recipe_hash(config: QRAConfig, level: str) -> str:
+    """Short hash of ``recipe``; cheap after the first call (file digests are cached by size and mtime)."""
+    return hashlib.sha256(json.dumps(recipe(config, level), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the recipe entries that differ (``level.steps``, ``model.weights`` …)."""
+    names: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += recipe_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _file_digest_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_identity(model_json: str) -> str:
+    """Content hash of the model's weight files (a same-shape checkpoint is another model); tiny models
+    are built in code from their (seeded) section, which the recipe already holds."""
+    from planner.config import ModelSection
+    from planner.loading import resolve_model_path
+
+    path = resolve_model_path(ModelSection.model_validate_json(model_json))
+    if path is None:
+        return "built-in-code"
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    )
+    return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)};" for p in files).encode()).hexdigest()[:16]
+
+
+def data_identity(data_json: str) -> str:
+    """Content hash of the files the data section reads (jsonl files, or the shipped wiki summaries)."""
+    from planner.config import DataSection
+    from planner.data.sources import source_files
+
+    files = source_files(DataSection.model_validate_json(data_json))
+    return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)};" for p in files).encode()).hexdigest()[:16]

@@ -1,0 +1,25 @@
+"""The memory model: ``weights`` (bytes per module, by backend), ``activations`` (traced once),
+``breakdown`` (a plan's predicted peak, part by part) and ``budget`` (the budget language)."""
+
+from planner.memory.activations import ActivationTrace, trace_activations
+from planner.memory.breakdown import MemoryBreakdown, estimate, min_plan_bytes, plan_bytes, uniform_plan
+from planner.memory.budget import Budget, format_bytes, parse_size
+from planner.memory.weights import LORA_DTYPE, OPTIMIZERS, base_module_bytes, lora_numel, optimizer_bytes
+
+__all__ = [
+    "LORA_DTYPE",
+    "OPTIMIZERS",
+    "ActivationTrace",
+    "Budget",
+    "MemoryBreakdown",
+    "base_module_bytes",
+    "estimate",
+    "format_bytes",
+    "lora_numel",
+    "min_plan_bytes",
+    "optimizer_bytes",
+    "parse_size",
+    "plan_bytes",
+    "trace_activations",
+    "uniform_plan",
+]

@@ -1,0 +1,208 @@
+"""What autograd saves between forward and backward, traced once per (model, batch, seq_len, dtype).
+
+The model runs once under a ``FakeTensorMode`` (CPU kernels chosen, nothing allocated, no weights) inside
+``torch.autograd.graph.saved_tensors_hooks``, with frozen weights and a rank-1 PEFT LoRA adapter on every
+planned linear — exactly the situation of LoRA training. Tensors saved inside the LoRA layers are set
+apart: a plan's own ranks add them back per module (``planner.memory.breakdown``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from planner.memory.weights import elem
+from planner.model_info import ModelInfo, meta_model_from_config
+from qra_plugin.errors import QRAError
+
+
+@dataclass(frozen=True)
+class ActivationTrace:
+    """What autograd saves in one forward of the model with a rank-1 LoRA adapter on every planned linear."""
+
+    blocks_saved: tuple[int, ...]  # bytes saved by the base graph (not by LoRA layers) while each block ran
+    head_saved: int  # bytes saved after the last block (final norm, lm_head, loss)
+    pre_saved: int  # bytes saved before the first block (embedding side)
+    block_input: int  # bytes of one block's hidden-state input (what gradient checkpointing keeps)
+    input_bytes: dict[str, int]  # planned linear name -> bytes of its input tensor
+    input_key: dict[str, int]  # planned linear name -> id of its input storage (shared inputs share it)
+    input_saved: dict[str, bool]  # whether the base graph (not LoRA) already saves that input
+    lora_saved: dict[str, tuple[tuple[int, int], ...]]  # name -> (storage id, bytes) lora_A saved (input or cast)
+    base_keys: frozenset[int]  # storages the base graph saves
+    logits_elems: int  # batch * seq * vocab
+
+
+_TRACES: dict[tuple[Any, ...], ActivationTrace] = {}
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _Recorder:
+    """Saved-tensor bookkeeping during the traced forward: which storage was saved, in which block, by whom."""
+
+    def __init__(self, params: set[int], names: list[str]) -> None:
+        self.params = params
+        self.phase, self.in_lora, self.in_a = -1, 0, None  # phase: -1 before the blocks, i inside block i
+        self.saved: dict[int, list[int]] = {}  # storage key -> [bytes, phase, saved_by_base]
+        self.lora_saved: dict[str, dict[int, int]] = {n: {} for n in names}
+        self.input_bytes: dict[str, int] = {}
+        self.input_key: dict[str, int] = {}
+        self.block_input: list[int] = []
+        self.hooks: list[Any] = []
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        k = _storage_key(t)
+        if k in self.params:
+            return t
+        entry = self.saved.setdefault(k, [t.untyped_storage().nbytes(), self.phase, 0])
+        if not self.in_lora:
+            entry[2] = 1
+        if self.in_a is not None:
+            self.lora_saved[self.in_a][k] = entry[0]
+        return t
+
+    def watch_block(self, i: int, block: torch.nn.Module) -> None:
+        def pre(module: Any, args: Any, kwargs: Any) -> None:
+            self.phase = i
+            if i == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.block_input.append(hidden.untyped_storage().nbytes())
+
+        def post(module: Any, args: Any, out: Any) -> None:
+            self.phase = i + 1
+
+        self.hooks += [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
+
+    def watch_linear(self, name: str, layer: torch.nn.Module) -> None:
+        def lin_pre(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+            self.input_bytes[name] = args[0].untyped_storage().nbytes()
+            self.input_key[name] = _storage_key(args[0])
+
+        def enter(*_: Any) -> None:
+            self.in_lora += 1
+
+        def leave(*_: Any) -> None:
+            self.in_lora -= 1
+
+        def a_pre(*_: Any) -> None:
+            self.in_a = name
+
+        def a_post(*_: Any) -> None:
+            self.in_a = None
+
+        lora_a, lora_b = next(iter(layer.lora_A.values())), next(iter(layer.lora_B.values()))  # ModuleDicts
+        self.hooks.append(layer.register_forward_pre_hook(lin_pre))
+        for adapter in (lora_a, lora_b):
+            self.hooks += [adapter.register_forward_pre_hook(enter), adapter.register_forward_hook(leave)]
+        self.hooks += [lora_a.register_forward_pre_hook(a_pre), lora_a.register_forward_hook(a_post)]
+
+    def trace(self, info: ModelInfo, n_blocks: int, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+        blocks_saved = [0] * n_blocks
+        pre_saved = head_saved = 0
+        base_keys = set()
+        for k, (nbytes, ph, by_base) in self.saved.items():
+            if not by_base:
+                continue
+            base_keys.add(k)
+            if ph < 0:
+                pre_saved += nbytes
+            elif ph >= n_blocks:
+                head_saved += nbytes
+            else:
+                blocks_saved[ph] += nbytes
+        one_input = self.block_input[0] if self.block_input else batch * seq_len * info.hidden_size * elem(dtype)
+        return ActivationTrace(
+            blocks_saved=tuple(blocks_saved),
+            head_saved=head_saved,
+            pre_saved=pre_saved,
+            block_input=one_input,
+            input_bytes=self.input_bytes,
+            input_key=self.input_key,
+            input_saved={name: k in base_keys for name, k in self.input_key.items()},
+            lora_saved={name: tuple(v.items()) for name, v in self.lora_saved.items()},
+            base_keys=frozenset(base_keys),
+            logits_elems=batch * seq_len * info.vocab_size,
+        )
+
+
+def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+    """Run the model once in a ``FakeTensorMode`` (CPU kernels, no memory) and record what autograd saves.
+
+    Every planned linear gets a rank-1 LoRA adapter (PEFT, as in training) so activations require grad
+    exactly where they do in LoRA training. Tensors saved inside the LoRA layers are set apart: the
+    plan's own ranks add them back per module (``planner.memory.breakdown``).
+    """
+    key = (id(info), info.fingerprint, batch, seq_len, dtype)
+    if key in _TRACES:
+        return _TRACES[key]
+    if info.config is None:
+        raise QRAError("this ModelInfo has no config; build it with planner.model_info.load_model_info")
+    from peft import LoraConfig, get_peft_model
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qra_plugin.modules import find_blocks
+
+    base = _meta_model(info, dtype)
+    model = get_peft_model(base, LoraConfig(r=1, target_modules=[s.name for s in info.linears]))
+    mode = FakeTensorMode()
+    _to_fake_cpu(model, mode)
+    model.train()
+    params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
+    recorder = _Recorder(params, [s.name for s in info.linears])
+    _, blocks = find_blocks(base)
+    for i, block in enumerate(blocks):
+        recorder.watch_block(i, block)
+    for spec in info.linears:
+        recorder.watch_linear(spec.name, base.get_submodule(spec.name))
+    try:
+        with _unpacked_sequences(), mode, torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+            ids = torch.zeros(batch, seq_len, dtype=torch.long)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        del out
+    finally:
+        for h in recorder.hooks:
+            h.remove()
+    _TRACES[key] = recorder.trace(info, len(blocks), batch, seq_len, dtype)
+    return _TRACES[key]
+
+
+def _unpacked_sequences() -> Any:
+    """Tell transformers the batch is not packed, as it finds itself for real data.
+
+    With fake tensors it cannot look at position ids, so it would assume packing and build a dense
+    mask, which changes the SDPA path (no GQA, a saved mask) from what training really runs.
+    """
+    import contextlib
+    from unittest import mock
+
+    import transformers.masking_utils as masking
+
+    if not hasattr(masking, "find_packed_sequence_indices"):
+        return contextlib.nullcontext()
+    return mock.patch.object(masking, "find_packed_sequence_indices", lambda position_ids: None)
+
+
+def _meta_model(info: ModelInfo, dtype: torch.dtype) -> torch.nn.Module:
+    config = copy.deepcopy(info.config)
+    # SDPA is what training uses on CPU and GPU; the eager path would save the seq x seq attention matrix.
+    if getattr(config, "_attn_implementation", None) in (None, "eager") and hasattr(config, "_attn_implementation"):
+        config._attn_implementation = "sdpa"
+    return meta_model_from_config(config, dtype)
+
+
+def _to_fake_cpu(model: torch.nn.Module, mode: Any) -> None:
+    """Swap every meta parameter/buffer for a fake CPU tensor: CPU kernels get chosen, nothing is allocated."""
+    with mode:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
+                    module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cpu")

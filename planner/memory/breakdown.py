@@ -1,0 +1,247 @@
+"""Predict the peak training memory of a plan, part by part, and compare plans with a budget.
+
+Weights per module come from each backend's ``stored_bytes`` (``planner.memory.weights``); the
+architecture-dependent activations are traced once in a ``FakeTensorMode`` (``planner.memory.activations``).
+Plan-dependent activation parts are added per module: each LoRA adapter saves its
+input (once per distinct input tensor) and its rank-``r`` hidden; an HQQ layer (PyTorch backend) saves its
+dequantized weight for the backward matmul; a bitsandbytes int8 layer on CPU saves its input.
+The loss part: the HF causal-LM loss saves an fp32 log-softmax of the logits, and its backward holds two
+more fp32 ``batch x seq x vocab`` buffers at once; that is the logits/loss term.
+
+The peak is the largest of the moments of a step (``MemoryBreakdown.peak_phase``): the start of the
+backward (activations + logits buffers), the recompute of one block under gradient checkpointing, and
+the optimizer step (all LoRA gradients). ``benchmarks/memory_accuracy.py`` compares it with the
+allocator-level peak of real training steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from planner.memory.activations import ActivationTrace, trace_activations
+from planner.memory.weights import LORA_DTYPE, base_module_bytes, elem, lora_numel, optimizer_bytes
+from planner.model_info import ModelInfo
+from qra_plugin.errors import QRAError
+from qra_plugin.modules import LinearSpec
+from qra_plugin.plan import ModulePlan, Plan
+
+
+@dataclass
+class MemoryBreakdown:
+    """Predicted training memory in bytes, part by part.
+
+    ``total`` is the predicted peak, not the sum of the parts: LoRA gradients only appear once the backward
+    reaches the adapters, after the logits buffers are gone; ``peak_phase`` says which moment peaks
+    (``loss``, ``recompute`` under gradient checkpointing, or ``optimizer``). ``activations`` is what is
+    held after the forward; ``recompute`` is one block rebuilt during a checkpointed backward.
+    """
+
+    quantized_weights: int
+    unquantized_weights: int
+    lora_params: int
+    lora_grads: int
+    optimizer_states: int
+    activations: int
+    logits_loss: int
+    total: int
+    recompute: int = 0
+    peak_phase: str = "loss"
+    quantized_by_backend: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> int:
+        """Weight-only bytes (what the papers' budgets count): quantized + unquantized + LoRA."""
+        return self.quantized_weights + self.unquantized_weights + self.lora_params
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weights"] = self.weights
+        return data
+
+
+@dataclass(frozen=True)
+class _ModuleCost:
+    base: int  # base layer bytes
+    is_quantized: bool
+    lora: int  # LoRA parameter elements
+    optim: int  # optimizer bytes
+    act_extra: int  # activation bytes this module adds besides its (shared) input
+    saves_input: bool  # whether the module makes autograd keep its input
+
+
+_COSTS: dict[tuple[Any, ...], _ModuleCost] = {}
+
+
+def _module_cost(
+    spec: LinearSpec, mp: ModulePlan, trace: ActivationTrace | None, tokens: int, optimizer: str, dtype: torch.dtype
+) -> _ModuleCost:
+    key = (spec, mp, tokens, optimizer, dtype, trace is None)
+    cost = _COSTS.get(key)
+    if cost is not None:
+        return cost
+    quantized = mp.bits < 16
+    base = base_module_bytes(spec, mp, dtype)
+    lora = lora_numel(spec, mp.rank)
+    optim = optimizer_bytes(optimizer, [(mp.rank, spec.in_features), (spec.out_features, mp.rank)]) if mp.rank else 0
+    extra = 0
+    saves_input = False
+    if mp.rank > 0:
+        extra += tokens * mp.rank * elem(LORA_DTYPE)  # lora_A output, saved by lora_B
+    if quantized and (mp.backend == "hqq" or mp.bits == 8):
+        # HQQLinear trains through HQQMatmulNoCacheMul and bnb int8 through MatMul8bitFp (CPU): both keep
+        # their input, not a dequantized weight (shared with the LoRA's saved input unless dtypes differ)
+        saves_input = True
+    cost = _ModuleCost(base, quantized, lora, optim, extra, saves_input)
+    _COSTS[key] = cost
+    return cost
+
+
+def estimate(
+    info: ModelInfo,
+    plan: Plan,
+    *,
+    batch: int,
+    seq_len: int,
+    optimizer: str = "adamw_torch",
+    grad_checkpointing: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> MemoryBreakdown:
+    """Predict every part of the training memory of ``plan`` on ``info``'s model.
+
+    ``compute_dtype`` is the dtype the model is loaded and trained in (default: ``info.dtype``, which is
+    float32 unless the model section says otherwise).
+    """
+    compute_dtype = compute_dtype or info.dtype
+    if batch < 1 or seq_len < 1:
+        raise QRAError(f"batch and seq_len must be >= 1 (got {batch}, {seq_len})")
+    if plan.fingerprint != info.fingerprint:
+        raise QRAError(f"plan is for {plan.fingerprint.describe()}, not for this model ({info.fingerprint.describe()})")
+    trace = trace_activations(info, batch, seq_len, compute_dtype)
+    return _estimate(info, plan, trace, batch * seq_len, optimizer, grad_checkpointing, compute_dtype)
+
+
+def _estimate(
+    info: ModelInfo,
+    plan: Plan,
+    trace: ActivationTrace | None,
+    tokens: int,
+    optimizer: str,
+    grad_checkpointing: bool,
+    dtype: torch.dtype,
+) -> MemoryBreakdown:
+    quantized = unquantized = lora = optim = 0
+    by_backend: dict[str, int] = {}
+    block_extra = [0] * info.n_blocks
+    block_inputs: list[dict[int, int]] = [{} for _ in range(info.n_blocks)]
+    for spec in info.linears:
+        mp = plan.modules.get(spec.name)
+        if mp is None:
+            mp = ModulePlan(bits=16, rank=0)
+        cost = _module_cost(spec, mp, trace, tokens, optimizer, dtype)
+        if cost.is_quantized:
+            quantized += cost.base
+            tag = f"{mp.backend}{mp.bits}"
+            by_backend[tag] = by_backend.get(tag, 0) + cost.base
+        else:
+            unquantized += cost.base
+        lora += cost.lora
+        optim += cost.optim
+        if trace is not None:
+            block_extra[spec.block] += cost.act_extra
+            if mp.rank > 0:
+                # what lora_A saves: the module input (shared by sibling adapters) or, when the base dtype
+                # differs from the adapters', the module's own cast copy
+                for key, nbytes in trace.lora_saved[spec.name]:
+                    if key not in trace.base_keys:
+                        block_inputs[spec.block][key] = nbytes
+            if cost.saves_input and not trace.input_saved[spec.name]:
+                block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
+    unquantized += info.other_bytes(dtype)
+    lora_bytes = lora * elem(LORA_DTYPE)
+    activations = logits = recompute = 0
+    if trace is not None:
+        per_block = [
+            trace.blocks_saved[i] + block_extra[i] + sum(block_inputs[i].values()) for i in range(info.n_blocks)
+        ]
+        if grad_checkpointing:
+            # every block keeps only its input; backward recomputes one block at a time
+            activations = trace.pre_saved + info.n_blocks * trace.block_input
+            recompute = max(per_block)
+        else:
+            activations = trace.pre_saved + sum(per_block)
+        # loss backward: saved fp32 log-softmax + its incoming grad + the grad it produces
+        logits = trace.head_saved + 2 * trace.logits_elems * 4
+    static = quantized + unquantized + lora_bytes + optim
+    # Peak = the largest of the moments that follow each other in a step (gradients are None until the
+    # backward reaches the adapters, by then the logits buffers are freed):
+    phases = {
+        "loss": activations + logits,  # end of forward / start of backward
+        "recompute": activations + recompute + lora_bytes,  # gradient checkpointing: one block rebuilt
+        "optimizer": lora_bytes,  # all gradients, activations freed
+    }
+    phase = max(phases, key=lambda k: phases[k])
+    total = static + phases[phase]
+    return MemoryBreakdown(
+        quantized_weights=quantized,
+        unquantized_weights=unquantized,
+        lora_params=lora_bytes,
+        lora_grads=lora_bytes,
+        optimizer_states=optim,
+        activations=activations,
+        logits_loss=logits,
+        total=total,
+        recompute=recompute,
+        peak_phase=phase,
+        quantized_by_backend=by_backend,
+        settings={
+            "optimizer": optimizer,
+            "grad_checkpointing": grad_checkpointing,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+        },
+    )
+
+
+def plan_bytes(info: ModelInfo, plan: Plan, train: Any, kind: str = "peak") -> int:
+    """The number a budget is compared with: predicted peak total, or weights only (quantized +
+    unquantized + LoRA params). ``train`` is a ``planner.config.TrainSection``. Fast after the first call
+    for a given (model, batch, seq_len): per-module costs and the activation trace are cached."""
+    dtype = info.dtype
+    if kind == "weights":
+        return _estimate(info, plan, None, 0, train.optimizer, False, dtype).weights
+    if kind != "peak":
+        raise QRAError(f"budget kind must be 'peak' or 'weights', not {kind!r}")
+    trace = trace_activations(info, train.batch, train.seq_len, dtype)
+    tokens = train.batch * train.seq_len
+    return _estimate(info, plan, trace, tokens, train.optimizer, train.grad_checkpointing, dtype).total
+
+
+def uniform_plan(info: ModelInfo, bits: int, rank: int, backend: str = "hqq") -> Plan:
+    """Every block at (bits, rank): the reference of relative budgets."""
+    return Plan.from_block_pairs(info.fingerprint, info.linears, [(bits, rank)] * info.n_blocks, backend)
+
+
+def min_plan_bytes(
+    info: ModelInfo,
+    train: Any,
+    bits_choices: Sequence[int],
+    rank_choices: Sequence[int],
+    backend: str = "hqq",
+    kind: str = "peak",
+) -> int:
+    """Bytes of the cheapest block plan in the space. Block costs are independent (the base activations
+    are shared), so the cheapest plan takes the cheapest (bits, rank) in every block: the cheapest
+    uniform plan, because all blocks price a pair the same way up to their shapes."""
+    if not bits_choices or not rank_choices:
+        raise QRAError("the search space needs at least one bit-width and one rank")
+    best: int | None = None
+    for bits in bits_choices:
+        for rank in rank_choices:
+            cost = plan_bytes(info, uniform_plan(info, bits, rank, backend), train, kind)
+            best = cost if best is None else min(best, cost)
+    assert best is not None
+    return best

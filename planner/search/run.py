@@ -1,0 +1,289 @@
+"""``qra search``: model info, budget, priors, first population, stage 1, stage 2, outputs — in that order.
+
+Only wiring lives here. Every evaluation is a real SFT fidelity run sent through the executor, which
+reads finished results from ``store.sqlite`` instead of recomputing them; since every random choice
+comes from the seed and scores are the only feedback, re-running the same command replays the search
+from the store and continues where a killed run stopped. One process per output directory (a lock).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner.allocation import Importance, prior_allocations, warm_start
+from planner.config import QRAConfig
+from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
+from planner.search.pareto import Point, best_for_budget, write_pareto
+from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor, stale_recipe_note
+from planner.search.space import Config, config_key
+from planner.search.trust_region import TRSettings, run_stage2
+from qra_plugin.errors import QRAError
+from qra_plugin.io import write_json_atomic
+
+PLAN_FILE = "plan.yaml"
+PARETO_FILE = "pareto.json"
+REPORT_FILE = "report.html"
+TRACE_FILE = "trace.json"
+__all__ = ["PARETO_FILE", "PLAN_FILE", "REPORT_FILE", "STORE_FILE", "TRACE_FILE", "SearchResult", "run_search"]
+
+
+@dataclass
+class SearchResult:
+    out_dir: Path
+    best: Config
+    best_score: float
+    best_memory: int
+    budget_bytes: int
+    pareto: list[Point]
+    surrogate_spearman: float | None
+    screening_spearman: float | None
+    evaluations: int
+    computed: int
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def plan_path(self) -> Path:
+        return self.out_dir / PLAN_FILE
+
+
+@dataclass
+class _Run:
+    """The state one search carries from step to step."""
+
+    cfg: QRAConfig
+    out: Path
+    seed: int
+    setup: SearchSetup
+    say: Callable[..., None]
+    counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "cached": 0})
+    gp_failures: int = 0
+    failures: dict[str, int] = field(default_factory=lambda: {"transient": 0, "deterministic": 0})
+
+
+def run_search(
+    cfg: QRAConfig,
+    out_dir: str | Path,
+    seed: int | None = None,
+    executor_kind: str | None = None,
+    *,
+    evaluate: Callable | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search per-unit (bits, rank) for ``cfg``'s model and budget; write plan, Pareto front, report, store.
+
+    ``evaluate`` replaces ``planner.fidelity.sft.run_fidelity`` in the executor (tests inject failures).
+    """
+    from rich.console import Console
+
+    out = Path(out_dir)
+    console = Console(stderr=True, quiet=not progress, highlight=False, log_path=False)
+    setup = SearchSetup.build(cfg)  # a bad model, space or budget fails here, before anything is written
+    with exclusive_run(out):
+        run = _Run(cfg, out, cfg.seed if seed is None else int(seed), setup, console.log)
+        started = time.time()
+        priors, importance = _priors(run, progress)
+        warm = _first_population(run, importance)
+        stage1, stage2, history, evaluator, planner_s = _evaluate_stages(run, importance, warm, executor_kind, evaluate)
+        return _write_outputs(run, priors, stage1, stage2, history, evaluator, planner_s, started)
+
+
+def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
+    from planner.priors.profile import profile
+
+    s = run.setup
+    run.say(
+        f"[bold]qra search[/bold] {run.cfg.name}: {s.space.n_units} {s.space.unit} units, budget {run.cfg.budget} = "
+        f"{s.budget_bytes / 2**20:.2f} MiB ({s.budget.kind}), seed {run.seed}"
+    )
+    priors = profile(run.cfg, run.out, progress=progress)
+    return priors, Importance.from_priors(priors, s.space)
+
+
+def _first_population(run: _Run, importance: Importance) -> list[Config]:
+    """The budget's uniform plan (what the user would otherwise run), the priors' free allocations
+    (greedy, ILP), then sampled warm starts; ``run_stage1`` keeps the first of any repeats."""
+    s, search = run.setup, run.cfg.search
+    n_warm = search.warm_start if search.warm_start is not None else max(1, search.population // 2)
+    if not n_warm:
+        warm: list[Config] = []
+    else:
+        named = s.budget.uniform[1] if s.budget.uniform is not None else None
+        rank = named if named in s.space.ranks else sorted(s.space.ranks)[len(s.space.ranks) // 2]
+        sampled = warm_start(importance, s.space, s.cost, s.budget_bytes, min(n_warm, search.population), run.seed)
+        warm = [*prior_allocations(s.space, s.cost, s.budget_bytes, importance, rank), *sampled]
+    budget_plan = s.budget_plan()
+    return [budget_plan, *warm] if budget_plan is not None else warm
+
+
+def _evaluate_stages(
+    run: _Run, importance: Importance, warm: list[Config], executor_kind: str | None, evaluate: Callable | None
+) -> tuple[Stage1Result, Any, dict[Config, float | None], Any, float]:
+    """Stage 1, stage 2 and the budget's uniform plan at the high fidelity, through the store."""
+    from planner.fidelity.contract import recipe_hash
+    from planner.search.surrogate import FIT_STATS
+    from planner.store import Store
+
+    s, search = run.setup, run.cfg.search
+
+    def on_result(_task: Any, _result: Any, from_store: bool) -> None:
+        run.counts["cached" if from_store else "computed"] += 1
+
+    store = Store(run.out / STORE_FILE)
+    note = stale_recipe_note(store, run.cfg)
+    if note:
+        run.say(f"[yellow]{note}[/yellow]")
+    executor = open_executor(run.cfg, store, kind=executor_kind, on_result=on_result, evaluate=evaluate)
+    evaluator = s.evaluator(executor, run.say)
+    failed_fits = FIT_STATS["failed"]
+    stages_start = time.perf_counter()
+    try:
+        run.say("[bold]stage 1[/bold]: multi-fidelity evolution")
+        settings = Stage1Settings(
+            search.population, search.generations, search.offspring, search.promote, search.screen_factor, seed=run.seed
+        )
+        stage1 = run_stage1(
+            s.space, importance, s.cost, s.budget_bytes, evaluator.for_stage("stage1"), settings, warm, progress=run.say
+        )
+        run.say(
+            f"performance model held-out Spearman: {_fmt(stage1.surrogate_spearman)}; "
+            f"screening model: {_fmt(stage1.screening_spearman)}"
+        )
+        stage2 = _stage2(run, stage1, evaluator)
+        history = dict(stage2.history)
+        baseline = s.budget_plan()
+        if baseline is not None and baseline not in history:
+            run.say("[bold]baseline[/bold]: the uniform plan that defines the budget, at the high fidelity")
+            history[baseline] = evaluator.run([baseline], "high", "baseline")[0]
+        run.failures = store.failure_counts({recipe_hash(run.cfg, "low"), recipe_hash(run.cfg, "high")})
+    finally:
+        executor.close()
+        store.close()
+    run.gp_failures = FIT_STATS["failed"] - failed_fits
+    return stage1, stage2, history, evaluator, time.perf_counter() - stages_start - evaluator.eval_wall_s
+
+
+def _stage2(run: _Run, stage1: Stage1Result, evaluator: Any) -> Any:
+    s, search = run.setup, run.cfg.search
+    run.say("[bold]stage 2[/bold]: trust-region Bayesian optimisation")
+    high = {r.config: r.high for r in stage1.records.values() if r.high_done}
+    settings = TRSettings(
+        iterations=search.tr_iterations,
+        batch=search.tr_batch,
+        length_init=search.tr_length,
+        length_max=max(search.tr_length, 2 * s.space.n_units),
+        n_candidates=search.tr_candidates,
+        seed=run.seed,
+    )
+    return run_stage2(s.space, s.fits, s.cost, evaluator.for_stage("stage2"), high, settings, progress=run.say)
+
+
+def _points(run: _Run, history: dict[Config, float | None], trace: list[dict[str, Any]]) -> list[Point]:
+    stage_of: dict[str, str] = {}
+    for row in trace:
+        if row["level"] == "high":
+            stage_of.setdefault(row["config"], row["stage"])
+    measured = {row["config"]: row["memory_measured"] for row in trace if row["level"] == "high"}
+    cost = run.setup.cost
+    return [
+        Point(c, float(v), cost(c), measured.get(config_key(c)), stage_of.get(config_key(c), ""))
+        for c, v in sorted(history.items())
+        if v is not None
+    ]
+
+
+def _write_outputs(
+    run: _Run,
+    priors: Any,
+    stage1: Stage1Result,
+    stage2: Any,
+    history: dict[Config, float | None],
+    evaluator: Any,
+    planner_s: float,
+    started: float,
+) -> SearchResult:
+    from planner.report import write_report
+
+    s, cfg, out = run.setup, run.cfg, run.out
+    points = _points(run, history, evaluator.trace)
+    best = best_for_budget(points, s.budget_bytes)
+    if best is None:
+        raise QRAError("no evaluated plan fits the budget (every high-fidelity evaluation failed?)")
+    pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind)
+    search_meta = {
+        "config": cfg.name,
+        "seed": run.seed,
+        "score": best.score,
+        "objective": "high-fidelity held-out eval loss",
+        "memory_bytes": best.memory,
+        "budget": cfg.budget,
+        "budget_bytes": s.budget_bytes,
+        "budget_kind": s.budget.kind,
+    }
+    s.space.to_plan(best.config, meta={"qra_search": search_meta}).save(out / PLAN_FILE)
+    summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
+    write_json_atomic(out / TRACE_FILE, summary)
+    write_report(out, s.space, priors, summary, points, pareto, best)
+    run.say(
+        f"[green]best plan[/green] loss {best.score:.4f}, {best.memory / 2**20:.2f} MiB of "
+        f"{s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
+    )
+    return SearchResult(
+        out_dir=out,
+        best=best.config,
+        best_score=best.score,
+        best_memory=best.memory,
+        budget_bytes=s.budget_bytes,
+        pareto=pareto,
+        surrogate_spearman=stage1.surrogate_spearman,
+        screening_spearman=stage1.screening_spearman,
+        evaluations=len(evaluator.trace),
+        computed=run.counts["computed"],
+        trace=evaluator.trace,
+    )
+
+
+def _summary(
+    run: _Run,
+    stage1: Stage1Result,
+    stage2: Any,
+    history: dict[Config, float | None],
+    trace: list[dict[str, Any]],
+    best: Point,
+    planner_s: float,
+    started: float,
+) -> dict[str, Any]:
+    cfg, s = run.cfg, run.setup
+    baseline = s.budget_plan()
+    return {
+        "name": cfg.name,
+        "seed": run.seed,
+        "budget": cfg.budget,
+        "budget_bytes": s.budget_bytes,
+        "best": config_key(best.config),
+        "best_score": best.score,
+        "best_memory": best.memory,
+        "surrogate_spearman": stage1.surrogate_spearman,
+        "screening_spearman": stage1.screening_spearman,
+        "stage1_generations": stage1.generations,
+        "stage2_restarts": stage2.restarts,
+        "baseline": config_key(baseline) if baseline is not None else None,
+        "baseline_score": history.get(baseline) if baseline is not None else None,
+        "evaluations": trace,
+        "failures": run.failures,
+        "gp_fit_failures": run.gp_failures,
+        "computed_this_run": run.counts["computed"],
+        "wall_s_this_run": round(time.time() - started, 1),
+        "search_steps": sum(r["steps"] for r in trace),
+        # the planner's own compute (operators, performance model, GP fits, acquisition) between evaluations
+        "planner_s": round(planner_s, 3),
+        "planner_s_per_proposal": round(planner_s / max(len(trace), 1), 4),
+        "final_finetune_steps": cfg.fidelity.high.steps,
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a (too few points)" if value is None else f"{value:.3f}"

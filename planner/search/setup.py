@@ -1,0 +1,193 @@
+"""What every planner run shares before and while it evaluates: model structure, budget, space, cost,
+the store-backed executor and the ``evaluate(configs, level)`` function the stages and baselines call.
+
+``qra search``, ``qra baseline`` and the benchmarks all build their runs from here, so a baseline's and a
+search's evaluations are the same real SFT runs under the same keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.config import QRAConfig
+from planner.search.space import BudgetCost, Config, SearchSpace, config_key
+from qra_plugin.errors import QRAError
+
+STORE_FILE = "store.sqlite"
+LOCK_FILE = ".qra.lock"
+SCORE_DIGITS = 6  # scores fed back to the optimisers are rounded: float noise never changes a decision
+
+
+class Evaluator:
+    """Turns ``evaluate(configs, level)`` calls of a stage into EvalTasks, runs them, records a trace."""
+
+    def __init__(self, cfg: QRAConfig, space: SearchSpace, cost: BudgetCost, executor: Any, say: Callable) -> None:
+        self.cfg, self.space, self.cost, self.executor, self.say = cfg, space, cost, executor, say
+        self.trace: list[dict[str, Any]] = []
+        #: wall seconds spent waiting for evaluations; the rest of a search's wall time is the planner's own
+        self.eval_wall_s = 0.0
+
+    def for_stage(self, stage: str) -> Callable[[list[Config], str], list[float | None]]:
+        def evaluate(configs: list[Config], level: str) -> list[float | None]:
+            return self.run(configs, level, stage)
+
+        return evaluate
+
+    def tasks(self, configs: list[Config], level: str, stage: str) -> list[Any]:
+        from planner.fidelity.contract import EvalTask
+
+        return [
+            EvalTask(
+                plan=self.space.to_plan(c),
+                level=level,  # type: ignore[arg-type]
+                seed=s,
+                config=self.cfg,
+                tag=f"{stage}:{config_key(c)}",
+                memory_predicted=self.cost(c),
+            )
+            for c in configs
+            for s in self.cfg.fidelity.seeds
+        ]
+
+    def run(self, configs: list[Config], level: str, stage: str) -> list[float | None]:
+        n_seeds = len(self.cfg.fidelity.seeds)
+        start = time.perf_counter()
+        results = self.executor.run(self.tasks(configs, level, stage))
+        self.eval_wall_s += time.perf_counter() - start
+        scores: list[float | None] = []
+        for i, c in enumerate(configs):
+            group = results[i * n_seeds : (i + 1) * n_seeds]
+            scores.append(self._record(c, level, stage, group))
+        return scores
+
+    def _record(self, config: Config, level: str, stage: str, group: list[Any]) -> float | None:
+        ok = all(r.status == "ok" and r.eval_loss is not None for r in group)
+        score = round(sum(r.eval_loss for r in group) / len(group), SCORE_DIGITS) if ok else None
+        measured = [r.memory_measured for r in group if r.memory_measured]
+        failed = next((r for r in group if r.status != "ok"), None)
+        self.trace.append(
+            {
+                "index": len(self.trace),
+                "stage": stage,
+                "level": level,
+                "config": config_key(config),
+                "score": score,
+                "memory": self.cost(config),
+                "memory_measured": max(measured) if measured else None,
+                "steps": sum(r.steps for r in group),
+                "wall_s": round(sum(r.wall_s for r in group), 3),
+                "status": "ok" if failed is None else failed.status,
+                "failure": failed.failure if failed is not None else None,
+                "error": next((r.error for r in group if r.error), None),
+            }
+        )
+        shown = f"{score:.4f}" if score is not None else f"[red]{self.trace[-1]['status']}[/red]"
+        self.say(
+            f"[dim]{stage}[/dim] {level:4s} loss {shown}  mem {self.cost(config) / 2**20:.2f} MiB  {config_key(config)}"
+        )
+        return score
+
+
+@dataclass
+class SearchSetup:
+    """What every planner run needs before it evaluates anything: model structure, budget, space, cost."""
+
+    cfg: QRAConfig
+    info: Any
+    budget: Any
+    space: SearchSpace
+    budget_bytes: int
+    cost: BudgetCost
+
+    @classmethod
+    def build(cls, cfg: QRAConfig) -> SearchSetup:
+        from planner.memory import Budget, plan_bytes
+        from planner.model_info import load_model_info
+
+        info = load_model_info(cfg.model)
+        budget = Budget.parse(cfg.budget)
+        space = SearchSpace.from_config(cfg, info)
+        budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
+        cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+        return cls(cfg, info, budget, space, budget_bytes, cost)
+
+    def fits(self, config: Config) -> bool:
+        return self.cost(config) <= self.budget_bytes
+
+    def evaluator(self, executor: Any, say: Callable) -> Evaluator:
+        return Evaluator(self.cfg, self.space, self.cost, executor, say)
+
+    def budget_plan(self) -> Config | None:
+        """The uniform config a relative budget names (``uniform:4bit:r16``), if the space holds it and it fits."""
+        if self.budget.uniform is None:
+            return None
+        bits, rank, backend = self.budget.uniform
+        space = self.space
+        if bits not in space.bits or rank not in space.ranks or (bits < 16 and backend != space.backend):
+            return None
+        config = space.uniform(bits, rank)
+        return config if self.fits(config) else None
+
+
+def open_executor(cfg: QRAConfig, store: Any, *, kind: str | None = None, **extra: Any) -> Any:
+    """The store-backed executor the config asks for (``extra``: ``on_result``, an injected ``evaluate``)."""
+    from planner.executors import make_executor
+
+    return make_executor(
+        kind or cfg.search.executor,  # type: ignore[arg-type]
+        subprocess=cfg.fidelity.subprocess,
+        store=store,
+        ray_address=cfg.search.ray_address,
+        gpus_per_eval=cfg.search.gpus_per_eval,
+        timeout_s=cfg.fidelity.timeout_s,
+        workers=cfg.fidelity.workers,
+        **{k: v for k, v in extra.items() if v is not None},
+    )
+
+
+@contextlib.contextmanager
+def exclusive_run(out_dir: Path) -> Iterator[None]:
+    """One planner process per output directory, by design: a second one is refused with one line.
+
+    An OS file lock (``flock``) on ``DIR/.qra.lock``: released by the kernel when the holder exits in any
+    way, kill -9 included, so a crashed run never leaves a stale lock behind.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise QRAError(f"{out_dir} is in use by another qra run ({holder}); wait for it or use another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def stale_recipe_note(store: Any, cfg: QRAConfig) -> str | None:
+    """One line naming what changed when the store holds evaluations of another recipe (never reused)."""
+    from planner.fidelity.contract import recipe, recipe_diff, recipe_hash
+
+    notes = []
+    for level in ("low", "high"):
+        current = recipe(cfg, level)
+        for _, old, rows in store.other_recipes(level, recipe_hash(cfg, level)):
+            if rows:
+                notes.append(f"{rows} {level} rows ({', '.join(recipe_diff(old, current)) or 'recipe'} changed)")
+    return "store holds evaluations of another recipe, not reused: " + "; ".join(notes) if notes else None
