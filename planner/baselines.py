@@ -56,10 +56,19 @@ def random_search(
     return _best("random", list(zip(configs, scores, strict=True)))
 
 
+def tpe_startup(evaluations: int) -> int:
+    """Random start-up trials before TPE models anything: a third of the budget (at least 2). hyperopt's
+    default is 20, so with a budget of ~12 evaluations "TPE" would be random search throughout."""
+    return max(2, evaluations // 3)
+
+
 def tpe(
     space: SearchSpace, cost: BudgetCost, budget: int, evaluate: Evaluate, evaluations: int, seed: int
 ) -> BaselineResult:
-    """hyperopt TPE over the same per-unit choices; proposals are repaired to the budget before scoring."""
+    """hyperopt TPE over the same per-unit choices; proposals are repaired to the budget before scoring.
+    The first ``tpe_startup(evaluations)`` trials are random, the rest come from TPE's density model."""
+    from functools import partial
+
     from hyperopt import STATUS_FAIL, STATUS_OK, Trials, fmin, hp
     from hyperopt import tpe as tpe_algo
 
@@ -84,7 +93,7 @@ def tpe(
     fmin(
         objective,
         domain,
-        algo=tpe_algo.suggest,
+        algo=partial(tpe_algo.suggest, n_startup_jobs=tpe_startup(evaluations)),
         max_evals=evaluations,
         trials=Trials(),
         rstate=np.random.default_rng(seed),

@@ -44,11 +44,18 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    """SFT data: the bundled wiki summaries, or a local jsonl of prompt/completion or alpaca rows."""
+    """SFT data: the bundled wiki summaries (``wiki``), their topic task with exact answers (``wiki_topic``),
+    both mixed (``wiki_mix``), or a local jsonl of prompt/completion or alpaca rows.
 
-    source: Literal["wiki", "jsonl"] = "wiki"
+    Splits are disjoint and fixed: ``train`` (every run trains on it), ``selection`` (what fidelity runs
+    score on) and ``test`` (for final fine-tunes only). ``eval_split`` says which one eval losses use.
+    """
+
+    source: Literal["wiki", "wiki_topic", "wiki_mix", "jsonl"] = "wiki"
     path: str | None = None
     eval_path: str | None = None
+    test_path: str | None = None
+    eval_split: Literal["selection", "test"] = "selection"
     train_examples: int = Field(256, ge=1)
     eval_examples: int = Field(32, ge=1)
     calibration_examples: int = Field(16, ge=1)
@@ -199,7 +206,7 @@ class QRAConfig(_Section):
             config = cls.model_validate(data)
         except ValidationError as exc:
             raise QRAError(f"{path}: invalid config: {one_line_validation_error(exc)}") from None
-        for key in ("path", "eval_path"):
+        for key in ("path", "eval_path", "test_path"):
             file = getattr(config.data, key)
             if file and not Path(file).is_file():
                 raise QRAError(f"{path}: data.{key} not found: {file}")

@@ -144,3 +144,31 @@ def test_qra_baseline_cli_runs_real_fidelities_on_the_tiny_search(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "unknown baseline" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_tpe_leaves_its_random_start_up_and_models_the_rest(setting) -> None:
+    """With 12 evaluations TPE must not stay random: after tpe_startup(12) = 4 random trials its proposals
+    follow the density model, so they differ from hyperopt's random search with the same seed."""
+    from functools import partial
+
+    from hyperopt import Trials, fmin, hp, rand
+    from hyperopt import tpe as tpe_algo
+
+    from planner.baselines import tpe_startup
+
+    space, cost, budget_bytes, evaluate, _, _ = setting
+    assert tpe_startup(12) == 4 and tpe_startup(3) == 2
+    domain = {f"u{u}": hp.choice(f"u{u}", list(range(len(space.bits)))) for u in range(space.n_units)}
+
+    def proposals(algo) -> list[tuple]:
+        trials = Trials()
+        fmin(lambda p: float(sum(p.values())), domain, algo=algo, max_evals=12, trials=trials,
+             rstate=np.random.default_rng(0), show_progressbar=False)  # fmt: skip
+        return [tuple(t["misc"]["vals"][f"u{u}"][0] for u in range(space.n_units)) for t in trials.trials]
+
+    guided = proposals(partial(tpe_algo.suggest, n_startup_jobs=tpe_startup(12)))
+    default = proposals(tpe_algo.suggest)  # hyperopt's default start-up of 20: random for all 12 trials
+    random_only = proposals(rand.suggest)
+    assert guided[:4] == random_only[:4] and default == random_only
+    assert guided[4:] != random_only[4:]
+    assert np.mean([sum(p) for p in guided[6:]]) < np.mean([sum(p) for p in random_only[6:]])  # it learns

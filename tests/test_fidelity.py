@@ -179,3 +179,37 @@ def test_smollm2_low_fidelity_is_a_real_short_finetune():
     # 4-bit planned linears + fp32 embeddings: well under the 538 MB of the fp32 model
     assert 50e6 < result.weight_bytes < 300e6 < 538e6
     assert result.memory_measured > result.weight_bytes
+
+
+def test_plan_budget_bytes_predicted_equal_the_real_tensors_of_a_run(cfg, meta):
+    """A ``plan:`` budget counts planned modules + LoRA + grads + optimizer states: a real run holds exactly that."""
+    from planner.memory import plan_bytes
+    from planner.model_info import load_model_info
+
+    info = load_model_info(cfg.model)
+    mixed = Plan.from_module_pairs(  # HQQ 2/3/4/8 and 16-bit modules, ranks 0..16
+        info.fingerprint,
+        info.linears,
+        [((2, 3, 4, 8, 16)[i % 5], (0, 4, 8, 16)[i % 4]) for i in range(len(info.linears))],
+    )
+    for plan in (Plan.uniform(meta, bits=4, rank=8), mixed):
+        result = run_fidelity(task(cfg, plan, "low"))
+        assert result.plan_bytes_measured == plan_bytes(info, plan, cfg.train, "plan")
+
+
+def test_the_three_splits_are_disjoint_and_the_task_has_exact_answers():
+    from planner.config import DataSection
+    from planner.data.sources import examples
+    from planner.data.wiki import TOPICS
+
+    for source in ("wiki", "wiki_topic", "wiki_mix"):
+        data = DataSection(source=source)
+        rows = {split: examples(data, split, 400) for split in ("train", "selection", "test")}
+        prompts = {split: {e.prompt for e in r} for split, r in rows.items()}
+        assert all(len(r) == 400 for r in rows.values())
+        assert not prompts["train"] & prompts["selection"] and not prompts["train"] & prompts["test"]
+        assert not prompts["selection"] & prompts["test"]
+    mix = examples(DataSection(source="wiki_mix"), "test", 40)
+    answers = [e.answer for e in mix if e.answer is not None]
+    assert 10 <= len(answers) <= 30 and set(answers) <= set(TOPICS)
+    assert examples(DataSection(source="wiki", eval_split="test"), "eval", 5) == examples(DataSection(), "test", 5)

@@ -14,12 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {
     "final_eval_loss_mean",
     "final_eval_loss_sd",
+    "final_eval_losses",
+    "final_accuracy_mean",
+    "final_accuracy_sd",
     "seeds",
     "G",
+    "G_accuracy",
     "memory_predicted",
     "memory_measured",
     "search_cost",
+    "search_cost_with_priors",
     "evaluations",
+    "search_steps",
     "wall_s",
 }
 
@@ -55,14 +61,21 @@ def test_tiny_recipe_writes_the_schema_and_resumes_without_recomputing(tmp_path)
     data = json.loads(results.read_text())
     assert data["complete"] is True and data["command"].startswith("python benchmarks/plan_quality.py")
     assert set(data["budgets"]) == {"uniform4_r16", "uniform3_r16"}
+    proto = data["protocol"]
+    assert proto["splits_disjoint"] is True and proto["final_eval_split"] == "test"
+    assert proto["final_steps"] >= 5 * proto["high_steps"] and proto["tpe_startup"] >= 2
+    assert proto["final_steps"] * 4 >= proto["split_rows"]["train"]  # at least one epoch (batch 4)
     for name, budget in data["budgets"].items():
+        assert budget["budget_kind"] == "plan"
         methods = budget["methods"]
-        assert {"qra", "bf16_r16", name, "random", "tpe", "ilp", "greedy_priors"} <= set(methods)
+        assert {"qra", "unquantized_r16", name, "random", "tpe", "ilp", "greedy_priors"} <= set(methods)
         for method, m in methods.items():
             assert set(m) >= REQUIRED, method
             assert len(m["seeds"]) == 2 and m["final_eval_loss_mean"] is not None
-            assert m["memory_measured"] > 0
-        assert methods[name]["G"] == 0.0 and methods["bf16_r16"]["G"] in (1.0, None)
+            assert m["final_accuracy_mean"] is not None  # the topic task has exact answers
+            # the same quantity on both sides: planned modules + LoRA + grads + optimizer states
+            assert m["memory_measured"] > 0 and m["memory_error"] == 0.0, method
+        assert methods[name]["G"] == 0.0 and methods["unquantized_r16"]["G"] in (1.0, None)
         for method in ("qra", "random", "tpe", "ilp", "greedy_priors", name):
             assert methods[method]["within_budget"], method
         # random and TPE get the search's optimizer steps, spent at the high fidelity

@@ -58,26 +58,52 @@ def _held_out(text: str) -> bool:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % EVAL_EVERY == 0
 
 
+def _wiki_examples(source: str, split: str, n: int) -> tuple[Example, ...]:
+    """``wiki``: summaries; ``wiki_topic``: the topic task (exact answers); ``wiki_mix``: both, alternating."""
+    from planner.data.wiki import PROMPT, topic_row, wiki_split
+
+    out: list[Example] = []
+    for i, r in enumerate(wiki_split(split, None, seed=0)):
+        if len(out) >= n:
+            break
+        task = topic_row(r) if source == "wiki_topic" or (source == "wiki_mix" and i % 2) else None
+        if task is not None:
+            out.append(Example(task[0], task[1], answer=task[1]))
+        elif source != "wiki_topic":
+            out.append(Example(PROMPT.format(title=r["title"]), r["text"]))
+    return tuple(out)
+
+
+def _jsonl_examples(data: DataSection, split: str, n: int) -> tuple[Example, ...]:
+    """jsonl: ``selection`` is ``eval_path`` or 1 prompt in 10 of ``path``; ``test`` needs ``test_path``."""
+    if split == "test" and not data.test_path:
+        raise QRAError("data.test_path is not set: a jsonl source has no test split without it")
+    own_file = {"selection": data.eval_path, "test": data.test_path}.get(split)
+    path = own_file or data.path
+    assert path is not None
+    rows = [as_example(row, path) for row in _jsonl_rows(path)]
+    if not own_file:
+        rows = [e for e in rows if _held_out(e.prompt) == (split == "selection")]
+    if not rows:
+        raise QRAError(
+            f"{path}: no {split} rows (1 prompt in 10 is held out for selection unless data.eval_path is set)"
+        )
+    return tuple(rows[:n])
+
+
 @lru_cache(maxsize=16)
 def _examples(data_json: str, split: str, n: int) -> tuple[Example, ...]:
     data = DataSection.model_validate_json(data_json)
-    if data.source == "wiki":
-        from planner.data.wiki import PROMPT, wiki_split
-
-        return tuple(Example(PROMPT.format(title=r["title"]), r["text"]) for r in wiki_split(split, n, seed=0))
-    own_eval_file = split == "eval" and bool(data.eval_path)
-    path = data.eval_path if own_eval_file else data.path
-    assert path is not None
-    examples = [as_example(row, path) for row in _jsonl_rows(path)]
-    if not own_eval_file:
-        examples = [e for e in examples if _held_out(e.prompt) == (split == "eval")]
-    if not examples:
-        raise QRAError(f"{path}: no {split} rows (1 prompt in 10 is held out for eval unless data.eval_path is set)")
-    return tuple(examples[:n])
+    split = data.eval_split if split == "eval" else split
+    if split not in ("train", "selection", "test"):
+        raise QRAError(f"unknown split {split!r}: use train, selection or test")
+    if data.source == "jsonl":
+        return _jsonl_examples(data, split, n)
+    return _wiki_examples(data.source, split, n)
 
 
 def examples(data: DataSection, split: str, n: int) -> tuple[Example, ...]:
-    """A fixed sample of ``n`` rows of the ``train`` or ``eval`` split."""
+    """A fixed sample of ``n`` rows of ``train``, ``selection`` or ``test`` (``eval``: ``data.eval_split``)."""
     return _examples(data.model_dump_json(), split, n)
 
 
@@ -105,12 +131,12 @@ def source_files(data: DataSection) -> list[Path]:
         from planner.data.wiki import wiki_summaries_path
 
         return [wiki_summaries_path()]
-    return [Path(p) for p in (data.path, data.eval_path) if p]
+    return [Path(p) for p in (data.path, data.eval_path, data.test_path) if p]
 
 
 def check_data(data: DataSection) -> None:
     """Read a jsonl source once, so a malformed row or an empty split fails before any run starts."""
     if data.source != "jsonl":
         return
-    for split in ("train", "eval"):
+    for split in ("train", "selection"):
         _examples(data.model_dump_json(), split, data.train_examples if split == "train" else data.eval_examples)

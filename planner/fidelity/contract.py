@@ -23,7 +23,7 @@ from qra_plugin.errors import QRAError
 from qra_plugin.plan import Plan
 
 #: Bump when the fidelity run itself changes what it measures (training loop, loss, eval, metric).
-FIDELITY_VERSION = 2
+FIDELITY_VERSION = 3
 
 Status = Literal["ok", "failed", "stopped"]
 #: transient failures (timeout, OOM, a killed worker) are retried once on resume; deterministic ones are kept
@@ -70,6 +70,8 @@ class EvalResult(BaseModel):
     accuracy: float | None = None
     train_loss: float | None = None
     memory_measured: int | None = None
+    #: measured planned weights + LoRA + its grads + optimizer states: what a ``plan:`` budget predicts
+    plan_bytes_measured: int | None = None
     weight_bytes: int | None = None
     wall_s: float = 0.0
     steps: int = 0

@@ -57,8 +57,21 @@ def state_bytes(model: torch.nn.Module, optimizer: Any = None) -> int:
 
     weights = memory_report(model).total_bytes
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + grads + (optimizer_state_bytes(optimizer) if optimizer is not None else 0)
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
     states: list[torch.Tensor] = []
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            states += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return weights + grads + storage_bytes(states)
+    for state in optimizer.state.values():
+        states += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return storage_bytes(states)
+
+
+def plan_scaled_bytes(model: torch.nn.Module, optimizer: Any) -> int:
+    """Measured counterpart of ``MemoryBreakdown.plan_scaled``: planned linears as stored + LoRA parameters
+    + one gradient per LoRA parameter + the optimizer's states (real tensors, counted once per storage)."""
+    from qra_plugin.weight_memory import memory_report
+
+    report = memory_report(model)
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return report.planned_bytes + report.lora_bytes + grads + optimizer_state_bytes(optimizer)

@@ -22,7 +22,7 @@ import torch
 from planner.config import FidelityLevel, ModelSection, QRAConfig
 from planner.data.sources import examples, sft_rows
 from planner.fidelity.contract import EvalResult, EvalTask, Status, level_settings
-from planner.fidelity.meter import ActivationMeter, state_bytes
+from planner.fidelity.meter import ActivationMeter, plan_scaled_bytes, state_bytes
 from planner.fidelity.metrics import answer_accuracy
 
 
@@ -75,6 +75,7 @@ def _make_trainer_class():
 
         qra_meter: ActivationMeter | None = None
         qra_state_bytes: int = 0
+        qra_plan_bytes: int | None = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             assert self.qra_meter is not None
@@ -124,7 +125,7 @@ def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokeni
     cfg = task.config
     seq_len = level.seq_len or cfg.train.seq_len
     train_key, train_ds = _dataset(cfg, "train", level.train_examples or cfg.data.train_examples, seq_len, tokenizer)
-    eval_key, eval_ds = _dataset(cfg, "eval", level.eval_examples, seq_len, tokenizer)
+    eval_key, eval_ds = _dataset(cfg, cfg.data.eval_split, level.eval_examples, seq_len, tokenizer)
     callback = QRACallback(
         plan=task.plan,
         stop_at_step=level.steps,
@@ -137,6 +138,7 @@ def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokeni
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
             if state.global_step == 1:  # optimizer states exist after the first step and keep their size
                 trainer.qra_state_bytes = state_bytes(model, optimizer)
+                trainer.qra_plan_bytes = plan_scaled_bytes(model, optimizer)
 
     progress = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -212,7 +214,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         memory = max(trainer.qra_state_bytes, state_bytes(peft_model, None)) + trainer.qra_meter.peak
     reason = trainer.qra_callback.stop_reason
     status, error = _outcome(reason, eval_loss, steps)
-    eval_items = examples(cfg.data, "eval", level.eval_examples)
+    eval_items = examples(cfg.data, cfg.data.eval_split, level.eval_examples)
     return EvalResult(
         status=status,
         eval_loss=eval_loss if math.isfinite(eval_loss) else None,
@@ -220,6 +222,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         token_accuracy=float(token_acc) if token_acc is not None else None,
         train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
         memory_measured=memory,
+        plan_bytes_measured=trainer.qra_plan_bytes,
         weight_bytes=memory_report(peft_model).total_bytes,
         steps=steps,
         error=error,

@@ -50,6 +50,8 @@ class MemoryBreakdown:
     total: int
     recompute: int = 0
     peak_phase: str = "loss"
+    #: base-layer bytes of the planned linears, whatever their bits (part of quantized + unquantized)
+    planned_weights: int = 0
     quantized_by_backend: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -58,9 +60,17 @@ class MemoryBreakdown:
         """Weight-only bytes (what the papers' budgets count): quantized + unquantized + LoRA."""
         return self.quantized_weights + self.unquantized_weights + self.lora_params
 
+    @property
+    def plan_scaled(self) -> int:
+        """The bytes that scale with the plan (the paper-style budget): planned linears as stored (weights +
+        quantization metadata) + LoRA parameters + their gradients + their optimizer states. Embeddings,
+        norms and activations are left out: no plan changes them."""
+        return self.planned_weights + self.lora_params + self.lora_grads + self.optimizer_states
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["weights"] = self.weights
+        data["plan_scaled"] = self.plan_scaled
         return data
 
 
@@ -121,6 +131,9 @@ def estimate(
         raise QRAError(f"batch and seq_len must be >= 1 (got {batch}, {seq_len})")
     if plan.fingerprint != info.fingerprint:
         raise QRAError(f"plan is for {plan.fingerprint.describe()}, not for this model ({info.fingerprint.describe()})")
+    unknown = sorted(set(plan.modules) - {s.name for s in info.linears})
+    if unknown:
+        raise QRAError(f"plan names {len(unknown)} module(s) this model does not have, e.g. {unknown[0]}")
     trace = trace_activations(info, batch, seq_len, compute_dtype)
     return _estimate(info, plan, trace, batch * seq_len, optimizer, grad_checkpointing, compute_dtype)
 
@@ -134,7 +147,7 @@ def _estimate(
     grad_checkpointing: bool,
     dtype: torch.dtype,
 ) -> MemoryBreakdown:
-    quantized = unquantized = lora = optim = 0
+    quantized = unquantized = planned = lora = optim = 0
     by_backend: dict[str, int] = {}
     block_extra = [0] * info.n_blocks
     block_inputs: list[dict[int, int]] = [{} for _ in range(info.n_blocks)]
@@ -143,6 +156,7 @@ def _estimate(
         if mp is None:
             mp = ModulePlan(bits=16, rank=0)
         cost = _module_cost(spec, mp, trace, tokens, optimizer, dtype)
+        planned += cost.base
         if cost.is_quantized:
             quantized += cost.base
             tag = f"{mp.backend}{mp.bits}"
@@ -198,6 +212,7 @@ def _estimate(
         recompute=recompute,
         peak_phase=phase,
         quantized_by_backend=by_backend,
+        planned_weights=planned,
         settings={
             "optimizer": optimizer,
             "grad_checkpointing": grad_checkpointing,
@@ -206,15 +221,20 @@ def _estimate(
     )
 
 
+#: what a budget counts: ``peak`` (predicted peak training memory), ``plan`` (what scales with the plan:
+#: planned weights + metadata + LoRA + its gradients and optimizer states), ``weights`` (all weights + LoRA)
+BUDGET_KINDS = ("peak", "plan", "weights")
+
+
 def plan_bytes(info: ModelInfo, plan: Plan, train: Any, kind: str = "peak") -> int:
-    """The number a budget is compared with: predicted peak total, or weights only (quantized +
-    unquantized + LoRA params). ``train`` is a ``planner.config.TrainSection``. Fast after the first call
-    for a given (model, batch, seq_len): per-module costs and the activation trace are cached."""
+    """The number a budget of ``kind`` is compared with. ``train`` is a ``planner.config.TrainSection``.
+    Fast after the first call for a given (model, batch, seq_len): module costs and the trace are cached."""
     dtype = info.dtype
-    if kind == "weights":
-        return _estimate(info, plan, None, 0, train.optimizer, False, dtype).weights
+    if kind not in BUDGET_KINDS:
+        raise QRAError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, not {kind!r}")
     if kind != "peak":
-        raise QRAError(f"budget kind must be 'peak' or 'weights', not {kind!r}")
+        static = _estimate(info, plan, None, 0, train.optimizer, False, dtype)
+        return static.weights if kind == "weights" else static.plan_scaled
     trace = trace_activations(info, train.batch, train.seq_len, dtype)
     tokens = train.batch * train.seq_len
     return _estimate(info, plan, trace, tokens, train.optimizer, train.grad_checkpointing, dtype).total

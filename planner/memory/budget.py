@@ -1,5 +1,7 @@
 """Budgets: absolute sizes (``22GiB``), or the memory of a uniform plan (``uniform:4bit:r16``, with a backend
-as ``uniform:4bit-bnb:r16``), of the peak (default, ``peak:``) or of the weights only (``weights:``).
+as ``uniform:4bit-bnb:r16``), of the peak (default, ``peak:``), of what scales with the plan (``plan:``:
+planned weights + quantization metadata + LoRA + its gradients and optimizer states) or of the weights only
+(``weights:``).
 
 One syntax for every relative budget, fed by the backend registry: ``uniform:<bits>bit[-<backend>]:r<rank>``.
 """
@@ -33,7 +35,7 @@ def parse_size(text: str) -> int:
 class Budget:
     """A memory budget: absolute bytes, or relative to a uniform plan; of peak or weight-only memory."""
 
-    kind: str  # "peak" or "weights"
+    kind: str  # "peak", "plan" or "weights"
     bytes: int | None = None  # absolute budgets
     uniform: tuple[int, int, str] | None = None  # (bits, rank, backend) of a relative budget
     text: str = ""
@@ -47,7 +49,7 @@ class Budget:
             return cls(kind="peak", bytes=text, text=str(text))
         raw = str(text).strip()
         kind, body = "peak", raw
-        for prefix in ("weights:", "peak:"):
+        for prefix in ("weights:", "peak:", "plan:"):
             if raw.lower().startswith(prefix):
                 kind, body = prefix[:-1], raw[len(prefix) :].strip()
         m = _UNIFORM.match(body)
@@ -82,7 +84,7 @@ class Budget:
         limit = self.resolve(info, train)
         minimum = min_plan_bytes(info, train, bits_choices, rank_choices, backend, self.kind)
         if minimum > limit:
-            what = "peak training memory" if self.kind == "peak" else "weight memory"
+            what = {"peak": "peak training memory", "plan": "plan memory", "weights": "weight memory"}[self.kind]
             raise QRAError(
                 f"budget {self.text or limit} = {format_bytes(limit)} is below the cheapest plan's {what} "
                 f"{format_bytes(minimum)} ({minimum} bytes); raise the budget or widen the search space"

@@ -44,6 +44,8 @@ class SearchResult:
     evaluations: int
     computed: int
     trace: list[dict[str, Any]] = field(default_factory=list)
+    #: the budget's uniform plan at the high fidelity (what the user would otherwise run), when it has one
+    baseline_score: float | None = None
 
     @property
     def plan_path(self) -> Path:
@@ -243,6 +245,7 @@ def _write_outputs(
         evaluations=len(evaluator.trace),
         computed=run.counts["computed"],
         trace=evaluator.trace,
+        baseline_score=summary["baseline_score"],
     )
 
 
