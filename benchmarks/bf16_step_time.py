@@ -6,7 +6,7 @@ machine noise hits both alike; the measured quantity is seconds inside ``trainer
 (``EvalResult.train_s / steps``: dequantize + matmuls + LoRA + loss + backward + optimizer). In bf16 HQQ
 keeps scale/zero in 16 bits, as on GPUs.
 
-    OMP_NUM_THREADS=2 python benchmarks/bf16_step_time.py   # ≈ 10 min; writes results/bf16_step_time.json
+    python benchmarks/bf16_step_time.py   # ≈ 10 min; one torch thread, as each benchmark worker runs
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
-    import torch
 
     from planner.config import QRAConfig
     from planner.fidelity.contract import EvalTask
@@ -49,7 +48,7 @@ def main() -> None:
                     "model": {"path": "demo", "dtype": dtype},
                     "train": {"batch": 4, "seq_len": 128, "lr": 5e-4},
                     "data": {"train_examples": 64},
-                    "fidelity": {"low": {"steps": args.steps, "eval_examples": 8}},
+                    "fidelity": {"low": {"steps": args.steps, "eval_examples": 8}, "torch_threads": 1},
                 }
             )
             plan = Plan.uniform(load_meta_model(cfg.model), bits=args.bits, rank=16)
@@ -67,12 +66,12 @@ def main() -> None:
     write_json_atomic(
         args.out,
         {
-            "command": "OMP_NUM_THREADS=2 python benchmarks/bf16_step_time.py"
+            "command": "python benchmarks/bf16_step_time.py"
             + (f" --steps {args.steps}" if args.steps != 6 else "")
             + (f" --repeats {args.repeats}" if args.repeats != 3 else ""),
             "what": f"seconds per optimizer step inside trainer.train(), SmolLM2-135M, HQQ {args.bits}-bit r16, "
             "batch 4 x 128, AdamW; float32 and bfloat16 runs alternated",
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": 1,  # fidelity.torch_threads, as each benchmark worker runs
             "runs": runs,
             "median_s_per_step": median,
             "bf16_over_fp32": median["bfloat16"] / median["float32"],

@@ -76,7 +76,7 @@ class Recipe:
 
 
 RECIPES = {
-    "cpu": Recipe("benchmarks/recipes/plan_quality-cpu.yaml", final_eval_examples=48, seeds=(0, 1, 2), final_workers=2),
+    "cpu": Recipe("benchmarks/recipes/plan_quality-cpu.yaml", final_eval_examples=96, seeds=(0, 1, 2), final_workers=2),
     "gpu": Recipe("benchmarks/recipes/plan_quality-gpu.yaml", final_eval_examples=64, seeds=(0, 1, 2), final_workers=4),
     # tiny Llama built in code: a minutes-long end-to-end check of this script (not a quality result)
     "tiny": Recipe("benchmarks/recipes/plan_quality-tiny.yaml", final_eval_examples=8, seeds=(0, 1), final_workers=2),
