@@ -3,8 +3,9 @@
     python benchmarks/reliability.py            # ~15-25 min on 2 cores; writes benchmarks/results/reliability.json
 
 * **kills**: one clean ``qra search example_configs/tiny-search.yaml`` gives the reference plan. Then the same
-  search on a fresh ``--out`` is SIGKILLed at ``--kills`` random moments (seeded; each resume runs until the next
-  moment) and finally resumed to the end. Per resume: how many evaluations finished before the kill were run
+  search on a fresh ``--out`` is SIGKILLed at ``--kills`` random moments spread over the whole search (seeded:
+  after a random number of stored evaluations plus a random 0-3 s, so mostly mid-evaluation), resumed after
+  each, and finally resumed to the end. Per resume: how many evaluations finished before the kill were run
   again (must be 0) and how many were recomputed at all (the one in flight: ≤ 1); the final plan vs the clean one.
 * **fuzz**: ``--fuzz`` generated malformed inputs (plans, configs, budgets, jsonl data), each fed to the real CLI
   in this process (``planner.cli.main``); each must end with exit status ≠ 0 and one stderr line, no
@@ -52,19 +53,28 @@ def _rows(store: Path) -> list[dict[str, Any]]:
             return []
 
 
-def _search(cfg: Path, out: Path, kill_after: float | None = None) -> tuple[int | None, float]:
-    """Run ``qra search``; SIGKILL its whole process group after ``kill_after`` s. (exit code or None, wall s)."""
+def _finished(store: Path) -> int:
+    return sum(r["status"] != "running" for r in _rows(store))
+
+
+def _search(cfg: Path, out: Path, kill_at_rows: int | None = None, extra_s: float = 0.0) -> tuple[int | None, float]:
+    """Run ``qra search``; SIGKILL its process group ``extra_s`` after the store holds ``kill_at_rows`` finished
+    evaluations (so kills land all over the search, mostly mid-evaluation). (exit code or None, wall s)."""
     start = time.perf_counter()
     cmd = _cli("search", str(cfg), "--out", str(out), "--seed", "0", "--no-progress")
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        proc.wait(timeout=kill_after)
+    if kill_at_rows is None:
+        proc.wait(timeout=1800)
         return proc.returncode, time.perf_counter() - start
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return None, time.perf_counter() - start
+    while proc.poll() is None and _finished(out / "store.sqlite") < kill_at_rows:
+        time.sleep(0.1)
+    time.sleep(extra_s)
+    if proc.poll() is not None:
+        return proc.returncode, time.perf_counter() - start
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return None, time.perf_counter() - start
 
 
 def _plan_hash(out: Path) -> str:
@@ -77,24 +87,25 @@ def kills(work: Path, n_kills: int, seed: int) -> dict[str, Any]:
     ref = work / "clean"
     code, clean_s = _search(TINY, ref)
     assert code == 0, "the clean tiny search failed"
+    total = len(_rows(ref / "store.sqlite"))
     rng = random.Random(seed)
+    # kill moments: n distinct evaluation counts spread over the clean run, each plus a random delay
+    moments = sorted(rng.sample(range(0, total - 1), min(n_kills, total - 1)))
     out = work / "killed"
     resumes = []
-    for k in range(n_kills + 1):
+    for target in [*moments, None]:
         before = {r["id"]: r for r in _rows(out / "store.sqlite")}
-        kill_after = rng.uniform(5.0, 0.5 * clean_s) if k < n_kills else None
-        code, wall = _search(TINY, out, kill_after)
+        extra = rng.uniform(0.0, 3.0)
+        code, wall = _search(TINY, out, target, extra)
         after = _rows(out / "store.sqlite")
         redone_finished = sum(
             1 for r in after if r["id"] in before and before[r["id"]]["status"] != "running"
             and r["attempts"] != before[r["id"]]["attempts"]
         )  # fmt: skip
         recomputed = sum(1 for r in after if r["id"] in before and r["attempts"] != before[r["id"]]["attempts"])
-        resumes.append({"killed_after_s": round(kill_after, 2) if kill_after else None, "wall_s": round(wall, 1),
-                        "exit": code, "rows": len(after), "recomputed": recomputed,
+        resumes.append({"kill_after_rows": target, "extra_s": round(extra, 2) if target is not None else None,
+                        "wall_s": round(wall, 1), "exit": code, "rows": len(after), "recomputed": recomputed,
                         "finished_rows_rerun": redone_finished})  # fmt: skip
-        if code == 0:
-            break
     identical = (out / "plan.yaml").is_file() and _plan_hash(out) == _plan_hash(ref)
     return {
         "count": sum(r["exit"] is None for r in resumes),
@@ -102,6 +113,7 @@ def kills(work: Path, n_kills: int, seed: int) -> dict[str, Any]:
         "max_recomputed": max(r["recomputed"] for r in resumes),
         "finished_rows_rerun": sum(r["finished_rows_rerun"] for r in resumes),
         "clean_wall_s": round(clean_s, 1),
+        "clean_evaluations": total,
         "resumes": resumes,
         "reference_out": str(ref),
     }
