@@ -41,17 +41,17 @@ def quantize_model(model: nn.Module, plan: Plan, compute_dtype: torch.dtype | No
             continue
         parent, child = _parent_and_child(model, name)
         current = getattr(parent, child)
+        backend = get_backend(module_plan.backend)
+        flag = backend.model_flags.get(module_plan.bits)
+        if flag:  # also for a module quantized before this call: PEFT reads the flag to pick its wrapper
+            setattr(model, flag, True)
         if is_quantized_linear(current):
             continue
         if not isinstance(current, nn.Linear):
             raise TypeError(f"{name} is {type(current).__name__}, expected nn.Linear")
-        backend = get_backend(module_plan.backend)
         new = backend.quantize(current, module_plan, dtype)
         setattr(parent, child, new)
         replaced[name] = new
-        flag = backend.model_flags.get(module_plan.bits)
-        if flag:
-            setattr(model, flag, True)
     if "hqq" in plan.backends_used():
         # transformers/PEFT read this to skip the fp32 upcast that prepare_model_for_kbit_training does.
         model.hqq_quantized = True

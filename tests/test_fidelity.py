@@ -213,3 +213,33 @@ def test_the_three_splits_are_disjoint_and_the_task_has_exact_answers():
     answers = [e.answer for e in mix if e.answer is not None]
     assert 10 <= len(answers) <= 30 and set(answers) <= set(TOPICS)
     assert examples(DataSection(source="wiki", eval_split="test"), "eval", 5) == examples(DataSection(), "test", 5)
+
+
+@pytest.mark.parametrize("backend", ["hqq", "bnb"])
+def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backend):
+    """The worker-level cache (planner.fidelity.quantized) must change set-up time, never a score."""
+    import copy
+
+    import torch
+
+    from planner.fidelity.quantized import STATS, prequantize
+    from planner.tiny import build_tiny_model
+    from qra_plugin import apply_plan
+    from qra_plugin.weight_memory import memory_report
+
+    base = build_tiny_model("llama", layers=2, hidden=64, vocab_size=128, seed=3)
+    plan = Plan.uniform(base, bits=4, rank=4, backend=backend)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for use_cache in (False, True, True):  # a fresh quantization, then the cache's first miss and a hit
+        model = copy.deepcopy(base)
+        hits = STATS["hits"]
+        if use_cache:
+            prequantize(model, plan, f"test-{backend}", torch.float32)
+        torch.manual_seed(0)
+        peft = apply_plan(model, plan)
+        outputs.append((peft(input_ids=ids).logits.detach(), memory_report(peft).total_bytes, STATS["hits"] - hits))
+    (fresh, fresh_bytes, _), (miss, miss_bytes, miss_hits), (hit, hit_bytes, hit_hits) = outputs
+    assert miss_hits == 0 and hit_hits == len(plan.modules)
+    assert torch.equal(fresh, miss) and torch.equal(fresh, hit)
+    assert fresh_bytes == miss_bytes == hit_bytes

@@ -190,13 +190,17 @@ def _outcome(stop_reason: str | None, eval_loss: float, steps: int) -> tuple[Sta
 def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalResult:
     import transformers
 
+    from planner.fidelity.quantized import prequantize
     from qra_plugin import apply_plan
+    from qra_plugin.quantize import model_compute_dtype
     from qra_plugin.weight_memory import memory_report
 
     cfg = task.config
     tokenizer = cached_tokenizer(cfg.model)
     on_cuda = torch.cuda.is_available()
     model = fresh_model(cfg.model).to("cuda" if on_cuda else "cpu")
+    if not on_cuda:
+        prequantize(model, task.plan, cfg.model.model_dump_json(), model_compute_dtype(model))
     transformers.set_seed(task.seed)  # LoRA init
     peft_model = apply_plan(model, task.plan)
     if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs
