@@ -62,6 +62,7 @@ class _Run:
     setup: SearchSetup
     say: Callable[..., None]
     counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "cached": 0})
+    bar: Any = None
     gp_failures: int = 0
     failures: dict[str, int] = field(default_factory=lambda: {"transient": 0, "deterministic": 0})
 
@@ -81,16 +82,20 @@ def run_search(
     """
     from rich.console import Console
 
+    from planner.search.progress import SearchProgress, planned_evaluations
+
     out = Path(out_dir)
     console = Console(stderr=True, quiet=not progress, highlight=False, log_path=False)
     setup = SearchSetup.build(cfg)  # a bad model, space or budget fails here, before anything is written
+    bar = SearchProgress(console, planned_evaluations(cfg), enabled=progress and console.is_terminal)
     with exclusive_run(out):
-        run = _Run(cfg, out, cfg.seed if seed is None else int(seed), setup, console.log)
+        run = _Run(cfg, out, cfg.seed if seed is None else int(seed), setup, console.log, bar=bar)
         started = time.time()
-        priors, importance = _priors(run, progress)
+        priors, importance = _priors(run, progress)  # the profile draws its own bar first
         warm = _first_population(run, importance)
-        stage1, stage2, history, evaluator, planner_s = _evaluate_stages(run, importance, warm, executor_kind, evaluate)
-        return _write_outputs(run, priors, stage1, stage2, history, evaluator, planner_s, started)
+        with bar:
+            stages = _evaluate_stages(run, importance, warm, executor_kind, evaluate)
+        return _write_outputs(run, priors, *stages, started)
 
 
 def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
@@ -133,6 +138,7 @@ def _evaluate_stages(
 
     def on_result(_task: Any, _result: Any, from_store: bool) -> None:
         run.counts["cached" if from_store else "computed"] += 1
+        run.bar.advance()
 
     store = Store(run.out / STORE_FILE)
     note = stale_recipe_note(store, run.cfg)
@@ -148,7 +154,14 @@ def _evaluate_stages(
             search.population, search.generations, search.offspring, search.promote, search.screen_factor, seed=run.seed
         )
         stage1 = run_stage1(
-            s.space, importance, s.cost, s.budget_bytes, evaluator.for_stage("stage1"), settings, warm, progress=run.say
+            s.space,
+            importance,
+            s.cost,
+            s.budget_bytes,
+            run.bar.wrap("stage 1", evaluator.for_stage("stage1")),
+            settings,
+            warm,
+            progress=run.say,
         )
         run.say(
             f"performance model held-out Spearman: {_fmt(stage1.surrogate_spearman)}; "
@@ -159,6 +172,7 @@ def _evaluate_stages(
         baseline = s.budget_plan()
         if baseline is not None and baseline not in history:
             run.say("[bold]baseline[/bold]: the uniform plan that defines the budget, at the high fidelity")
+            run.bar.stage("baseline · high fidelity")
             history[baseline] = evaluator.run([baseline], "high", "baseline")[0]
         run.failures = store.failure_counts({recipe_hash(run.cfg, "low"), recipe_hash(run.cfg, "high")})
     finally:
@@ -180,7 +194,8 @@ def _stage2(run: _Run, stage1: Stage1Result, evaluator: Any) -> Any:
         n_candidates=search.tr_candidates,
         seed=run.seed,
     )
-    return run_stage2(s.space, s.fits, s.cost, evaluator.for_stage("stage2"), high, settings, progress=run.say)
+    evaluate = run.bar.wrap("stage 2", evaluator.for_stage("stage2"))
+    return run_stage2(s.space, s.fits, s.cost, evaluate, high, settings, progress=run.say)
 
 
 def _points(run: _Run, history: dict[Config, float | None], trace: list[dict[str, Any]]) -> list[Point]:
