@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from planner.tiny import build_tiny_model
+from planner.data.wiki import write_jsonl
+from planner.tiny import build_tiny_model, save_tiny_model
 from tests.conftest import mixed_plan
 
 pytestmark = pytest.mark.distributed
@@ -20,6 +21,8 @@ ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).parent / "ac
 
 
 def _launch(tmp_path: Path, *extra: str) -> list[dict]:
+    model_dir = save_tiny_model(tmp_path / "model", seed=0)
+    data = write_jsonl(tmp_path / "train.jsonl", "train", 32, fmt="prompt-completion")
     plan = mixed_plan(build_tiny_model("llama", seed=0))
     plan.save(tmp_path / "plan.yaml")
     out = tmp_path / "out"
@@ -27,7 +30,8 @@ def _launch(tmp_path: Path, *extra: str) -> list[dict]:
         ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "example_configs" / "train_trl.py"),
-        "--model", "tiny", "--plan", str(tmp_path / "plan.yaml"), "--batch", "2", "--out", str(out), *extra,
+        "--model", str(model_dir), "--plan", str(tmp_path / "plan.yaml"), "--data", str(data), "--batch", "2",
+        "--out", str(out), *extra,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

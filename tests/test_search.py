@@ -164,10 +164,17 @@ def test_killed_search_resumes_recomputes_at_most_one_and_ends_with_the_same_pla
 
 
 def test_the_searched_plan_trains_with_the_trl_example(reference, tmp_path) -> None:
-    _, _, out, _ = reference
+    from planner.data.wiki import write_jsonl
+    from planner.tiny import save_tiny_model
+
+    _, cfg, out, _ = reference
+    tiny = cfg.model.tiny
+    model_dir = save_tiny_model(tmp_path / "model", tiny.arch, tiny.seed, layers=tiny.layers, hidden=tiny.hidden,
+                                vocab_size=tiny.vocab_size)  # fmt: skip
+    data = write_jsonl(tmp_path / "train.jsonl", "train", 16, fmt="messages")  # conversational rows
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["--model", "tiny", "--plan", str(out / PLAN_FILE), "--steps", "2", "--seq-len", "64"]
-    args += ["--train-examples", "16", "--out", str(tmp_path / "trl")]
+    args = ["--model", str(model_dir), "--plan", str(out / PLAN_FILE), "--data", str(data), "--steps", "2"]
+    args += ["--seq-len", "64", "--out", str(tmp_path / "trl")]
     done = subprocess.run(
         [sys.executable, str(ROOT / "example_configs" / "train_trl.py"), *args],
         env=env,

@@ -47,3 +47,23 @@ def test_benchmarks_import_no_private_names() -> None:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
                 private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert private == []
+
+
+def test_the_trl_example_is_a_plain_trl_script() -> None:
+    """What a TRL user copies: transformers + datasets + TRL + qra_plugin, nothing of the planner."""
+    allowed = {
+        "transformers",
+        "datasets",
+        "trl",
+        "torch",
+        "qra_plugin",
+        "argparse",
+        "json",
+        "os",
+        "pathlib",
+        "__future__",
+    }
+    tree = ast.parse((ROOT / "example_configs" / "train_trl.py").read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert roots <= allowed, roots - allowed

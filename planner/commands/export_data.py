@@ -1,4 +1,4 @@
-"""``qra export-data``: write the wiki SFT split as an Axolotl alpaca jsonl."""
+"""``qra export-data``: write a split of the shipped wiki data as jsonl for Axolotl or a TRL script."""
 
 from __future__ import annotations
 
@@ -11,11 +11,18 @@ def register(app: typer.Typer) -> None:
     @app.command("export-data")
     def export_data(
         out: Path = typer.Option(..., help="jsonl file to write"),
-        split: str = typer.Option("train", help="train or eval (the fixed held-out split)"),
+        split: str = typer.Option("train", help="train, selection or test (fixed, disjoint splits)"),
         n: int | None = typer.Option(None, help="number of rows (default: all)"),
         seed: int = typer.Option(0, help="shuffle seed"),
+        fmt: str = typer.Option(
+            "alpaca", "--format", help="alpaca (Axolotl type: alpaca), prompt-completion, messages"
+        ),
     ) -> None:
-        """Export the bundled wiki summaries as instruction rows for `datasets: [{type: alpaca}]`."""
-        from planner.data.wiki import write_alpaca_jsonl
+        """Export the bundled wiki summaries as jsonl rows: Axolotl alpaca, or TRL prompt/completion or messages."""
+        from planner.data.wiki import FORMATS, write_jsonl
 
-        typer.echo(str(write_alpaca_jsonl(out, split, n, seed)))
+        if fmt not in FORMATS:
+            from qra_plugin.errors import QRAError
+
+            raise QRAError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        typer.echo(str(write_jsonl(out, split, n, seed, fmt)))

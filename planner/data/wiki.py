@@ -116,9 +116,28 @@ def sft_dataset(split: str, n: int | None = None, seed: int = 0):
     return Dataset.from_list([as_prompt_completion(r) for r in wiki_split(split, n, seed)])
 
 
-def write_alpaca_jsonl(path: str | Path, split: str, n: int | None = None, seed: int = 0) -> Path:
-    """Export a split for Axolotl (``datasets: [{path: file.jsonl, type: alpaca}]``)."""
+def as_messages(record: dict[str, str]) -> dict[str, Any]:
+    """TRL conversational ``messages`` row."""
+    return {"messages": [{"role": "user", "content": PROMPT.format(title=record["title"])},
+                         {"role": "assistant", "content": record["text"]}]}  # fmt: skip
+
+
+def as_plain_prompt_completion(record: dict[str, str]) -> dict[str, str]:
+    """TRL standard (not conversational) prompt/completion row."""
+    return {"prompt": PROMPT.format(title=record["title"]) + "\n", "completion": record["text"]}
+
+
+FORMATS = {"alpaca": as_alpaca, "prompt-completion": as_plain_prompt_completion, "messages": as_messages}
+
+
+def write_jsonl(path: str | Path, split: str, n: int | None = None, seed: int = 0, fmt: str = "alpaca") -> Path:
+    """Export a split as jsonl rows of ``fmt`` (see ``FORMATS``)."""
     from qra_plugin.io import write_text_atomic
 
-    lines = [json.dumps(as_alpaca(r), ensure_ascii=False) for r in wiki_split(split, n, seed)]
+    lines = [json.dumps(FORMATS[fmt](r), ensure_ascii=False) for r in wiki_split(split, n, seed)]
     return write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_alpaca_jsonl(path: str | Path, split: str, n: int | None = None, seed: int = 0) -> Path:
+    """Export a split for Axolotl (``datasets: [{path: file.jsonl, type: alpaca}]``)."""
+    return write_jsonl(path, split, n, seed, "alpaca")

@@ -177,19 +177,7 @@ def _estimate(
                 block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
     unquantized += info.other_bytes(dtype)
     lora_bytes = lora * elem(LORA_DTYPE)
-    activations = logits = recompute = 0
-    if trace is not None:
-        per_block = [
-            trace.blocks_saved[i] + block_extra[i] + sum(block_inputs[i].values()) for i in range(info.n_blocks)
-        ]
-        if grad_checkpointing:
-            # every block keeps only its input; backward recomputes one block at a time
-            activations = trace.pre_saved + info.n_blocks * trace.block_input
-            recompute = max(per_block)
-        else:
-            activations = trace.pre_saved + sum(per_block)
-        # loss backward: saved fp32 log-softmax + its incoming grad + the grad it produces
-        logits = trace.head_saved + 2 * trace.logits_elems * 4
+    activations, logits, recompute = _activation_parts(info, trace, block_extra, block_inputs, grad_checkpointing)
     static = quantized + unquantized + lora_bytes + optim
     # Peak = the largest of the moments that follow each other in a step (gradients are None until the
     # backward reaches the adapters, by then the logits buffers are freed):
@@ -219,6 +207,27 @@ def _estimate(
             "compute_dtype": str(dtype).removeprefix("torch."),
         },
     )
+
+
+def _activation_parts(
+    info: ModelInfo,
+    trace: ActivationTrace | None,
+    block_extra: list[int],
+    block_inputs: list[dict[int, int]],
+    grad_checkpointing: bool,
+) -> tuple[int, int, int]:
+    """(held after the forward, logits/loss buffers, one recomputed block) in bytes; zeros without a trace."""
+    if trace is None:
+        return 0, 0, 0
+    per_block = [trace.blocks_saved[i] + block_extra[i] + sum(block_inputs[i].values()) for i in range(info.n_blocks)]
+    recompute = 0
+    if grad_checkpointing:  # every block keeps only its input; backward recomputes one block at a time
+        activations = trace.pre_saved + info.n_blocks * trace.block_input
+        recompute = max(per_block)
+    else:
+        activations = trace.pre_saved + sum(per_block)
+    # loss backward: saved fp32 log-softmax + its incoming grad + the grad it produces
+    return activations, trace.head_saved + 2 * trace.logits_elems * 4, recompute
 
 
 #: what a budget counts: ``peak`` (predicted peak training memory), ``plan`` (what scales with the plan:
