@@ -142,3 +142,16 @@ def test_plugin_refuses_hqq_plan_under_deepspeed_zero3(tiny_model, tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     QRAPlugin().pre_model_load(cfg)  # ZeRO-2 replicates weights: accepted
     assert cfg["lora_target_linear"] is False and "model.layers.0.self_attn.k_proj" not in cfg["lora_target_modules"]
+
+
+def test_register_expands_home_in_the_paths_a_user_types(tmp_path, monkeypatch):
+    from qra_plugin.axolotl.plugin import QRAPlugin
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = {"base_model": "~/.cache/qra/model", "qra_plan": "~/plan.yaml", "tokenizer_config": "HuggingFaceTB/x"}
+    QRAPlugin().register(cfg)
+    assert cfg == {"base_model": f"{tmp_path}/.cache/qra/model", "qra_plan": f"{tmp_path}/plan.yaml",
+                   "tokenizer_config": "HuggingFaceTB/x"}  # fmt: skip
+    untouched = {"base_model": "~/m"}  # without qra_plan the plugin does nothing at all
+    QRAPlugin().register(untouched)
+    assert untouched == {"base_model": "~/m"}

@@ -40,6 +40,16 @@ class QRAPlugin(BasePlugin):
         super().__init__()
         self._plans: dict[str, Plan] = {}
 
+    def register(self, cfg: dict) -> None:
+        """Axolotl hands the raw config here before validating it: expand ``~`` in the paths a qra user
+        types (``base_model: ~/.cache/qra/...`` would otherwise be taken for a hub repo id)."""
+        if not cfg.get("qra_plan"):
+            return
+        for key in ("base_model", "tokenizer_config", "qra_plan"):
+            value = cfg.get(key)
+            if isinstance(value, str) and value.startswith("~"):
+                cfg[key] = str(Path(value).expanduser())
+
     def get_input_args(self) -> str:
         return "qra_plugin.axolotl.args.QRAArgs"
 
