@@ -21,9 +21,12 @@ def register(app: typer.Typer) -> None:
         from planner.config import QRAConfig
         from planner.priors.profile import CHART_FILE, PRIORS_FILE, profile
 
+        from planner.search.setup import exclusive_run
+
         cfg = QRAConfig.load(config)
         out_dir = out if out is not None else Path("runs") / cfg.name
-        priors = profile(cfg, out_dir, progress=progress)
+        with exclusive_run(out_dir):  # one planner process per directory, as for qra search
+            priors = profile(cfg, out_dir, progress=progress)
         table = Table(title=f"priors ({priors.unit} units)")
         table.add_column("unit")
         for b in sorted(priors.I_q):
