@@ -20,7 +20,6 @@ def register(app: typer.Typer) -> None:
 
         from planner.config import QRAConfig
         from planner.priors.profile import CHART_FILE, PRIORS_FILE, profile
-
         from planner.search.setup import exclusive_run
 
         cfg = QRAConfig.load(config)
