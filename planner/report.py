@@ -165,8 +165,68 @@ screening model: {fmt(summary["screening_spearman"])}</li>
 <h2>Pareto front</h2><img src="pareto.png" alt="pareto front">
 <table><tr><th>eval loss</th><th>MiB</th><th>fits</th><th>stage</th><th>bits/rank per unit</th></tr>{rows}</table>
 <h2>Chosen plan</h2><img src="plan.png" alt="bits and ranks per unit">
+{_memory_html(summary.get("memory_comparison"))}
+{_next_steps_html(summary)}
 <h2>Search trace</h2><img src="trace.png" alt="search trace">
 <h2>Priors</h2><img src="priors.png" alt="priors">
 </body></html>
 """
     return write_text_atomic(out / "report.html", body)
+
+
+PARTS = (
+    ("quantized_weights", "quantized weights (+ metadata)"),
+    ("unquantized_weights", "unquantized weights"),
+    ("lora_params", "LoRA parameters"),
+    ("lora_grads", "LoRA gradients"),
+    ("optimizer_states", "optimizer states"),
+    ("activations", "activations"),
+    ("logits_loss", "logits / loss buffers"),
+    ("plan_scaled", "what scales with the plan"),
+    ("total", "predicted peak"),
+)
+
+
+def _memory_html(comparison: dict[str, Any] | None) -> str:
+    """The chosen plan's predicted memory next to the budget's uniform plan's, part by part (MiB)."""
+    if not comparison:
+        return ""
+    chosen, uniform = comparison["chosen"], comparison.get("uniform")
+    mib = 2.0**20
+    rows = "".join(
+        f"<tr><td>{label}</td><td>{chosen[key] / mib:.2f}</td>"
+        + (f"<td>{uniform[key] / mib:.2f}</td><td>{(chosen[key] - uniform[key]) / mib:+.2f}</td>" if uniform else "")
+        + "</tr>"
+        for key, label in PARTS
+    )
+    head = "<th>part</th><th>chosen (MiB)</th>" + ("<th>uniform plan (MiB)</th><th>difference</th>" if uniform else "")
+    setting = html.escape(comparison.get("setting", ""))
+    return f"<h2>Memory, part by part</h2><p>{setting}</p><table><tr>{head}</tr>{rows}</table>"
+
+
+def _next_steps_html(summary: dict[str, Any]) -> str:
+    """What to run next with the plan: Axolotl, TRL, and the memory estimate."""
+    plan = html.escape(summary.get("plan_path", "plan.yaml"))
+    gain = summary.get("predicted_gain")
+    said = (
+        f"<p>Predicted gain over the budget's uniform plan: <b>{gain:+.4f}</b> nats of eval loss on the "
+        f"{html.escape(summary.get('eval_split', 'selection'))} split at the high fidelity "
+        f"({summary.get('seeds', 1)} seed(s); a final fine-tune with several seeds decides).</p>"
+        if gain is not None
+        else ""
+    )
+    estimate = html.escape(summary.get("estimate_command", ""))
+    return f"""<h2>Next</h2>{said}
+<p>Axolotl: add to your training YAML and run <code>axolotl train your.yaml</code>:</p>
+<pre>plugins:
+  - qra_plugin.QRAPlugin
+qra_plan: {plan}
+adapter: lora
+lora_mlp_kernel: false   # Axolotl's Triton LoRA kernels do not take HQQ base layers
+lora_qkv_kernel: false
+lora_o_kernel: false</pre>
+<p>TRL (<code>example_configs/train_trl.py</code> is a complete script):</p>
+<pre>from qra_plugin import Plan, QRACallback, apply_plan
+model = apply_plan(AutoModelForCausalLM.from_pretrained(path), Plan.load("{plan}"))
+trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds, callbacks=[QRACallback()])</pre>
+<p>Memory for another batch or sequence length: <code>{estimate}</code></p>"""

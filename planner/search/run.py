@@ -242,6 +242,7 @@ def _write_outputs(
     }
     s.space.to_plan(best.config, meta={"qra_search": search_meta}).save(out / PLAN_FILE)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
+    summary.update(_next_facts(run, best.config, summary))
     write_json_atomic(out / TRACE_FILE, summary)
     write_report(out, s.space, priors, summary, points, pareto, best)
     run.say(
@@ -300,6 +301,34 @@ def _summary(
         "planner_s": round(planner_s, 3),
         "planner_s_per_proposal": round(planner_s / max(len(trace), 1), 4),
         "final_finetune_steps": cfg.fidelity.high.steps,
+    }
+
+
+def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, Any]:
+    """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands."""
+    from planner.memory import estimate
+
+    s, train = run.setup, run.cfg.train
+    kwargs = {"batch": train.batch, "seq_len": train.seq_len, "optimizer": train.optimizer,
+              "grad_checkpointing": train.grad_checkpointing}  # fmt: skip
+    comparison = {
+        "setting": f"batch {train.batch} x {train.seq_len} tokens, {train.optimizer}, gradient checkpointing "
+        f"{'on' if train.grad_checkpointing else 'off'}, {s.info.dtype}".replace("torch.", ""),
+        "chosen": estimate(s.info, s.space.to_plan(best), **kwargs).to_dict(),
+    }
+    baseline = s.budget_plan()
+    if baseline is not None:
+        comparison["uniform"] = estimate(s.info, s.space.to_plan(baseline), **kwargs).to_dict()
+    base = summary.get("baseline_score")
+    model = run.cfg.model.path or "<model dir>"
+    return {
+        "memory_comparison": comparison,
+        "predicted_gain": round(base - summary["best_score"], 6) if base is not None else None,
+        "eval_split": run.cfg.data.eval_split,
+        "seeds": len(run.cfg.fidelity.seeds),
+        "plan_path": str(run.out / PLAN_FILE),
+        "estimate_command": f"qra estimate --model {model} --plan {run.out / PLAN_FILE} "
+        f"--batch {train.batch} --seq-len {train.seq_len}",
     }
 
 
