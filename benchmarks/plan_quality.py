@@ -308,7 +308,7 @@ class Benchmark:
         from planner.search.setup import open_executor
         from planner.store import Store
 
-        level = FidelityLevel(steps=self.final_steps, eval_examples=self.recipe.final_eval_examples)
+        level = FidelityLevel(steps=self.final_steps, eval_examples=self.recipe.final_eval_examples, accuracy=True)
         final_cfg = cfg.model_copy(deep=True)
         final_cfg.fidelity.high = level  # the store file is final-only: "high" there means the final recipe
         final_cfg.fidelity.workers = self.recipe.final_workers

@@ -107,7 +107,9 @@ class FidelityLevel(_Section):
     """One fidelity: a real short SFT run of ``steps`` optimizer steps, scored on ``eval_examples``.
 
     ``train_examples`` is the data fraction (default: data.train_examples); ``seq_len`` / ``batch``
-    override the train section for this level only (cheaper low fidelities).
+    override the train section for this level only (cheaper low fidelities). ``accuracy``: also generate
+    answers for eval rows that have one and report exact-match accuracy (greedy decoding costs about as
+    much as a few training steps on CPU, so searches score on loss only and final fine-tunes turn it on).
     """
 
     steps: int = Field(ge=0)
@@ -115,6 +117,7 @@ class FidelityLevel(_Section):
     train_examples: int | None = Field(default=None, ge=1)
     seq_len: int | None = Field(default=None, ge=8)
     batch: int | None = Field(default=None, ge=1)
+    accuracy: bool = False
 
 
 class FidelitySection(_Section):

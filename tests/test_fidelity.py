@@ -125,13 +125,17 @@ def test_task_accuracy_where_rows_have_answers(tmp_path, meta):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     data = {"source": "jsonl", "path": str(path), "train_examples": 64}
     plan = Plan.uniform(meta, bits=4, rank=8)
-    untrained = run_fidelity(task(tiny_config(data=data, fidelity={"low": {"steps": 0, "eval_examples": 8}}), plan))
+    low = {"eval_examples": 8, "accuracy": True}
+    untrained = run_fidelity(task(tiny_config(data=data, fidelity={"low": {"steps": 0, **low}}), plan))
     trained = run_fidelity(
-        task(tiny_config(data=data, train={"lr": 1e-2}, fidelity={"low": {"steps": 8, "eval_examples": 8}}), plan)
+        task(tiny_config(data=data, train={"lr": 1e-2}, fidelity={"low": {"steps": 8, **low}}), plan)
     )
     assert untrained.accuracy == 0.0  # a random tiny model does not say "Blue"
     assert trained.accuracy == 1.0 and trained.eval_loss < untrained.eval_loss
-    wiki = run_fidelity(task(tiny_config(), plan, "high"))
+    no_metric = run_fidelity(task(tiny_config(data=data, fidelity={"low": {"steps": 0, "eval_examples": 8}}), plan))
+    assert no_metric.accuracy is None and no_metric.eval_loss == untrained.eval_loss  # searches skip generation
+    high = {"high": {"steps": 0, "eval_examples": 8, "accuracy": True}}
+    wiki = run_fidelity(task(tiny_config(fidelity=high), plan, "high"))
     assert wiki.accuracy is None  # wiki summaries have no short answers
 
 

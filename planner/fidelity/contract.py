@@ -133,6 +133,7 @@ def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
             "train_examples": lv.train_examples or config.data.train_examples,
             "seq_len": lv.seq_len or config.train.seq_len,
             "batch": lv.batch or config.train.batch,
+            "accuracy": lv.accuracy,
         },
         "train": config.train.model_dump(mode="json"),
         "fidelity": {

@@ -222,7 +222,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     return EvalResult(
         status=status,
         eval_loss=eval_loss if math.isfinite(eval_loss) else None,
-        accuracy=answer_accuracy(peft_model, tokenizer, eval_items) if status != "failed" else None,
+        accuracy=answer_accuracy(peft_model, tokenizer, eval_items) if level.accuracy and status != "failed" else None,
         token_accuracy=float(token_acc) if token_acc is not None else None,
         train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
         memory_measured=memory,
