@@ -247,3 +247,28 @@ def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backen
     assert miss_hits == 0 and hit_hits == len(plan.modules)
     assert torch.equal(fresh, miss) and torch.equal(fresh, hit)
     assert fresh_bytes == miss_bytes == hit_bytes
+
+
+def test_closed_set_answers_are_scored_by_log_likelihood(tmp_path, meta):
+    """Rows with ``choices`` (like the wiki topic task) are scored as lm-eval's multiple choice."""
+    pairs = [("the sky", "Blue"), ("grass", "Green"), ("blood", "Red")]
+    rows = [
+        {"prompt": f"Question {i}: what colour is {pairs[i % 3][0]}?", "completion": pairs[i % 3][1],
+         "answer": pairs[i % 3][1], "choices": ["Blue", "Red", "Green"]}
+        for i in range(120)
+    ]  # fmt: skip
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = {"source": "jsonl", "path": str(path), "train_examples": 96}
+    plan = Plan.uniform(meta, bits=4, rank=8)
+    level = {"eval_examples": 12, "accuracy": True}
+    untrained = run_fidelity(task(tiny_config(data=data, fidelity={"low": {"steps": 0, **level}}), plan))
+    trained = run_fidelity(
+        task(tiny_config(data=data, train={"lr": 1e-2}, fidelity={"low": {"steps": 24, **level}}), plan)
+    )
+    assert trained.accuracy > untrained.accuracy + 0.15  # training moves the scored choice towards the answers
+    from planner.config import DataSection
+    from planner.data.sources import examples
+
+    topic = [e for e in examples(DataSection(source="wiki_topic"), "test", 5)]
+    assert all(e.choices and e.answer in e.choices and len(e.choices) == 11 for e in topic)

@@ -23,6 +23,8 @@ class Example:
     prompt: str
     completion: str
     answer: str | None = None
+    #: the closed set the answer is one of (scored by log-likelihood, as lm-eval's multiple choice); None: free text
+    choices: tuple[str, ...] | None = None
 
 
 def _jsonl_rows(path: str) -> list[dict[str, Any]]:
@@ -41,14 +43,16 @@ def _jsonl_rows(path: str) -> list[dict[str, Any]]:
 
 
 def as_example(row: dict[str, Any], where: str) -> Example:
-    """prompt/completion rows or alpaca (instruction, input, output) rows; ``answer`` is optional."""
+    """prompt/completion rows or alpaca (instruction, input, output) rows; ``answer`` (and a ``choices`` list
+    it belongs to) are optional."""
     answer = str(row["answer"]) if row.get("answer") is not None else None
+    choices = tuple(str(c) for c in row["choices"]) if isinstance(row.get("choices"), list) and answer else None
     if "prompt" in row and "completion" in row:
-        return Example(str(row["prompt"]), str(row["completion"]), answer)
+        return Example(str(row["prompt"]), str(row["completion"]), answer, choices)
     if "instruction" in row and "output" in row:
         extra = str(row.get("input") or "").strip()
         prompt = str(row["instruction"]) + (f"\n\n{extra}" if extra else "")
-        return Example(prompt, str(row["output"]), answer)
+        return Example(prompt, str(row["output"]), answer, choices)
     raise QRAError(f"{where}: rows need prompt/completion or instruction/input/output fields")
 
 
@@ -60,7 +64,7 @@ def _held_out(text: str) -> bool:
 
 def _wiki_examples(source: str, split: str, n: int) -> tuple[Example, ...]:
     """``wiki``: summaries; ``wiki_topic``: the topic task (exact answers); ``wiki_mix``: both, alternating."""
-    from planner.data.wiki import PROMPT, topic_row, wiki_split
+    from planner.data.wiki import PROMPT, TOPICS, topic_row, wiki_split
 
     out: list[Example] = []
     for i, r in enumerate(wiki_split(split, None, seed=0)):
@@ -68,7 +72,7 @@ def _wiki_examples(source: str, split: str, n: int) -> tuple[Example, ...]:
             break
         task = topic_row(r) if source == "wiki_topic" or (source == "wiki_mix" and i % 2) else None
         if task is not None:
-            out.append(Example(task[0], task[1], answer=task[1]))
+            out.append(Example(task[0], task[1], answer=task[1], choices=TOPICS))
         elif source != "wiki_topic":
             out.append(Example(PROMPT.format(title=r["title"]), r["text"]))
     return tuple(out)
