@@ -174,17 +174,10 @@ screening model: {fmt(summary["screening_spearman"])}</li>
     return write_text_atomic(out / "report.html", body)
 
 
-PARTS = (
-    ("quantized_weights", "quantized weights (+ metadata)"),
-    ("unquantized_weights", "unquantized weights"),
-    ("lora_params", "LoRA parameters"),
-    ("lora_grads", "LoRA gradients"),
-    ("optimizer_states", "optimizer states"),
-    ("activations", "activations"),
-    ("logits_loss", "logits / loss buffers"),
-    ("plan_scaled", "what scales with the plan"),
-    ("total", "predicted peak"),
-)
+def _parts() -> tuple[tuple[str, str], ...]:
+    from planner.memory import PART_LABELS
+
+    return (*PART_LABELS, ("plan_scaled", "what scales with the plan"), ("total", "predicted peak"))
 
 
 def _memory_html(comparison: dict[str, Any] | None) -> str:
@@ -197,7 +190,7 @@ def _memory_html(comparison: dict[str, Any] | None) -> str:
         f"<tr><td>{label}</td><td>{chosen[key] / mib:.2f}</td>"
         + (f"<td>{uniform[key] / mib:.2f}</td><td>{(chosen[key] - uniform[key]) / mib:+.2f}</td>" if uniform else "")
         + "</tr>"
-        for key, label in PARTS
+        for key, label in _parts()
     )
     head = "<th>part</th><th>chosen (MiB)</th>" + ("<th>uniform plan (MiB)</th><th>difference</th>" if uniform else "")
     setting = html.escape(comparison.get("setting", ""))

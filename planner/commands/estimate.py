@@ -10,16 +10,6 @@ import typer
 
 from qra_plugin.errors import QRAError
 
-PARTS = (
-    ("quantized_weights", "quantized weights"),
-    ("unquantized_weights", "unquantized weights"),
-    ("lora_params", "LoRA parameters"),
-    ("lora_grads", "LoRA gradients"),
-    ("optimizer_states", "optimizer states"),
-    ("activations", "activations"),
-    ("logits_loss", "logits / loss buffers"),
-)
-
 
 def _parse_uniform(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
@@ -79,7 +69,7 @@ def _print_table(result, title: str) -> None:  # noqa: ANN001 - MemoryBreakdown
     from rich.console import Console
     from rich.table import Table
 
-    from planner.memory import format_bytes
+    from planner.memory import PART_LABELS, format_bytes
 
     table = Table(title=title)
     table.add_column("part")
@@ -87,7 +77,7 @@ def _print_table(result, title: str) -> None:  # noqa: ANN001 - MemoryBreakdown
     table.add_column("size", justify="right")
     table.add_column("share", justify="right")
     data = result.to_dict()
-    for key, label in PARTS:
+    for key, label in PART_LABELS:
         table.add_row(label, str(data[key]), format_bytes(data[key]), f"{100 * data[key] / max(1, result.total):.1f}%")
     table.add_row("[bold]peak total[/bold]", str(result.total), format_bytes(result.total), "100.0%")
     Console().print(table)

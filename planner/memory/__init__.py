@@ -2,12 +2,21 @@
 ``breakdown`` (a plan's predicted peak, part by part) and ``budget`` (the budget language)."""
 
 from planner.memory.activations import ActivationTrace, trace_activations
-from planner.memory.breakdown import BUDGET_KINDS, MemoryBreakdown, estimate, min_plan_bytes, plan_bytes, uniform_plan
+from planner.memory.breakdown import (
+    BUDGET_KINDS,
+    PART_LABELS,
+    MemoryBreakdown,
+    estimate,
+    min_plan_bytes,
+    plan_bytes,
+    uniform_plan,
+)
 from planner.memory.budget import Budget, format_bytes, parse_size
 from planner.memory.weights import LORA_DTYPE, OPTIMIZERS, base_module_bytes, lora_numel, optimizer_bytes
 
 __all__ = [
     "BUDGET_KINDS",
+    "PART_LABELS",
     "LORA_DTYPE",
     "OPTIMIZERS",
     "ActivationTrace",

@@ -29,6 +29,17 @@ from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec
 from qra_plugin.plan import ModulePlan, Plan
 
+#: the parts of a breakdown a person reads, in the order of a step (``qra estimate`` and the report show them)
+PART_LABELS = (
+    ("quantized_weights", "quantized weights (+ metadata)"),
+    ("unquantized_weights", "unquantized weights"),
+    ("lora_params", "LoRA parameters"),
+    ("lora_grads", "LoRA gradients"),
+    ("optimizer_states", "optimizer states"),
+    ("activations", "activations"),
+    ("logits_loss", "logits / loss buffers"),
+)
+
 
 @dataclass
 class MemoryBreakdown:

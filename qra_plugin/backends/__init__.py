@@ -86,3 +86,18 @@ def quantizing_backends() -> list[Backend]:
 def owner(module: nn.Module) -> Backend | None:
     """The quantizing backend whose layer ``module`` is, if any."""
     return next((b for b in quantizing_backends() if b.owns(module)), None)
+
+
+def tensors_in(obj: Any, depth: int = 0) -> list[Any]:
+    """Tensors inside plain containers (dicts, lists, tuples) a backend keeps outside parameters/buffers."""
+    import torch
+
+    if depth > 4 or obj is None:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_in(v, depth + 1)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_in(v, depth + 1)]
+    return []

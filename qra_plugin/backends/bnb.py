@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qra_plugin.backends import Backend
+from qra_plugin.backends import Backend, tensors_in
 from qra_plugin.errors import QRAError
 
 if TYPE_CHECKING:
@@ -85,14 +85,10 @@ def owns(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes.")
 
 
-def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    if depth > 4 or obj is None:
-        return []
-    if isinstance(obj, torch.Tensor):
-        return [obj]
+def _tensors(obj: Any) -> list[torch.Tensor]:
     if type(obj).__name__ == "QuantState":
-        return [t for k in ("absmax", "code", "offset", "state2") for t in _tensors(getattr(obj, k, None), depth + 1)]
-    return []
+        return [t for k in ("absmax", "code", "offset", "state2") for t in _tensors(getattr(obj, k, None))]
+    return tensors_in(obj)
 
 
 def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:

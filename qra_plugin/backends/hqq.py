@@ -8,12 +8,12 @@ Axolotl's Triton LoRA kernels assume a bnb/plain base layer, so they are off for
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from qra_plugin.backends import Backend
+from qra_plugin.backends import Backend, tensors_in
 from qra_plugin.errors import QRAError
 
 if TYPE_CHECKING:
@@ -58,21 +58,9 @@ def owns(module: nn.Module) -> bool:
     return type(module).__module__.startswith("hqq.")
 
 
-def _tensors(obj: Any, depth: int = 0) -> list[torch.Tensor]:
-    if depth > 4 or obj is None:
-        return []
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v, depth + 1)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v, depth + 1)]
-    return []
-
-
 def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The ``meta`` dict (scale, zero, shapes) and the bias HQQLinear keeps as a plain attribute."""
-    tensors = _tensors(getattr(module, "meta", None))
+    tensors = tensors_in(getattr(module, "meta", None))
     bias = getattr(module, "bias", None)
     if isinstance(bias, torch.Tensor) and not isinstance(bias, nn.Parameter):
         tensors.append(bias)
