@@ -196,7 +196,7 @@ def test_ray_executor_runs_real_fidelities_on_local_ray(tmp_path):
         with Store(tmp_path / "store.sqlite") as store:
             ex = make_executor("ray", subprocess=True, store=store, evaluate=raising_evaluate, timeout_s=300)
             results = ex.run(tasks)
-            assert [r.status for r in results] == ["ok", "failed"]
+            assert [r.status for r in results] == ["ok", "failed"], [r.error for r in results]
             assert results[0].steps == 2 and results[0].eval_loss > 0
             assert "injected failure for the 3-bit plan" in results[1].error
             assert [r["status"] for r in store.records()] == ["ok", "failed"]
