@@ -52,9 +52,10 @@ class _StoreBacked:
         """Results in the order of ``tasks``; finished keys come from the store, never recomputed."""
         self._results = {}
         pending: list[EvalTask] = []
+        pending_keys: set[EvalKey] = set()
         for task in tasks:
             key = task.key
-            if key in self._results or any(p.key == key for p in pending):
+            if key in self._results or key in pending_keys:
                 continue
             cached = self.store.get(key)
             if cached is not None:
@@ -63,6 +64,7 @@ class _StoreBacked:
                     self.on_result(task, cached, True)
             else:
                 pending.append(task)
+                pending_keys.add(key)
         if pending:
             self._run_pending(pending)
         return [self._results[t.key] for t in tasks]

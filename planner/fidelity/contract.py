@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,11 +43,12 @@ class EvalTask(BaseModel):
     tag: str = ""
     memory_predicted: int | None = None
 
-    @property
+    @cached_property
     def recipe_hash(self) -> str:
+        """Computed once per task (it stats and hashes the model and data files); never serialised."""
         return recipe_hash(self.config, self.level)
 
-    @property
+    @cached_property
     def key(self) -> EvalKey:
         """What identifies an evaluation in the store: never recompute the same (plan, level, seed, recipe)."""
         return (self.plan.content_hash(), self.level, self.seed, self.recipe_hash)
