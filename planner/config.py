@@ -15,6 +15,19 @@ from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping, or one QRAError line naming the file."""
+    if not path.is_file():
+        raise QRAError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise QRAError(f"{path}: malformed YAML ({str(exc).strip().splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise QRAError(f"{path}: a config must be a YAML mapping")
+    return data
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,13 +58,15 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     """SFT data: the bundled wiki summaries (``wiki``), their topic task with exact answers (``wiki_topic``),
-    both mixed (``wiki_mix``), or a local jsonl of prompt/completion or alpaca rows.
+    both mixed (``wiki_mix``), a local jsonl of text, prompt/completion, messages or alpaca rows, or
+    ``tokenized`` jsonl rows of ``input_ids`` + ``labels`` (what ``qra`` exports from Axolotl's own dataset
+    preparation, so fidelity runs train on exactly the tokens ``axolotl train`` will).
 
     Splits are disjoint and fixed: ``train`` (every run trains on it), ``selection`` (what fidelity runs
     score on) and ``test`` (for final fine-tunes only). ``eval_split`` says which one eval losses use.
     """
 
-    source: Literal["wiki", "wiki_topic", "wiki_mix", "jsonl"] = "wiki"
+    source: Literal["wiki", "wiki_topic", "wiki_mix", "jsonl", "tokenized"] = "wiki"
     path: str | None = None
     eval_path: str | None = None
     test_path: str | None = None
@@ -62,8 +77,10 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _path_for_jsonl(self) -> DataSection:
-        if self.source == "jsonl" and not self.path:
-            raise ValueError("data.source 'jsonl' needs data.path")
+        if self.source in ("jsonl", "tokenized") and not self.path:
+            raise ValueError(f"data.source {self.source!r} needs data.path")
+        if self.source == "tokenized" and not self.eval_path:
+            raise ValueError("data.source 'tokenized' needs data.eval_path (the selection rows)")
         return self
 
 
@@ -197,14 +214,7 @@ class QRAConfig(_Section):
     def load(cls, path: str | Path) -> QRAConfig:
         """Read and validate a YAML config; every problem is one QRAError line naming the file."""
         path = Path(path)
-        if not path.is_file():
-            raise QRAError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise QRAError(f"{path}: malformed YAML ({str(exc).strip().splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise QRAError(f"{path}: a config must be a YAML mapping")
+        data = read_yaml(path)
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:

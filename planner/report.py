@@ -209,6 +209,11 @@ def _next_steps_html(summary: dict[str, Any]) -> str:
         else ""
     )
     estimate = html.escape(summary.get("estimate_command", ""))
+    if summary.get("train_command"):  # planned from an Axolotl YAML: it already reads the plan
+        return f"""<h2>Next</h2>{said}
+<p>The plan is written where the config's <code>qra_plan</code> points ({plan}); train with it:</p>
+<pre>{html.escape(summary["train_command"])}</pre>
+<p>Memory of this exact training config: <code>{estimate}</code></p>"""
     return f"""<h2>Next</h2>{said}
 <p>Axolotl: add to your training YAML and run <code>axolotl train your.yaml</code>:</p>
 <pre>plugins:

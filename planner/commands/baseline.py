@@ -11,7 +11,7 @@ def register(app: typer.Typer) -> None:
     @app.command("baseline")
     def baseline(
         method: str = typer.Argument(..., help="uniform | random | tpe | ilp | greedy_priors"),
-        config: Path = typer.Argument(..., help="the same YAML config qra search takes"),
+        config: Path = typer.Argument(..., help="the same YAML config qra search takes (qra or Axolotl)"),
         out: Path = typer.Option(..., "--out", help="output directory (store.sqlite is shared and resumable)"),
         evaluations: int = typer.Option(8, help="high-fidelity evaluations for random / tpe"),
         rank: int = typer.Option(16, help="uniform rank for uniform / ilp"),
@@ -21,10 +21,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Choose a plan with a baseline method; writes OUT/METHOD/plan.yaml and result.json."""
         from planner.baselines import run_baseline
-        from planner.config import QRAConfig
+        from planner.run_config import load_run_config
 
         run_baseline(
-            QRAConfig.load(config),
+            load_run_config(config, out).config,
             out,
             method,
             evaluations=evaluations,

@@ -21,7 +21,10 @@ def _parse_uniform(text: str) -> tuple[int, int]:
 def register(app: typer.Typer) -> None:
     @app.command("estimate")
     def estimate_cmd(
-        model: str = typer.Option(..., "--model", help="local model dir, or 'demo' for SmolLM2-135M"),
+        config: Path | None = typer.Argument(
+            None, help="a qra or Axolotl YAML: model and training settings come from it (options below are ignored)"
+        ),
+        model: str | None = typer.Option(None, "--model", help="local model dir, or 'demo' for SmolLM2-135M"),
         plan: Path | None = typer.Option(None, "--plan", help="plan YAML/JSON"),
         uniform: str | None = typer.Option(None, "--uniform", help="BITS:RANK for a uniform plan, e.g. 4:16"),
         backend: str = typer.Option("hqq", help="backend of --uniform below 16 bits (hqq, bnb)"),
@@ -32,37 +35,75 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", help="dtype the model is loaded and trained in"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object of integer byte fields"),
     ) -> None:
-        """Predict peak training memory of a plan, part by part (no weights are loaded)."""
-        from planner.memory import estimate, uniform_plan
-        from planner.model_info import load_model_info
-        from qra_plugin.plan import Plan
+        """Predict peak training memory of a plan, part by part (no weights are loaded).
 
-        if (plan is None) == (uniform is None):
-            raise QRAError("give exactly one of --plan and --uniform")
+        With CONFIG and no --plan/--uniform: the plan at the config's qra_plan if it exists, else the
+        budget's uniform plan. Rows are taken as full (micro batch x sequence_len tokens): exact under
+        sample packing, an upper bound for padded batches.
+        """
+        from planner.memory import estimate
         from qra_plugin.backends import quantizing_backends
 
+        if plan is not None and uniform is not None:
+            raise QRAError("give at most one of --plan and --uniform")
         names = sorted(b.name for b in quantizing_backends())
         if backend not in names:
             raise QRAError(f"--backend must be one of {', '.join(names)}, not {backend!r}")
-        info = load_model_info(model, dtype)
-        if plan is not None:
-            the_plan = Plan.load(plan)
+        if config is not None:
+            info, the_plan, train = _from_config(config, plan, uniform, backend)
         else:
-            bits, rank = _parse_uniform(uniform or "")
-            the_plan = uniform_plan(info, bits, rank, backend)
-        result = estimate(
-            info,
-            the_plan,
-            batch=batch,
-            seq_len=seq_len,
-            optimizer=optimizer,
-            grad_checkpointing=grad_checkpointing,
-            compute_dtype=info.dtype,
-        )
+            if model is None:
+                raise QRAError("give a CONFIG, or --model with --plan or --uniform")
+            train = {"batch": batch, "seq_len": seq_len, "optimizer": optimizer,
+                     "grad_checkpointing": grad_checkpointing}  # fmt: skip
+            info, the_plan = _from_options(model, dtype, plan, uniform, backend)
+        result = estimate(info, the_plan, **train, compute_dtype=info.dtype)
         if as_json:
             typer.echo(json.dumps(result.to_dict()))
             return
-        _print_table(result, f"{info.architecture}, {the_plan.summary()}, batch {batch}, seq {seq_len}")
+        setting = f"batch {train['batch']}, seq {train['seq_len']}"
+        _print_table(result, f"{info.architecture}, {the_plan.summary()}, {setting}")
+
+
+def _plan_of(info, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN001, ANN202
+    from planner.memory import uniform_plan
+    from qra_plugin.plan import Plan
+
+    if plan is not None:
+        return Plan.load(plan)
+    bits, rank = _parse_uniform(uniform or "")
+    return uniform_plan(info, bits, rank, backend)
+
+
+def _from_options(model: str, dtype: str, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN202
+    from planner.model_info import load_model_info
+
+    if (plan is None) == (uniform is None):
+        raise QRAError("give exactly one of --plan and --uniform")
+    info = load_model_info(model, dtype)
+    return info, _plan_of(info, plan, uniform, backend)
+
+
+def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN202
+    """Model info, plan and training settings of a qra or Axolotl config (Axolotl validates its YAML)."""
+    from planner.memory import Budget, uniform_plan
+    from planner.model_info import load_model_info
+    from planner.run_config import load_run_config
+
+    run = load_run_config(config, prepare_data=False)
+    cfg = run.config
+    info = load_model_info(cfg.model)
+    train = {"batch": cfg.train.batch, "seq_len": cfg.train.seq_len, "optimizer": cfg.train.optimizer,
+             "grad_checkpointing": cfg.train.grad_checkpointing}  # fmt: skip
+    if plan is not None or uniform is not None:
+        return info, _plan_of(info, plan, uniform, backend), train
+    if run.plan_target is not None and run.plan_target.is_file():
+        return info, _plan_of(info, run.plan_target, None, backend), train
+    budget = Budget.parse(cfg.budget)
+    if budget.uniform is None:
+        raise QRAError(f"{config}: no plan yet (qra_plan) and budget {cfg.budget!r} names no uniform plan: give --plan")
+    bits, rank, uniform_backend = budget.uniform
+    return info, uniform_plan(info, bits, rank, uniform_backend), train
 
 
 def _print_table(result, title: str) -> None:  # noqa: ANN001 - MemoryBreakdown

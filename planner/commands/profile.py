@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("profile")
     def profile_command(
-        config: Path = typer.Argument(..., help="qra YAML config (model, data, space, profile sections)"),
+        config: Path = typer.Argument(..., help="qra YAML config, or an Axolotl YAML with a qra: section"),
         out: Path | None = typer.Option(None, "--out", help="output directory (default runs/<name>)"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show a progress bar"),
     ) -> None:
@@ -18,12 +18,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from planner.config import QRAConfig
         from planner.priors.profile import CHART_FILE, PRIORS_FILE, profile
+        from planner.run_config import load_run_config
         from planner.search.setup import exclusive_run
 
-        cfg = QRAConfig.load(config)
-        out_dir = out if out is not None else Path("runs") / cfg.name
+        run = load_run_config(config, out)
+        cfg, out_dir = run.config, run.out_dir
         with exclusive_run(out_dir):  # one planner process per directory, as for qra search
             priors = profile(cfg, out_dir, progress=progress)
         table = Table(title=f"priors ({priors.unit} units)")

@@ -10,24 +10,28 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search_command(
-        config: Path = typer.Argument(..., help="qra YAML config (model, data, space, budget, fidelity, search)"),
+        config: Path = typer.Argument(..., help="qra YAML config, or an Axolotl YAML with a qra: section"),
         out: Path | None = typer.Option(None, "--out", help="output directory (default runs/<name>)"),
         seed: int | None = typer.Option(None, "--seed", help="search seed (default: the config's seed)"),
         executor: str | None = typer.Option(None, "--executor", help="local or ray (default: search.executor)"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress"),
     ) -> None:
-        """Write DIR/plan.yaml, DIR/pareto.json, DIR/report.html and DIR/store.sqlite."""
-        from planner.config import QRAConfig
+        """Write DIR/plan.yaml, DIR/pareto.json, DIR/report.html and DIR/store.sqlite (and an Axolotl YAML's
+        qra_plan, so `axolotl train CONFIG` then trains with the plan)."""
+        from planner.run_config import load_run_config
         from planner.search.run import PARETO_FILE, REPORT_FILE, run_search
         from planner.search.setup import STORE_FILE
         from qra_plugin.errors import QRAError
 
         if executor is not None and executor not in ("local", "ray"):
             raise QRAError(f"--executor must be 'local' or 'ray', not {executor!r}")
-        cfg = QRAConfig.load(config)
-        out_dir = out if out is not None else Path("runs") / cfg.name
-        result = run_search(cfg, out_dir, seed, executor, progress=progress)
-        typer.echo(f"plan:   {result.plan_path}")
+        run = load_run_config(config, out)
+        cfg, out_dir = run.config, run.out_dir
+        axolotl = config if run.axolotl else None
+        result = run_search(
+            cfg, out_dir, seed, executor, progress=progress, axolotl_config=axolotl, plan_target=run.plan_target
+        )
+        typer.echo(f"plan:   {run.plan_target or result.plan_path}")
         typer.echo(f"pareto: {out_dir / PARETO_FILE}")
         typer.echo(f"report: {out_dir / REPORT_FILE}")
         typer.echo(f"store:  {out_dir / STORE_FILE}")
@@ -43,3 +47,6 @@ def register(app: typer.Typer) -> None:
                 f"the budget's uniform plan: {result.baseline_score:.4f} at the same fidelity "
                 f"→ gain {gain:+.4f} nats on {split} rows no run trained on (one seed; a final fine-tune decides)"
             )
+        if run.axolotl:
+            hint = "" if run.plan_target else f"  (first add `qra_plan: {result.plan_path}` to {config})"
+            typer.echo(f"next:   axolotl train {config}{hint}")

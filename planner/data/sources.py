@@ -1,8 +1,10 @@
 """SFT examples for fidelity runs and priors: the bundled wiki summaries or a jsonl file.
 
 Every candidate must be scored on the same rows, so samples are fixed (seed 0) and only the data
-order inside training follows the evaluation seed. jsonl rows are prompt/completion or alpaca
-(instruction/input/output); a row may carry a short ``answer`` for task accuracy.
+order inside training follows the evaluation seed. jsonl rows are the formats a TRL user has: plain
+``text``, ``prompt``/``completion``, conversational ``messages`` (loss on the last assistant turn, through
+the tokenizer's chat template) or alpaca (instruction/input/output); a row may carry a short ``answer``
+for task accuracy. ``tokenized`` rows are already token ids (``planner.data.tokenized``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Example:
     answer: str | None = None
     #: the closed set the answer is one of (scored by log-likelihood, as lm-eval's multiple choice); None: free text
     choices: tuple[str, ...] | None = None
+    #: a conversational row's turns before the completion, as (role, content); the prompt is then their text
+    turns: tuple[tuple[str, str], ...] | None = None
 
 
 def _jsonl_rows(path: str) -> list[dict[str, Any]]:
@@ -42,9 +46,19 @@ def _jsonl_rows(path: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _from_messages(messages: Any, where: str) -> tuple[tuple[tuple[str, str], ...], str]:
+    """The turns before the last assistant message, and that message (the completion)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+        raise QRAError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    turns = tuple((str(m.get("role", "user")), str(m["content"])) for m in messages)
+    if len(turns) < 2 or turns[-1][0] != "assistant":
+        raise QRAError(f"{where}: 'messages' must end with an assistant turn after at least one other turn")
+    return turns[:-1], turns[-1][1]
+
+
 def as_example(row: dict[str, Any], where: str) -> Example:
-    """prompt/completion rows or alpaca (instruction, input, output) rows; ``answer`` (and a ``choices`` list
-    it belongs to) are optional."""
+    """text, prompt/completion, messages or alpaca (instruction, input, output) rows; ``answer`` (and a
+    ``choices`` list it belongs to) are optional."""
     answer = str(row["answer"]) if row.get("answer") is not None else None
     choices = tuple(str(c) for c in row["choices"]) if isinstance(row.get("choices"), list) and answer else None
     if "prompt" in row and "completion" in row:
@@ -53,7 +67,12 @@ def as_example(row: dict[str, Any], where: str) -> Example:
         extra = str(row.get("input") or "").strip()
         prompt = str(row["instruction"]) + (f"\n\n{extra}" if extra else "")
         return Example(prompt, str(row["output"]), answer, choices)
-    raise QRAError(f"{where}: rows need prompt/completion or instruction/input/output fields")
+    if "messages" in row:
+        turns, completion = _from_messages(row["messages"], where)
+        return Example("\n".join(c for _, c in turns), completion, answer, choices, turns=turns)
+    if isinstance(row.get("text"), str):
+        return Example("", row["text"], answer, choices)
+    raise QRAError(f"{where}: rows need text, prompt/completion, messages or instruction/input/output fields")
 
 
 def _held_out(text: str) -> bool:
@@ -103,6 +122,8 @@ def _examples(data_json: str, split: str, n: int) -> tuple[Example, ...]:
         raise QRAError(f"unknown split {split!r}: use train, selection or test")
     if data.source == "jsonl":
         return _jsonl_examples(data, split, n)
+    if data.source == "tokenized":
+        raise QRAError("tokenized rows carry no answers: task accuracy needs a text source (keep accuracy off)")
     return _wiki_examples(data.source, split, n)
 
 
@@ -111,22 +132,26 @@ def examples(data: DataSection, split: str, n: int) -> tuple[Example, ...]:
     return _examples(data.model_dump_json(), split, n)
 
 
+def _trl_row(e: Example, conversational: bool) -> dict[str, Any]:
+    """One TRL prompt-completion row: chat messages when the tokenizer has a chat template, else text (a plain
+    ``text`` row stays text)."""
+    if conversational and (e.prompt or e.turns is not None):
+        turns = e.turns if e.turns is not None else (("user", e.prompt),)
+        return {
+            "prompt": [{"role": role, "content": content} for role, content in turns],
+            "completion": [{"role": "assistant", "content": e.completion}],
+        }
+    if e.turns is not None:
+        raise QRAError("conversational 'messages' rows need a tokenizer with a chat template")
+    return {"prompt": e.prompt + "\n" if e.prompt else "", "completion": e.completion}
+
+
 def sft_rows(items: tuple[Example, ...], conversational: bool):
-    """A ``datasets.Dataset`` in TRL prompt-completion form (loss on the completion only)."""
+    """A ``datasets.Dataset`` in TRL prompt-completion form (loss on the completion only; a ``text`` row has
+    an empty prompt, so all of it is trained on)."""
     from datasets import Dataset
 
-    rows = []
-    for e in items:
-        if conversational:
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": e.prompt}],
-                    "completion": [{"role": "assistant", "content": e.completion}],
-                }
-            )
-        else:
-            rows.append({"prompt": e.prompt + "\n", "completion": e.completion})
-    return Dataset.from_list(rows)
+    return Dataset.from_list([_trl_row(e, conversational) for e in items])
 
 
 def source_files(data: DataSection) -> list[Path]:
@@ -140,6 +165,11 @@ def source_files(data: DataSection) -> list[Path]:
 
 def check_data(data: DataSection) -> None:
     """Read a jsonl source once, so a malformed row or an empty split fails before any run starts."""
+    if data.source == "tokenized":
+        from planner.data.tokenized import check_tokenized
+
+        check_tokenized(data)
+        return
     if data.source != "jsonl":
         return
     for split in ("train", "selection"):

@@ -63,6 +63,13 @@ def _dataset(config: QRAConfig, split: str, n: int, seq_len: int, tokenizer: Any
     key = json.dumps([config.model.model_dump(), config.data.model_dump(), split, n, seq_len], sort_keys=True)
     if key in _PROCESSED:
         return key, _PROCESSED[key]
+    if config.data.source == "tokenized":
+        from datasets import Dataset
+
+        from planner.data.tokenized import tokenized_rows
+
+        split = config.data.eval_split if split == "eval" else split
+        return key, Dataset.from_list(tokenized_rows(config.data, split, n))
     return key, sft_rows(examples(config.data, split, n), bool(getattr(tokenizer, "chat_template", None)))
 
 
@@ -218,11 +225,13 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         memory = max(trainer.qra_state_bytes, state_bytes(peft_model, None)) + trainer.qra_meter.peak
     reason = trainer.qra_callback.stop_reason
     status, error = _outcome(reason, eval_loss, steps)
-    eval_items = examples(cfg.data, cfg.data.eval_split, level.eval_examples)
+    accuracy = None
+    if level.accuracy and status != "failed":
+        accuracy = answer_accuracy(peft_model, tokenizer, examples(cfg.data, cfg.data.eval_split, level.eval_examples))
     return EvalResult(
         status=status,
         eval_loss=eval_loss if math.isfinite(eval_loss) else None,
-        accuracy=answer_accuracy(peft_model, tokenizer, eval_items) if level.accuracy and status != "failed" else None,
+        accuracy=accuracy,
         token_accuracy=float(token_acc) if token_acc is not None else None,
         train_loss=train_loss if train_loss is None or math.isfinite(train_loss) else None,
         memory_measured=memory,

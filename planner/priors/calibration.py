@@ -55,6 +55,13 @@ def calibration_batch(
     need = n_rows * seq_len
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    if data.source == "tokenized":  # already tokenized (by Axolotl): pack the train rows' ids as they are
+        from planner.data.tokenized import tokenized_ids
+
+        ids = tokenized_ids(data, offset, need)  # rows hold >= 1 token each: enough rows
+        if len(ids) < need:
+            raise QRAError(f"calibration data too short: {len(ids)} tokens for {n_rows} x {seq_len}")
+        return torch.tensor(ids[:need], dtype=torch.long).view(n_rows, seq_len)
     n_texts = max(4, n_rows)
     texts = calibration_texts(data, n_texts * 64, offset, seed)
     for text in texts:

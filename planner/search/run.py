@@ -65,6 +65,8 @@ class _Run:
     bar: Any = None
     gp_failures: int = 0
     failures: dict[str, int] = field(default_factory=lambda: {"transient": 0, "deterministic": 0})
+    axolotl_config: Path | None = None
+    plan_target: Path | None = None
 
 
 def run_search(
@@ -75,10 +77,14 @@ def run_search(
     *,
     evaluate: Callable | None = None,
     progress: bool = True,
+    axolotl_config: Path | None = None,
+    plan_target: Path | None = None,
 ) -> SearchResult:
     """Search per-unit (bits, rank) for ``cfg``'s model and budget; write plan, Pareto front, report, store.
 
     ``evaluate`` replaces ``planner.fidelity.sft.run_fidelity`` in the executor (tests inject failures).
+    ``axolotl_config``: the Axolotl YAML ``cfg`` came from; the plan is also written to ``plan_target`` (its
+    ``qra_plan``) and the report's next command is ``axolotl train`` on that file.
     """
     from rich.console import Console
 
@@ -90,6 +96,7 @@ def run_search(
     bar = SearchProgress(console, planned_evaluations(cfg), enabled=progress and console.is_terminal)
     with exclusive_run(out):
         run = _Run(cfg, out, cfg.seed if seed is None else int(seed), setup, console.log, bar=bar)
+        run.axolotl_config, run.plan_target = axolotl_config, plan_target
         started = time.time()
         priors, importance = _priors(run, progress)  # the profile draws its own bar first
         warm = _first_population(run, importance)
@@ -240,7 +247,10 @@ def _write_outputs(
         "budget_bytes": s.budget_bytes,
         "budget_kind": s.budget.kind,
     }
-    s.space.to_plan(best.config, meta={"qra_search": search_meta}).save(out / PLAN_FILE)
+    plan = s.space.to_plan(best.config, meta={"qra_search": search_meta})
+    plan.save(out / PLAN_FILE)
+    if run.plan_target is not None:  # where the Axolotl YAML's qra_plan reads it
+        plan.save(run.plan_target)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
     summary.update(_next_facts(run, best.config, summary))
     write_json_atomic(out / TRACE_FILE, summary)
@@ -321,15 +331,19 @@ def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, A
         comparison["uniform"] = estimate(s.info, s.space.to_plan(baseline), **kwargs).to_dict()
     base = summary.get("baseline_score")
     model = run.cfg.model.path or "<model dir>"
-    return {
+    facts = {
         "memory_comparison": comparison,
         "predicted_gain": round(base - summary["best_score"], 6) if base is not None else None,
         "eval_split": run.cfg.data.eval_split,
         "seeds": len(run.cfg.fidelity.seeds),
-        "plan_path": str(run.out / PLAN_FILE),
+        "plan_path": str(run.plan_target or run.out / PLAN_FILE),
         "estimate_command": f"qra estimate --model {model} --plan {run.out / PLAN_FILE} "
         f"--batch {train.batch} --seq-len {train.seq_len}",
     }
+    if run.axolotl_config is not None:
+        facts["train_command"] = f"axolotl train {run.axolotl_config}"
+        facts["estimate_command"] = f"qra estimate {run.axolotl_config} --plan {facts['plan_path']}"
+    return facts
 
 
 def _fmt(value: float | None) -> str:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 #: Axolotl's Triton LoRA kernel switches; a backend declares whether it works with them (``Backend.axolotl_kernels``)
 KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
+
+#: what the ``qra:`` section of an Axolotl YAML may hold: the planner settings Axolotl's own keys do not say
+#: (model, data, batch, sequence length, optimizer, dtype and learning rate come from Axolotl's keys)
+QRA_SECTION_KEYS = ("name", "seed", "budget", "space", "fidelity", "search", "profile", "data")
+#: ``qra.data`` only sizes the samples qra takes from the data Axolotl prepares
+QRA_DATA_KEYS = ("train_examples", "eval_examples", "calibration_examples")
 
 
 def kernels_blocked_by(plan: Any) -> list[str]:
@@ -23,6 +30,26 @@ class QRAArgs(BaseModel):
     qra_plan: str | None = Field(default=None, description="path to a qra plan (YAML/JSON)")
     qra_check_fingerprint: bool = Field(default=True, description="refuse a plan made for another model")
     qra_stop_at_step: int | None = Field(default=None, ge=1, description="stop training after this many steps")
+    qra: dict[str, Any] | None = Field(
+        default=None, description="planner settings for `qra search CONFIG.yaml` (budget, space, fidelity, ...)"
+    )
+
+    @field_validator("qra")
+    @classmethod
+    def _known_qra_keys(cls, section):
+        """The planner validates values; unknown keys fail here too, so `axolotl train` names a typo."""
+        if section is None:
+            return section
+        for key in section:
+            if key not in QRA_SECTION_KEYS:
+                raise ValueError(f"qra.{key}: unknown key (qra: takes {', '.join(QRA_SECTION_KEYS)})")
+        for key in section.get("data") or {}:
+            if key not in QRA_DATA_KEYS:
+                raise ValueError(
+                    f"qra.data.{key}: unknown key (data comes from Axolotl's datasets; qra.data takes "
+                    f"{', '.join(QRA_DATA_KEYS)})"
+                )
+        return section
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,137 @@
+"""An Axolotl YAML read as a qra config: Axolotl's keys say the training job, ``qra:`` says the planner's part."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from planner.config import QRAConfig
+from qra_plugin.errors import QRAError
+from qra_plugin.plan import one_line_validation_error
+
+#: Axolotl keys that hold a local path a user may type with ``~`` (the plugin's ``register`` expands them too)
+PATH_KEYS = ("base_model", "tokenizer_config", "qra_plan", "dataset_prepared_path", "output_dir")
+
+
+def is_axolotl_yaml(raw: dict[str, Any]) -> bool:
+    """An Axolotl config names ``base_model``; a qra-native one has a ``model`` section instead."""
+    return "base_model" in raw
+
+
+def _expanded(raw: dict[str, Any]) -> dict[str, Any]:
+    out = dict(raw)
+    for key in PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key].startswith("~"):
+            out[key] = str(Path(out[key]).expanduser())
+    return out
+
+
+def _model_dir(base_model: str) -> Path:
+    """A local model directory, or the hub cache's snapshot of ``base_model`` (qra never downloads)."""
+    path = Path(base_model)
+    if (path / "config.json").is_file():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_model, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means: not available offline
+        raise QRAError(
+            f"base_model: {base_model} is neither a local model directory nor in the Hugging Face cache "
+            "(qra runs offline: download it first)"
+        ) from None
+
+
+def _refuse_conflicts(raw: dict[str, Any], prepare_data: bool) -> None:
+    """What Axolotl would accept but a qra plan cannot train with or search on: one line naming the key."""
+    if prepare_data and not raw.get("val_set_size") and not raw.get("test_datasets"):
+        raise QRAError(
+            "val_set_size: qra scores candidates on rows no run trains on: set val_set_size (e.g. 0.05) "
+            "or test_datasets"
+        )
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if raw.get(key):
+            raise QRAError(f"{key}: a qra plan quantizes each module itself; remove {key} (keep adapter: lora)")
+    if raw.get("adapter") not in (None, "lora"):
+        raise QRAError(f"adapter: a qra plan trains LoRA adapters; set adapter: lora (got {raw.get('adapter')!r})")
+
+
+def axolotl_settings(path: Path, raw: dict[str, Any]) -> Any:
+    """Axolotl's own validated and normalised config (``axolotl.cli.config.load_cfg``), one line if it rejects.
+
+    ``qra_plan`` is left out: the plan may not exist yet (``qra search`` writes it).
+    """
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+    os.environ.setdefault("AXOLOTL_LOG_LEVEL", "WARNING")  # else it prints the whole normalised config
+    from axolotl.cli.config import load_cfg
+    from axolotl.utils.dict import DictDefault
+
+    config = {k: v for k, v in raw.items() if k != "qra_plan"}
+    try:
+        return load_cfg(DictDefault(config))
+    except ValidationError as exc:
+        raise QRAError(f"{path}: Axolotl rejects this config: {one_line_validation_error(exc)}") from None
+    except (ValueError, OSError, TypeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QRAError(f"{path}: Axolotl rejects this config: {first}") from None
+
+
+def _dtype_name(torch_dtype: Any) -> str:
+    name = str(torch_dtype).removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _train_section(ax: Any) -> dict[str, Any]:
+    """The training job as Axolotl will run it (micro batch, not the accumulated batch: memory is per step)."""
+    optimizer = ax.optimizer
+    return {
+        "batch": int(ax.micro_batch_size),
+        "seq_len": int(ax.sequence_len),
+        "optimizer": str(getattr(optimizer, "value", optimizer) or "adamw_torch"),
+        "grad_checkpointing": bool(ax.gradient_checkpointing),
+        "lr": float(ax.learning_rate),
+        "warmup_ratio": float(ax.warmup_ratio or 0.0),
+    }
+
+
+def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -> QRAConfig:
+    """The qra config of an Axolotl YAML: its ``qra:`` section plus what Axolotl's keys say."""
+    section = dict(raw.get("qra") or {})
+    sizes = section.pop("data", None) or {}
+    values = {
+        "name": section.pop("name", path.stem),
+        "model": {"path": str(raw["base_model"]), "dtype": _dtype_name(ax.torch_dtype)},
+        "train": _train_section(ax),
+        "data": {**data, **sizes},
+        **section,
+    }
+    try:
+        return QRAConfig.model_validate(values)
+    except ValidationError as exc:
+        raise QRAError(f"{path}: invalid qra section: qra.{one_line_validation_error(exc)}") from None
+
+
+def load_axolotl(
+    path: Path, raw: dict[str, Any], out_dir: Path | None, *, prepare_data: bool
+) -> tuple[QRAConfig, Path, Path | None]:
+    """(config, output directory, where Axolotl reads the plan) for an Axolotl YAML.
+
+    ``prepare_data``: let Axolotl prepare the datasets and export the sample fidelity runs use (not needed
+    by ``qra estimate``, whose config then keeps a placeholder data section nothing reads).
+    """
+    raw = _expanded(raw)
+    _refuse_conflicts(raw, prepare_data)
+    raw["base_model"] = str(_model_dir(str(raw["base_model"])))  # a cached hub id becomes its local snapshot
+    ax = axolotl_settings(path, raw)
+    provisional = qra_config(path, raw, ax, {})
+    out = out_dir if out_dir is not None else Path("runs") / provisional.name
+    plan_target = Path(raw["qra_plan"]) if raw.get("qra_plan") else None
+    if not prepare_data:
+        return provisional, out, plan_target
+    from planner.axolotl.data import export_rows
+
+    files = export_rows(ax, out, provisional)
+    return qra_config(path, raw, ax, {"source": "tokenized", **files}), out, plan_target
