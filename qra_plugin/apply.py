@@ -12,6 +12,7 @@ from torch import nn
 from qra_plugin.errors import QRAError
 from qra_plugin.lora import lora_config
 from qra_plugin.plan import Plan
+from qra_plugin.prune import prune_model
 from qra_plugin.quantize import quantize_model
 
 
@@ -20,12 +21,14 @@ def _as_plan(plan: Plan | str | Path) -> Plan:
 
 
 def apply_plan(model: nn.Module, plan: Plan | str | Path, **lora_overrides: Any) -> PeftModel:
-    """Quantize the planned modules in place on their device, then attach the planned LoRA adapters.
+    """Prune (if the plan says so), quantize the planned modules in place on their device, then attach the
+    planned LoRA adapters.
 
     The base model's own parameters are frozen by PEFT; only LoRA weights train. Gradient
     checkpointing users should call ``model.enable_input_require_grads()`` (TRL/Axolotl do).
     """
     plan = _as_plan(plan)
+    prune_model(model, plan)
     quantize_model(model, plan)
     peft_model = get_peft_model(model, lora_config(plan, **lora_overrides))
     peft_model.qra_plan = plan
@@ -52,6 +55,7 @@ def load_for_inference(
     if not (adapter_dir / "adapter_config.json").is_file():
         raise QRAError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=dtype).to(device)
+    prune_model(model, plan)
     quantize_model(model, plan)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     peft_model.qra_plan = plan

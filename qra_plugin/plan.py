@@ -75,6 +75,25 @@ class ModulePlan(BaseModel):
         return float(self.alpha) if self.alpha is not None else float(2 * self.rank)
 
 
+class BlockPruning(BaseModel):
+    """What one block keeps after structured pruning: MLP intermediate channels and key/value head groups
+    (each group keeps its query heads, so GQA's grouping is unchanged). Indices are stored, not ratios, so
+    applying a plan needs no calibration data and gives the same model on every rank of a distributed run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mlp_keep: list[int] | None = None
+    kv_keep: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _sorted_unique(self) -> BlockPruning:
+        for name in ("mlp_keep", "kv_keep"):
+            kept = getattr(self, name)
+            if kept is not None and (not kept or kept != sorted(set(kept)) or kept[0] < 0):
+                raise ValueError(f"{name} must be a non-empty, sorted list of distinct indices >= 0")
+        return self
+
+
 class Fingerprint(BaseModel):
     """Identifies the model a plan was made for: architecture, depth, width and module names/shapes."""
 
@@ -92,6 +111,9 @@ class Fingerprint(BaseModel):
 def fingerprint(model: nn.Module) -> Fingerprint:
     """Fingerprint of a model (works on the meta device and on an already-quantized model)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    source = getattr(base, "qra_source_fingerprint", None)
+    if source is not None:  # a pruned model is identified by the model it was pruned from
+        return source
     config = getattr(base, "config", None)
     archs = getattr(config, "architectures", None) or [type(base).__name__]
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
@@ -113,6 +135,8 @@ class Plan(BaseModel):
     fingerprint: Fingerprint
     modules: dict[str, ModulePlan]
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    #: structured pruning per block index, applied before quantization (``qra_plugin.prune``); empty: none
+    pruning: dict[int, BlockPruning] = Field(default_factory=dict)
     meta: dict[str, Any] = Field(default_factory=dict)
 
     # ---------------------------------------------------------------- constructors
@@ -202,7 +226,10 @@ class Plan(BaseModel):
     def content_hash(self) -> str:
         """Hash of what the plan does (not its metadata): the key of an evaluation in the planner's store."""
         body = {n: m.model_dump() for n, m in sorted(self.modules.items())}
-        payload = json.dumps({"fp": self.fingerprint.model_dump(), "m": body, "d": self.lora_dropout}, sort_keys=True)
+        content: dict[str, Any] = {"fp": self.fingerprint.model_dump(), "m": body, "d": self.lora_dropout}
+        if self.pruning:  # an unpruned plan hashes as before pruning existed: stored evaluations stay valid
+            content["p"] = {str(i): p.model_dump(exclude_none=True) for i, p in sorted(self.pruning.items())}
+        payload = json.dumps(content, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def check_model(self, model: nn.Module) -> list[LinearSpec]:
@@ -222,7 +249,10 @@ class Plan(BaseModel):
 
     # ---------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not self.pruning:
+            data.pop("pruning")
+        return data
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (or JSON for a .json suffix) atomically."""

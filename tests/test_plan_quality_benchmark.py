@@ -92,3 +92,14 @@ def test_tiny_recipe_writes_the_schema_and_resumes_without_recomputing(tmp_path)
     for name in data["budgets"]:
         for method, m in data["budgets"][name]["methods"].items():
             assert again["budgets"][name]["methods"][method]["final_eval_loss_mean"] == m["final_eval_loss_mean"]
+
+    # the fidelity ladder over the plans the finals fine-tuned: a real run per plan and step count, resumable
+    ladder = tmp_path / "fidelity_correlation.json"
+    cmd = [sys.executable, "benchmarks/fidelity_correlation.py", "--recipe", "tiny", "--benchmark", str(results),
+           "--stores", str(out), "--steps", "0,2", "--out", str(tmp_path / "ladder"),
+           "--results", str(ladder)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(ladder.read_text())["ladder"]
+    assert [r["steps"] for r in rows] == [0, 2] and all(r["plans"] >= 5 for r in rows)
+    assert all(r["spearman_final_loss"] is None or -1 <= r["spearman_final_loss"] <= 1 for r in rows)

@@ -17,6 +17,7 @@ from qra_plugin.distributed import check_sharding, deepspeed_stage
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
 from qra_plugin.plan import Plan, fingerprint
+from qra_plugin.prune import prune_model
 from qra_plugin.quantize import quantize_model
 from qra_plugin.weight_memory import memory_report
 
@@ -87,6 +88,7 @@ class QRAPlugin(BasePlugin):
             return
         if not cfg.get("qra_check_fingerprint", True):
             plan = plan.model_copy(update={"fingerprint": fingerprint(model)})
+        prune_model(model, plan)  # prune, then quantize; LoRA comes next, on the pruned shapes
         quantize_model(model, plan)
 
     def post_model_load(self, cfg: Any, model: Any) -> None:

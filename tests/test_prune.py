@@ -1,0 +1,121 @@
+"""Structured pruning from a plan on tiny Llama / Qwen2 / Mistral / Gemma built in code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qra_plugin import Plan, apply_plan, load_for_inference
+from qra_plugin.errors import QRAError
+from qra_plugin.plan import BlockPruning
+from qra_plugin.prune import block_layouts, head_geometry, prune_model
+
+ARCHS = ("llama", "qwen2", "mistral", "gemma")
+
+
+def _model(arch: str, seed: int = 0, **over) -> nn.Module:
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    kinds = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(kinds[arch](**{**common, **over}), dtype=torch.float32)
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+def _pruned_plan(model: nn.Module, kv: int = 2, bits: int = 16) -> Plan:
+    plan = Plan.uniform(model, bits=bits, rank=4)
+    pruning = {0: BlockPruning(mlp_keep=[0, 3, 5, 7, 20, 47], kv_keep=[1]), 2: BlockPruning(mlp_keep=list(range(24)))}
+    return plan.model_copy(update={"pruning": pruning})
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[5, 9, 17, 33, 2, 70, 11]])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruning_equals_removing_those_channels_and_heads_from_the_dense_model(arch):
+    """Dropping MLP channels = zeroing their down-projection columns; dropping a KV group = zeroing the
+    output-projection columns of its query heads. Both give the same logits as the pruned model."""
+    dense, pruned = _model(arch), _model(arch)
+    plan = _pruned_plan(dense)
+    prune_model(pruned, plan)
+    geo = head_geometry(dense.config)
+    layouts = block_layouts(dense, geo)
+    blocks = dense.model.layers
+    with torch.no_grad():
+        for index, keep in plan.pruning.items():
+            layout, block = layouts[index], blocks[index]
+            down = block.get_submodule(layout.mlp_out).weight
+            drop = [c for c in range(geo.intermediate) if c not in keep.mlp_keep]
+            down[:, drop] = 0
+            if keep.kv_keep is not None:
+                kept_q = {h * geo.group + r for h in keep.kv_keep for r in range(geo.group)}
+                cols = [h * geo.head_dim + j for h in range(geo.heads) if h not in kept_q for j in range(geo.head_dim)]
+                block.get_submodule(layout.attn_out).weight[:, cols] = 0
+        expected = dense(_ids()).logits
+        got = pruned(_ids()).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    layer0 = pruned.model.layers[0]
+    assert layer0.get_submodule(layouts[0].mlp_out).in_features == 6
+    assert layer0.get_submodule(layouts[0].q[0]).out_features == 2 * 8  # one KV group keeps its 2 query heads
+    assert layouts[0].attn_out.endswith("o_proj") and set(layouts[0].mlp_in) == {"mlp.gate_proj", "mlp.up_proj"}
+
+
+def test_keeping_everything_changes_nothing_and_mha_keeps_q_k_v_alike():
+    dense, pruned = _model("llama", num_key_value_heads=4), _model("llama", num_key_value_heads=4)
+    plan = Plan.uniform(dense, bits=16, rank=4).model_copy(
+        update={"pruning": {1: BlockPruning(mlp_keep=list(range(48)), kv_keep=[0, 1, 2, 3])}}
+    )
+    prune_model(pruned, plan)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(_ids()).logits, dense(_ids()).logits)
+    half = _model("llama", num_key_value_heads=4)
+    prune_model(half, plan.model_copy(update={"pruning": {1: BlockPruning(kv_keep=[0, 3])}}))
+    attn = half.model.layers[1].self_attn
+    assert attn.q_proj.out_features == attn.k_proj.out_features == attn.v_proj.out_features == 16
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))
+def test_pruned_quantized_plan_trains_saves_and_reloads_with_identical_logits(arch, tmp_path):
+    model = _model(arch)
+    model.save_pretrained(tmp_path / "base")
+    plan = _pruned_plan(model, bits=4)
+    peft = apply_plan(model, plan)
+    assert type(peft.base_model.model.model.layers[0].mlp.down_proj.base_layer).__name__ == "HQQLinear"
+    assert peft.base_model.model.model.layers[0].mlp.down_proj.lora_A["default"].weight.shape == (4, 6)
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    peft.train()
+    for _ in range(2):
+        loss = peft(input_ids=_ids(), labels=_ids()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft.eval()
+    peft.save_pretrained(tmp_path / "adapter")
+    plan.save(tmp_path / "plan.yaml")
+    with torch.no_grad():
+        trained = peft(_ids()).logits
+        reloaded = load_for_inference(tmp_path / "base", tmp_path / "plan.yaml", tmp_path / "adapter")(_ids()).logits
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=0)
+
+
+def test_plan_round_trip_and_unpruned_plans_are_unchanged(tmp_path):
+    model = _model("llama")
+    plain = Plan.uniform(model, bits=4, rank=8)
+    assert "pruning" not in plain.to_dict()  # plans and their hashes are as before pruning existed
+    pruned = _pruned_plan(model)
+    assert pruned.content_hash() != plain.content_hash()
+    assert Plan.load(pruned.save(tmp_path / "p.yaml")) == pruned
+    assert Plan.load(pruned.save(tmp_path / "p.json")).content_hash() == pruned.content_hash()
+    with pytest.raises(QRAError, match="mlp_keep must be a non-empty, sorted list"):
+        Plan.parse({**plain.to_dict(), "pruning": {0: {"mlp_keep": [3, 1]}}})
+    with pytest.raises(QRAError, match="outside the 2 key/value heads"):
+        prune_model(_model("llama"), plain.model_copy(update={"pruning": {0: BlockPruning(kv_keep=[2])}}))
+    twice = _model("llama")
+    prune_model(twice, pruned)
+    prune_model(twice, pruned)  # idempotent, as Axolotl may call its hooks twice
+    assert twice.model.layers[0].mlp.down_proj.in_features == 6
