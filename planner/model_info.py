@@ -54,6 +54,8 @@ class ModelInfo:
     dtype: torch.dtype
     others: list[TensorSpec]
     config: Any = field(default=None, repr=False, compare=False)
+    #: the structured pruning these shapes already include (``pruned_info``); None: the model as loaded
+    pruning: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def other_param_numel(self) -> int:
@@ -173,3 +175,27 @@ def load_model_info(source: Any, dtype: torch.dtype | str | None = None) -> Mode
     if hasattr(source, "to_dict") and hasattr(source, "model_type"):
         return info_from_model(meta_model_from_config(source, dtype or torch.float32))
     raise QRAError(f"cannot read model structure from {type(source).__name__}")
+
+
+_PRUNED: dict[tuple[int, str], ModelInfo] = {}
+
+
+def pruned_info(info: ModelInfo, plan: Any) -> ModelInfo:
+    """``info`` of the model after ``plan.pruning`` (itself for an unpruned plan): pruned linear shapes, and a
+    ``pruning`` the activation trace applies to its meta model, so weights, LoRA and activations all shrink."""
+    if not plan.pruning or info.pruning is not None:
+        return info
+    import json
+
+    from planner.memory.activations import meta_model_for_trace
+    from qra_plugin.prune import prune_blocks
+
+    key = (id(info), json.dumps({i: p.model_dump() for i, p in sorted(plan.pruning.items())}))
+    if key not in _PRUNED:
+        meta = meta_model_for_trace(info, info.dtype)
+        prune_blocks(meta, plan.pruning)
+        meta.qra_source_fingerprint = info.fingerprint  # still the model the plan was made for
+        pruned = info_from_model(meta)
+        pruned.config, pruned.pruning = info.config, dict(plan.pruning)
+        _PRUNED[key] = pruned
+    return _PRUNED[key]

@@ -12,6 +12,7 @@ with their query heads, so ``num_key_value_groups`` stays right under GQA.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -53,9 +54,33 @@ def head_geometry(config) -> HeadGeometry:  # noqa: ANN001 - a transformers Pret
     return HeadGeometry(heads, kv, head_dim, int(config.intermediate_size))
 
 
-def _call_groups(model: nn.Module) -> list[list[list[nn.Linear]]]:
-    """Per block, its linears grouped by the tensor they read, in call order (one 2-token forward)."""
-    _, blocks = find_blocks(model)
+def _fake_cpu_copy(model: nn.Module, mode) -> nn.Module:  # noqa: ANN001 - a FakeTensorMode
+    """A copy of a meta-device model whose tensors are fake CPU tensors: it runs forward, allocating nothing."""
+    import copy
+
+    probe = copy.deepcopy(model)
+    with mode:
+        for module in probe.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(
+                        torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu"), requires_grad=False
+                    )
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cpu")
+    return probe
+
+
+def _call_groups(model: nn.Module) -> list[list[list[str]]]:
+    """Per block, the names of its linears grouped by the tensor they read, in call order (one 2-token forward;
+    a meta-device model runs it on fake tensors, as the planner prices pruned plans without weights)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    on_meta = next(model.parameters()).device.type == "meta"
+    mode = FakeTensorMode() if on_meta else None
+    probe = _fake_cpu_copy(model, mode) if on_meta else model
+    _, blocks = find_blocks(probe)
     # the input tensors themselves are kept until the end, so no two distinct inputs can share an id()
     calls: list[list[tuple[torch.Tensor, str]]] = [[] for _ in blocks]
     hooks = []
@@ -64,25 +89,20 @@ def _call_groups(model: nn.Module) -> list[list[list[nn.Linear]]]:
             if isinstance(module, nn.Linear):
                 hooks.append(module.register_forward_pre_hook(
                     lambda m, args, i=index, n=name: calls[i].append((args[0], n))))  # fmt: skip
-    device = next(model.parameters()).device
+    device = "cpu" if on_meta else next(model.parameters()).device
     try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
+        with torch.no_grad(), mode if mode is not None else contextlib.nullcontext():
+            probe(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
-    groups: list[list[list[nn.Linear]]] = []
-    for index, block_calls in enumerate(calls):
+    groups = []
+    for block_calls in calls:
         by_input: dict[int, list[str]] = {}
         for tensor, name in block_calls:
             by_input.setdefault(id(tensor), []).append(name)
-        groups.append([[blocks[index].get_submodule(n) for n in names] for names in by_input.values()])
+        groups.append(list(by_input.values()))
     return groups
-
-
-def _names(block: nn.Module, modules: list[nn.Linear]) -> tuple[str, ...]:
-    lookup = {id(m): n for n, m in block.named_modules()}
-    return tuple(lookup[id(m)] for m in modules)
 
 
 def block_layouts(model: nn.Module, geo: HeadGeometry) -> list[BlockLayout]:
@@ -95,23 +115,16 @@ def block_layouts(model: nn.Module, geo: HeadGeometry) -> list[BlockLayout]:
             out = groups[i + 1]
             if len(group) < 2 or len(out) != 1:
                 continue
-            outs = {m.out_features for m in group}
+            outs = {block.get_submodule(n).out_features for n in group}
+            out_in = block.get_submodule(out[0]).in_features
             if len(group) == 3 and outs <= {geo.heads * geo.head_dim, geo.kv_heads * geo.head_dim}:
-                q = [m for m in group if m.out_features == geo.heads * geo.head_dim][:1]
-                attn = (q, [m for m in group if m not in q], out[0])
-            elif len(group) == 2 and outs == {geo.intermediate} and out[0].in_features == geo.intermediate:
-                mlp = (group, out[0])
+                q = [n for n in group if block.get_submodule(n).out_features == geo.heads * geo.head_dim][:1]
+                attn = (tuple(q), tuple(n for n in group if n not in q), out[0])
+            elif len(group) == 2 and outs == {geo.intermediate} and out_in == geo.intermediate:
+                mlp = (tuple(group), out[0])
         if attn is None or mlp is None:
             raise QRAError("structured pruning needs blocks with separate q/k/v projections and a gated MLP")
-        layouts.append(
-            BlockLayout(
-                _names(block, attn[0]),
-                _names(block, attn[1]),
-                _names(block, [attn[2]])[0],
-                _names(block, mlp[0]),
-                _names(block, [mlp[1]])[0],
-            )  # fmt: skip
-        )
+        layouts.append(BlockLayout(*attn, *mlp))
     return layouts
 
 
@@ -136,7 +149,7 @@ def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _prune_block(block: nn.Module, layout: BlockLayout, geo: HeadGeometry, keep: BlockPruning) -> None:
-    device = next(block.parameters()).device
+    device = next(block.parameters()).device  # index_select works on meta tensors too: shapes only
     if keep.mlp_keep is not None:
         if keep.mlp_keep[-1] >= geo.intermediate:
             raise QRAError(f"mlp_keep index {keep.mlp_keep[-1]} is outside the {geo.intermediate} MLP channels")
@@ -159,6 +172,17 @@ def _prune_block(block: nn.Module, layout: BlockLayout, geo: HeadGeometry, keep:
         _replace(block, layout.attn_out, _sliced(block.get_submodule(layout.attn_out), cols=q_rows))
 
 
+def prune_blocks(model: nn.Module, pruning: dict[int, BlockPruning]) -> None:
+    """Slice every block ``pruning`` names, in place (works on the meta device: the planner's shapes)."""
+    geo = head_geometry(model.config)
+    layouts = block_layouts(model, geo)
+    _, blocks = find_blocks(model)
+    for index, keep in sorted(pruning.items()):
+        if not 0 <= index < len(blocks):
+            raise QRAError(f"plan prunes block {index}; the model has {len(blocks)} blocks")
+        _prune_block(blocks[index], layouts[index], geo, keep)
+
+
 def prune_model(model: nn.Module, plan: Plan) -> None:
     """Apply ``plan.pruning`` in place (before quantization); the model keeps the fingerprint it had.
 
@@ -169,12 +193,6 @@ def prune_model(model: nn.Module, plan: Plan) -> None:
     source = fingerprint(model)
     if source != plan.fingerprint:
         raise QRAError(f"plan is for {plan.fingerprint.describe()}, not for this model ({source.describe()})")
-    geo = head_geometry(model.config)
-    layouts = block_layouts(model, geo)
-    _, blocks = find_blocks(model)
-    for index, keep in sorted(plan.pruning.items()):
-        if not 0 <= index < len(blocks):
-            raise QRAError(f"plan prunes block {index}; the model has {len(blocks)} blocks")
-        _prune_block(blocks[index], layouts[index], geo, keep)
+    prune_blocks(model, plan.pruning)
     model.qra_source_fingerprint = source
     model.qra_pruned = True

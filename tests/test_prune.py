@@ -119,3 +119,28 @@ def test_plan_round_trip_and_unpruned_plans_are_unchanged(tmp_path):
     prune_model(twice, pruned)
     prune_model(twice, pruned)  # idempotent, as Axolotl may call its hooks twice
     assert twice.model.layers[0].mlp.down_proj.in_features == 6
+
+
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))
+def test_memory_model_prices_a_pruned_quantized_plan_as_its_real_tensors(arch):
+    """Every static part exactly, and the saved activations within 2 %, on the pruned shapes."""
+    from planner.memory import estimate
+    from planner.model_info import load_model_info
+    from planner.tiny import build_tiny_model
+    from tests.test_memory import STATIC, measured_static, mixed_plan, saved_activation_bytes
+
+    model = build_tiny_model(arch, seed=0, layers=3, hidden=128)
+    info = load_model_info(model)
+    keep = {0: BlockPruning(mlp_keep=list(range(0, 256, 3)), kv_keep=[0]), 2: BlockPruning(kv_keep=[1])}
+    plan = mixed_plan(model, info).model_copy(update={"pruning": keep})
+    pred = estimate(info, plan, batch=2, seq_len=32)
+    unpruned = estimate(info, mixed_plan(model, info), batch=2, seq_len=32)
+    assert pred.quantized_weights < unpruned.quantized_weights and pred.activations < unpruned.activations
+    measured = measured_static(build_tiny_model(arch, seed=0, layers=3, hidden=128), plan, "adamw_torch")
+    assert {k: getattr(pred, k) for k in STATIC} == measured
+    saved = saved_activation_bytes(build_tiny_model(arch, seed=0, layers=3, hidden=128), plan, 2, 32)
+    from planner.memory import trace_activations
+    from planner.model_info import pruned_info
+
+    head = trace_activations(pruned_info(info, plan), 2, 32, torch.float32).head_saved
+    assert abs(pred.activations + head - saved) <= 0.02 * saved, (pred.activations + head, saved)

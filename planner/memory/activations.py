@@ -147,7 +147,7 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
 
     from qra_plugin.modules import find_blocks
 
-    base = _meta_model(info, dtype)
+    base = meta_model_for_trace(info, dtype)
     model = get_peft_model(base, LoraConfig(r=1, target_modules=[s.name for s in info.linears]))
     mode = FakeTensorMode()
     _to_fake_cpu(model, mode)
@@ -187,12 +187,18 @@ def _unpacked_sequences() -> Any:
     return mock.patch.object(masking, "find_packed_sequence_indices", lambda position_ids: None)
 
 
-def _meta_model(info: ModelInfo, dtype: torch.dtype) -> torch.nn.Module:
+def meta_model_for_trace(info: ModelInfo, dtype: torch.dtype) -> torch.nn.Module:
+    """``info``'s model on the meta device, with SDPA attention and ``info.pruning`` applied."""
     config = copy.deepcopy(info.config)
     # SDPA is what training uses on CPU and GPU; the eager path would save the seq x seq attention matrix.
     if getattr(config, "_attn_implementation", None) in (None, "eager") and hasattr(config, "_attn_implementation"):
         config._attn_implementation = "sdpa"
-    return meta_model_from_config(config, dtype)
+    model = meta_model_from_config(config, dtype)
+    if info.pruning:
+        from qra_plugin.prune import prune_blocks
+
+        prune_blocks(model, info.pruning)
+    return model
 
 
 def _to_fake_cpu(model: torch.nn.Module, mode: Any) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from planner.memory.activations import ActivationTrace, trace_activations
 from planner.memory.weights import LORA_DTYPE, base_module_bytes, elem, lora_numel, optimizer_bytes
-from planner.model_info import ModelInfo
+from planner.model_info import ModelInfo, pruned_info
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec
 from qra_plugin.plan import ModulePlan, Plan
@@ -138,6 +138,7 @@ def estimate(
     float32 unless the model section says otherwise).
     """
     compute_dtype = compute_dtype or info.dtype
+    info = pruned_info(info, plan)  # pruned shapes in every part: weights, LoRA, activations
     if batch < 1 or seq_len < 1:
         raise QRAError(f"batch and seq_len must be >= 1 (got {batch}, {seq_len})")
     if plan.fingerprint != info.fingerprint:
@@ -249,6 +250,7 @@ BUDGET_KINDS = ("peak", "plan", "weights")
 def plan_bytes(info: ModelInfo, plan: Plan, train: Any, kind: str = "peak") -> int:
     """The number a budget of ``kind`` is compared with. ``train`` is a ``planner.config.TrainSection``.
     Fast after the first call for a given (model, batch, seq_len): module costs and the trace are cached."""
+    info = pruned_info(info, plan)
     dtype = info.dtype
     if kind not in BUDGET_KINDS:
         raise QRAError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, not {kind!r}")
