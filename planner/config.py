@@ -91,6 +91,9 @@ class SpaceSection(_Section):
     bits: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8])
     ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
     backend: str = "hqq"
+    #: structured pruning ratio(s). One ratio > 0: every candidate prunes that fraction of each block's MLP
+    #: channels and key/value groups (RankAdaptor: bits and ranks are searched for the pruned model)
+    prune: list[float] = Field(default_factory=lambda: [0.0])
 
     @model_validator(mode="after")
     def _sane(self) -> SpaceSection:
@@ -106,6 +109,13 @@ class SpaceSection(_Section):
             raise ValueError(f"space.backend {self.backend!r} supports only bits {', '.join(map(str, sorted(stores)))}")
         self.bits = sorted(set(self.bits))
         self.ranks = sorted(set(self.ranks))
+        if not self.prune or any(not 0 <= r < 1 for r in self.prune):
+            raise ValueError("space.prune takes ratios in [0, 1)")
+        if len(set(self.prune)) > 1:
+            raise ValueError(
+                "space.prune: searching the pruning ratio jointly with bits and ranks is not built yet; "
+                "give one ratio (every candidate is pruned by it, ranks and bits are searched)"
+            )
         return self
 
 

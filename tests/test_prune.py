@@ -144,3 +144,35 @@ def test_memory_model_prices_a_pruned_quantized_plan_as_its_real_tensors(arch):
 
     head = trace_activations(pruned_info(info, plan), 2, 32, torch.float32).head_saved
     assert abs(pred.activations + head - saved) <= 0.02 * saved, (pred.activations + head, saved)
+
+
+def test_rankadaptor_search_plans_bits_and_ranks_for_a_pruned_model(tmp_path):
+    """``space.prune: [0.25]``: every candidate is pruned by the same kept indices (from the channel
+    importance on calibration data), the budget is priced on the pruned shapes, and the plan trains."""
+    import yaml
+
+    from planner.config import QRAConfig
+    from planner.fidelity.contract import EvalTask
+    from planner.fidelity.sft import run_fidelity
+    from planner.search.run import run_search
+    from planner.search.setup import SearchSetup
+    from tests.test_search import _write_config
+
+    small = {"population": 2, "generations": 1, "offspring": 1, "promote": 1, "tr_iterations": 0}
+    path = _write_config(tmp_path / "cfg.yaml", search=small, space={"prune": [0.25], "bits": [4, 8]})
+    cfg = QRAConfig.load(path)
+    result = run_search(cfg, tmp_path / "out", seed=0, progress=False)
+    plan = Plan.load(tmp_path / "out" / "plan.yaml")
+    assert len(plan.pruning) == 4  # every block of the tiny Llama: 128 -> 96 MLP channels, 2 -> 2 KV groups
+    assert all(len(p.mlp_keep) == 96 and p.kv_keep is None for p in plan.pruning.values())
+    setup = SearchSetup.build(cfg)
+    unpruned = SearchSetup.build(cfg.model_copy(update={"space": cfg.space.model_copy(update={"prune": [0.0]})}))
+    config = setup.space.uniform(4, 16)
+    assert setup.cost(config) < unpruned.cost(config)  # pruned shapes in the byte count
+    assert result.best_memory <= result.budget_bytes
+    ok = run_fidelity(EvalTask(plan=plan, level="low", seed=0, config=cfg, tag="t"))
+    same_unpruned = unpruned.space.to_plan(result.best)  # the searched bits and ranks on the unpruned model
+    dense = run_fidelity(EvalTask(plan=same_unpruned, level="low", seed=0, config=cfg, tag="t"))
+    assert ok.status == "ok" and ok.weight_bytes < dense.weight_bytes
+    with pytest.raises(ValueError, match="not built yet"):
+        QRAConfig.model_validate({**yaml.safe_load(path.read_text()), "space": {"prune": [0, 0.25]}})

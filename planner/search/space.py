@@ -9,7 +9,7 @@ trust region walk along, and ``to_plan`` turns a config into the exact ``Plan`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ class SearchSpace:
     bits: tuple[int, ...]
     ranks: tuple[int, ...]
     backend: str = "hqq"
+    #: structured pruning every candidate shares (``space.prune``), as the plan stores it; empty: none
+    pruning: tuple[tuple[int, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "module"):
@@ -43,9 +45,11 @@ class SearchSpace:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: Any, info: Any) -> SearchSpace:
-        """From a ``QRAConfig`` and a ``planner.memory.ModelInfo`` (``.fingerprint``, ``.linears``)."""
-        return cls.from_parts(cfg.space, info.fingerprint, info.linears)
+    def from_config(cls, cfg: Any, info: Any, pruning: dict[int, Any] | None = None) -> SearchSpace:
+        """From a ``QRAConfig`` and a ``planner.memory.ModelInfo`` (``.fingerprint``, ``.linears``); ``pruning``
+        (``BlockPruning`` per block) is applied to every candidate's plan."""
+        space = cls.from_parts(cfg.space, info.fingerprint, info.linears)
+        return replace(space, pruning=tuple(sorted((pruning or {}).items())))
 
     @classmethod
     def from_parts(cls, section: Any, fp: Fingerprint, specs: Sequence[LinearSpec]) -> SearchSpace:
@@ -160,6 +164,8 @@ class SearchSpace:
             plan = Plan.from_block_pairs(self.fingerprint, self.specs, pairs, self.backend)
         else:
             plan = Plan.from_module_pairs(self.fingerprint, self.specs, pairs, self.backend)
+        if self.pruning:
+            plan = plan.model_copy(update={"pruning": dict(self.pruning)})
         if meta:
             plan.meta.update(meta)
         return plan

@@ -1,0 +1,106 @@
+"""Which MLP channels and key/value groups to keep: a per-channel importance on the calibration tokens.
+
+A channel's score is ``||W_out[:, c]||_2 * ||x_c||_2``: the norm of its column in the output projection
+times the norm of the activation that feeds it over the calibration tokens (Wanda's weight x activation
+criterion, taken per input channel of ``down_proj`` / ``o_proj``). A key/value group scores the sum over
+the columns of its query heads. One forward pass, no gradients. ``pruning_for_ratio`` turns the scores into
+the plan's kept indices: the same fraction removed in every block (the LLM-Pruner-style uniform reference
+and RankAdaptor's fixed pruning).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from planner.config import QRAConfig
+from qra_plugin.modules import find_blocks
+from qra_plugin.plan import BlockPruning
+from qra_plugin.prune import block_layouts, head_geometry
+
+
+@dataclass(frozen=True)
+class ChannelImportance:
+    mlp: tuple[tuple[float, ...], ...]  # per block, per intermediate channel
+    kv: tuple[tuple[float, ...], ...]  # per block, per key/value group
+    group: int  # query heads per key/value group
+
+
+def channel_importance(model: nn.Module, tokens: torch.Tensor) -> ChannelImportance:
+    """Scores of every MLP channel and key/value group of every block, from one pass over ``tokens``."""
+    geo = head_geometry(model.config)
+    layouts = block_layouts(model, geo)
+    _, blocks = find_blocks(model)
+    sq_sums: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for index, (block, layout) in enumerate(zip(blocks, layouts, strict=True)):
+        for part, name in (("mlp", layout.mlp_out), ("attn", layout.attn_out)):
+
+            def record(module, args, key=(index, part)):  # noqa: ANN001, ANN202
+                x = args[0].detach().float()
+                sq_sums[key] = sq_sums.get(key, 0) + x.pow(2).sum(dim=tuple(range(x.dim() - 1)))
+
+            hooks.append(block.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    mlp, kv = [], []
+    for index, (block, layout) in enumerate(zip(blocks, layouts, strict=True)):
+        for part, name, out in (("mlp", layout.mlp_out, mlp), ("attn", layout.attn_out, kv)):
+            weight = block.get_submodule(name).weight.detach().float()
+            score = weight.norm(dim=0) * sq_sums[(index, part)].sqrt()
+            if part == "attn":  # columns of one key/value group: its query heads' head_dim columns
+                score = score.view(geo.kv_heads, geo.group * geo.head_dim).sum(dim=1)
+            out.append(tuple(float(v) for v in score))
+    return ChannelImportance(tuple(mlp), tuple(kv), geo.group)
+
+
+def _top(scores: tuple[float, ...], keep: int) -> list[int]:
+    """Indices of the ``keep`` highest scores, ascending (ties: the lower index, so it is deterministic)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(order[:keep])
+
+
+def pruning_for_ratio(importance: ChannelImportance, ratio: float) -> dict[int, BlockPruning]:
+    """Remove ``ratio`` of every block's MLP channels and (rounded, at least one kept) key/value groups."""
+    if ratio <= 0:
+        return {}
+    out = {}
+    for index, (mlp, kv) in enumerate(zip(importance.mlp, importance.kv, strict=True)):
+        keep_mlp = max(1, round(len(mlp) * (1 - ratio)))
+        keep_kv = max(1, round(len(kv) * (1 - ratio)))
+        out[index] = BlockPruning(
+            mlp_keep=_top(mlp, keep_mlp) if keep_mlp < len(mlp) else None,
+            kv_keep=_top(kv, keep_kv) if keep_kv < len(kv) else None,
+        )
+    return {i: p for i, p in out.items() if p.mlp_keep is not None or p.kv_keep is not None}
+
+
+@lru_cache(maxsize=4)
+def _importance_cached(config_json: str) -> ChannelImportance:
+    from planner.loading import load_model, load_tokenizer
+    from planner.priors.calibration import calibration_batch
+
+    cfg = QRAConfig.model_validate_json(config_json)
+    p = cfg.profile
+    model = load_model(cfg.model).eval()
+    tokens = calibration_batch(load_tokenizer(cfg.model), cfg.data, p.calibration_examples, p.seq_len, 0, cfg.seed)
+    return channel_importance(model, tokens)
+
+
+def fixed_pruning(cfg: QRAConfig) -> dict[int, BlockPruning]:
+    """The pruning every candidate of a search shares (``space.prune: [ratio]``): RankAdaptor's setting,
+    where ranks (and bits) are searched for an already pruned model. Computed once per process."""
+    ratio = cfg.space.prune[0] if len(cfg.space.prune) == 1 else 0.0
+    if ratio <= 0:
+        return {}
+    parts = {"model": cfg.model.model_dump(), "data": cfg.data.model_dump(), "profile": cfg.profile.model_dump()}
+    importance = _importance_cached(json.dumps({**parts, "seed": cfg.seed, "name": "pruning"}, sort_keys=True))
+    return pruning_for_ratio(importance, ratio)
