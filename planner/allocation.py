@@ -252,9 +252,16 @@ def prior_allocations(space: SearchSpace, cost: Cost, budget: int, importance: I
     so the population starts from them and the evaluations go into refining them, not into finding them.
     A budget that leaves no room for one of them still yields the other.
     """
-    found: list[Config] = []
+    return list(named_prior_allocations(space, cost, budget, importance, rank).values())
+
+
+def named_prior_allocations(
+    space: SearchSpace, cost: Cost, budget: int, importance: Importance, rank: int
+) -> dict[str, Config]:
+    """``prior_allocations`` by name (``greedy_priors``, ``ilp``): what a search must beat to earn its cost."""
+    found: dict[str, Config] = {}
     with contextlib.suppress(QRAError):
-        found.append(greedy_priors(space, cost, budget, importance))
+        found["greedy_priors"] = greedy_priors(space, cost, budget, importance)
     with contextlib.suppress(QRAError):
-        found.append(ilp(space, cost, budget, importance, rank))
+        found["ilp"] = ilp(space, cost, budget, importance, rank)
     return found

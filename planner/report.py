@@ -208,6 +208,17 @@ def _next_steps_html(summary: dict[str, Any]) -> str:
         if gain is not None
         else ""
     )
+    if summary.get("best_is_free_allocation"):
+        said += (
+            f"<p><b>The prior allocation is already the best found</b>: the plan is the "
+            f"{html.escape(summary['best_is_free_allocation'])} allocation, which costs no evaluation.</p>"
+        )
+    elif summary.get("gain_over_best_free") is not None:
+        said += (
+            f"<p>Against the best allocation that costs no evaluation "
+            f"({html.escape(str(summary['best_free_allocation']))}): <b>{summary['gain_over_best_free']:+.4f}</b> "
+            "nats at the high fidelity (one seed).</p>"
+        )
     estimate = html.escape(summary.get("estimate_command", ""))
     if summary.get("train_command"):  # planned from an Axolotl YAML: it already reads the plan
         return f"""<h2>Next</h2>{said}

@@ -292,3 +292,16 @@ def test_a_changed_fidelity_recipe_never_reuses_a_score(reference, tmp_path) -> 
     assert all(r["finished_at"] == old_low[r["id"]]["finished_at"] for r in rows if r["id"] in old_low)  # reused
     summary = json.loads((out / TRACE_FILE).read_text())
     assert summary["failures"] == {"transient": 0, "deterministic": 0} and "gp_fit_failures" in summary
+
+
+def test_the_search_says_whether_it_beat_the_allocations_that_cost_no_evaluation(reference) -> None:
+    _, _, out, result = reference
+    trace = json.loads((out / TRACE_FILE).read_text())
+    scored = trace["free_allocation_scores"]
+    assert "uniform" in scored and trace["best_free_allocation"] in scored
+    assert trace["gain_over_best_free"] == pytest.approx(min(scored.values()) - result.best_score, abs=1e-6)
+    assert trace["gain_over_best_free"] >= 0  # the best plan is the best of everything scored at high, free ones too
+    free_hit = trace["best_is_free_allocation"]
+    assert free_hit is None or trace["gain_over_best_free"] == 0
+    report = (out / REPORT_FILE).read_text()
+    assert ("already the best found" in report) == (free_hit is not None)

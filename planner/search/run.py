@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.allocation import Importance, prior_allocations, warm_start
+from planner.allocation import Importance, named_prior_allocations, warm_start
 from planner.config import QRAConfig
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
 from planner.search.pareto import Point, best_for_budget, write_pareto
@@ -67,6 +67,8 @@ class _Run:
     failures: dict[str, int] = field(default_factory=lambda: {"transient": 0, "deterministic": 0})
     axolotl_config: Path | None = None
     plan_target: Path | None = None
+    #: the zero-evaluation allocations in the first population, by name (greedy_priors, ilp)
+    free: dict[str, Config] = field(default_factory=dict)
 
 
 def run_search(
@@ -128,7 +130,8 @@ def _first_population(run: _Run, importance: Importance) -> list[Config]:
         named = s.budget.uniform[1] if s.budget.uniform is not None else None
         rank = named if named in s.space.ranks else sorted(s.space.ranks)[len(s.space.ranks) // 2]
         sampled = warm_start(importance, s.space, s.cost, s.budget_bytes, min(n_warm, search.population), run.seed)
-        warm = [*prior_allocations(s.space, s.cost, s.budget_bytes, importance, rank), *sampled]
+        run.free = named_prior_allocations(s.space, s.cost, s.budget_bytes, importance, rank)
+        warm = [*run.free.values(), *sampled]
     budget_plan = s.budget_plan()
     return [budget_plan, *warm] if budget_plan is not None else warm
 
@@ -259,6 +262,17 @@ def _write_outputs(
         f"[green]best plan[/green] loss {best.score:.4f}, {best.memory / 2**20:.2f} MiB of "
         f"{s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
     )
+    if summary["best_is_free_allocation"]:
+        run.say(
+            f"[yellow]the prior allocation is already the best found[/yellow]: the plan is the "
+            f"{summary['best_is_free_allocation']} allocation, which needs no evaluation; no evaluated "
+            "candidate beat it at the high fidelity"
+        )
+    elif summary["gain_over_best_free"] is not None:
+        run.say(
+            f"best plan vs the best zero-evaluation allocation ({summary['best_free_allocation']}): "
+            f"{summary['gain_over_best_free']:+.4f} nats at the high fidelity (one seed: seed noise not measured)"
+        )
     return SearchResult(
         out_dir=out,
         best=best.config,
@@ -301,6 +315,7 @@ def _summary(
         "stage2_restarts": stage2.restarts,
         "baseline": config_key(baseline) if baseline is not None else None,
         "baseline_score": history.get(baseline) if baseline is not None else None,
+        **_against_free(run, best, history),
         "evaluations": trace,
         "failures": run.failures,
         "gp_fit_failures": run.gp_failures,
@@ -311,6 +326,24 @@ def _summary(
         "planner_s": round(planner_s, 3),
         "planner_s_per_proposal": round(planner_s / max(len(trace), 1), 4),
         "final_finetune_steps": cfg.fidelity.high.steps,
+    }
+
+
+def _against_free(run: _Run, best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
+    """Did the evaluations earn their cost? The best plan against the allocations that cost no evaluation
+    (the budget's uniform plan, greedy priors, ILP), at the high fidelity, one seed each."""
+    free = dict(run.free)
+    baseline = run.setup.budget_plan()
+    if baseline is not None:
+        free["uniform"] = baseline
+    scored = {name: history.get(c) for name, c in free.items() if history.get(c) is not None}
+    origin = next((name for name, c in free.items() if c == best.config), None)
+    best_free = min(scored.items(), key=lambda kv: kv[1]) if scored else None
+    return {
+        "free_allocation_scores": scored,
+        "best_is_free_allocation": origin,
+        "gain_over_best_free": round(best_free[1] - best.score, 6) if best_free else None,
+        "best_free_allocation": best_free[0] if best_free else None,
     }
 
 
