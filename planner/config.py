@@ -180,10 +180,15 @@ class ProfileSection(_Section):
     batch: int = Field(8, ge=1)
     plasticity_draws: int = Field(2, ge=1)
     plasticity_rank: int = Field(8, ge=1)
+    #: also measure the pruning-sensitivity prior at these ratios (loss increase when one block is pruned)
+    prune_ratios: list[float] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _sorted_bits(self) -> ProfileSection:
         self.bits = sorted(set(self.bits))
+        if any(not 0 < r < 1 for r in self.prune_ratios):
+            raise ValueError("profile.prune_ratios takes ratios in (0, 1)")
+        self.prune_ratios = sorted(set(self.prune_ratios))
         return self
 
 

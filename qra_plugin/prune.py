@@ -148,8 +148,9 @@ def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, child, new)
 
 
-def _prune_block(block: nn.Module, layout: BlockLayout, geo: HeadGeometry, keep: BlockPruning) -> None:
-    device = next(block.parameters()).device  # index_select works on meta tensors too: shapes only
+def prune_block(block: nn.Module, layout: BlockLayout, geo: HeadGeometry, keep: BlockPruning) -> None:
+    """Slice one block's projections to what ``keep`` keeps (index_select works on meta tensors: shapes only)."""
+    device = next(block.parameters()).device
     if keep.mlp_keep is not None:
         if keep.mlp_keep[-1] >= geo.intermediate:
             raise QRAError(f"mlp_keep index {keep.mlp_keep[-1]} is outside the {geo.intermediate} MLP channels")
@@ -180,7 +181,7 @@ def prune_blocks(model: nn.Module, pruning: dict[int, BlockPruning]) -> None:
     for index, keep in sorted(pruning.items()):
         if not 0 <= index < len(blocks):
             raise QRAError(f"plan prunes block {index}; the model has {len(blocks)} blocks")
-        _prune_block(blocks[index], layouts[index], geo, keep)
+        prune_block(blocks[index], layouts[index], geo, keep)
 
 
 def prune_model(model: nn.Module, plan: Plan) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -290,3 +291,26 @@ def test_smollm2_fewer_bits_hurt_more_and_replay_is_exact() -> None:
         assert kl2 > kl4 > 0
         if block == 0:  # the loss change is noisy on 128 tokens; block 0 at 2 bits is far above the noise
             assert loss2 > 0
+
+
+def test_pruning_sensitivity_prior_is_measured_cached_and_leaves_the_model_whole(tmp_path: Path) -> None:
+    from planner.loading import load_model, load_tokenizer
+    from planner.priors.calibration import calibration_batch
+    from planner.priors.measure import reference_pass
+    from planner.priors.pruning import prune_damage
+
+    cfg = _cfg(bits=[4])
+    cfg = cfg.model_copy(update={"profile": cfg.profile.model_copy(update={"prune_ratios": [0.25, 0.75]})})
+    priors = profile(cfg, tmp_path, progress=False)
+    assert sorted(priors.I_p) == [0.25, 0.75] and all(len(v) == 3 for v in priors.I_p.values())
+    # a random tiny model has no structure to lose, so only: real, different per block and ratio
+    values = [v for per_block in priors.I_p.values() for v in per_block]
+    assert all(math.isfinite(v) for v in values) and len(set(values)) == len(values)
+    assert Priors.load(tmp_path / PRIORS_FILE).I_p == priors.I_p
+    plain = profile(_cfg(bits=[4]), tmp_path / "plain", progress=False)
+    assert plain.I_p == {} and "prune_ratios" not in plain.settings  # no ratios: the key is as before
+    model = load_model(cfg.model).eval()
+    tokens = calibration_batch(load_tokenizer(cfg.model), cfg.data, 4, 32)
+    before = reference_pass(model, tokens, 2).loss
+    prune_damage(model, tokens, 2, before, [0.5])
+    assert reference_pass(model, tokens, 2).loss == before  # every pruned block was put back

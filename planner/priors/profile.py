@@ -57,6 +57,8 @@ class Priors(BaseModel):
     I_q: dict[int, list[float]]
     I_r: list[float]
     loss_increase: dict[int, list[float]] = Field(default_factory=dict)
+    #: pruning sensitivity: loss increase per block when only that block is pruned by the ratio (the key)
+    I_p: dict[float, list[float]] = Field(default_factory=dict)
     fingerprint: Fingerprint
     calibration_hash: str
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -146,7 +148,7 @@ def _settings(cfg: QRAConfig, unit: str, w_hash: str) -> dict[str, Any]:
         "dtype": cfg.model.dtype,
         "weights_hash": w_hash,
         "torch": torch.__version__.split("+")[0],
-    }
+    } | ({"prune_ratios": list(p.prune_ratios)} if p.prune_ratios else {})  # unchanged key without pruning
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -229,6 +231,7 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
         settings=settings,
         reference_loss=state.get("reference_loss"),
         timings_s=state["timings_s"],
+        I_p={float(r): v for r, v in (state.get("I_p") or {}).items()},
     )
     priors.save(final)
     plot_priors(priors, out / CHART_FILE)
@@ -272,6 +275,17 @@ def _measure_into(
                 write_json_atomic(partial_path, state)
                 bar.advance()
             del ref
+        if p.prune_ratios and not state.get("I_p"):
+            from planner.priors.measure import reference_pass
+            from planner.priors.pruning import prune_damage
+
+            bar.describe("I_p (loss increase of pruning one block)")
+            start, cpu = time.perf_counter(), time.process_time()
+            ref_loss = state.get("reference_loss") or reference_pass(model, tokens, p.batch).loss
+            damage = prune_damage(model, tokens, p.batch, ref_loss, list(p.prune_ratios))
+            state["I_p"] = {str(r): v for r, v in damage.items()}
+            _add_time(state["timings_s"], "I_p", start, cpu)
+            write_json_atomic(partial_path, state)
         if state["I_r"] is None:
             bar.describe("I_r (LoRA gradient at init)")
             start, cpu = time.perf_counter(), time.process_time()

@@ -20,7 +20,7 @@ from torch import nn
 from planner.config import QRAConfig
 from qra_plugin.modules import find_blocks
 from qra_plugin.plan import BlockPruning
-from qra_plugin.prune import block_layouts, head_geometry
+from qra_plugin.prune import block_layouts, head_geometry, prune_block
 
 
 @dataclass(frozen=True)
@@ -104,3 +104,36 @@ def fixed_pruning(cfg: QRAConfig) -> dict[int, BlockPruning]:
     parts = {"model": cfg.model.model_dump(), "data": cfg.data.model_dump(), "profile": cfg.profile.model_dump()}
     importance = _importance_cached(json.dumps({**parts, "seed": cfg.seed, "name": "pruning"}, sort_keys=True))
     return pruning_for_ratio(importance, ratio)
+
+
+@torch.no_grad()
+def prune_damage(model: nn.Module, tokens: torch.Tensor, batch: int, ref_loss: float, ratios: list[float]) -> dict:
+    """The pruning-sensitivity prior: loss increase (nats/token) when only block b is pruned by each ratio,
+    keeping the channels ``channel_importance`` ranks highest. ``{ratio: [per block]}``; the model is restored."""
+    importance = channel_importance(model, tokens)
+    geo = head_geometry(model.config)
+    layouts = block_layouts(model, geo)
+    _, blocks = find_blocks(model)
+    out: dict[float, list[float]] = {}
+    for ratio in ratios:
+        keep = pruning_for_ratio(importance, ratio)
+        out[ratio] = []
+        for index, block in enumerate(blocks):
+            layout = layouts[index]
+            names = [*layout.q, *layout.kv, layout.attn_out, *layout.mlp_in, layout.mlp_out]
+            originals = {n: block.get_submodule(n) for n in names}
+            loss_sum, count = 0.0, 0
+            try:
+                if index in keep:
+                    prune_block(block, layout, geo, keep[index])
+                for start in range(0, tokens.shape[0], batch):
+                    chunk = tokens[start : start + batch]
+                    log_q = torch.log_softmax(model(input_ids=chunk, use_cache=False).logits.float(), dim=-1)
+                    loss_sum -= float(log_q[:, :-1].gather(-1, chunk[:, 1:].unsqueeze(-1)).sum())
+                    count += chunk.shape[0] * (chunk.shape[1] - 1)
+            finally:
+                for n, module in originals.items():
+                    parent, _, child = n.rpartition(".")
+                    setattr(block.get_submodule(parent) if parent else block, child, module)
+            out[ratio].append(loss_sum / count - ref_loss)
+    return out
