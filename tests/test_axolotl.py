@@ -155,3 +155,24 @@ def test_register_expands_home_in_the_paths_a_user_types(tmp_path, monkeypatch):
     untouched = {"base_model": "~/m"}  # without qra_plan the plugin does nothing at all
     QRAPlugin().register(untouched)
     assert untouched == {"base_model": "~/m"}
+
+
+def test_axolotl_train_prunes_before_quantizing_and_the_adapter_has_the_pruned_shapes(tmp_path, tiny_model_dir):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qra_plugin.plan import BlockPruning
+
+    plan = mixed_plan(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    kept = list(range(0, 128, 2))  # half of block 0's 128 MLP channels
+    plan = plan.model_copy(update={"pruning": {0: BlockPruning(mlp_keep=kept, kv_keep=[1])}})
+    plan.save(tmp_path / "plan.yaml")
+    proc = _run(_config(tmp_path, tiny_model_dir, qra_plan=str(tmp_path / "plan.yaml")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as weights:
+        shapes = {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}  # noqa: SIM118
+    down_a = next(v for k, v in shapes.items() if "layers.0.mlp.down_proj.lora_A" in k)
+    q_b = next(v for k, v in shapes.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+    assert down_a[1] == len(kept) and q_b[0] == 2 * 16  # one KV group kept: its 2 query heads of 16 dims
+    saved = yaml.safe_load((tmp_path / "out" / "qra_plan.yaml").read_text())
+    assert saved["pruning"]["0"]["mlp_keep"] == kept  # the run dir keeps the plan it trained with
