@@ -134,6 +134,13 @@ class Benchmark:
         self.progress: dict[str, Any] = (
             json.loads(self.progress_path.read_text()) if self.progress_path.is_file() else {}
         )
+        if not part:  # a --parallel part measured its budget's wall times first: they win over a cache-hit re-run
+            for part_file in sorted(out.glob("progress-*.json")):
+                for key, value in json.loads(part_file.read_text()).items():
+                    if isinstance(value, dict):
+                        self.progress[key] = {**self.progress.get(key, {}), **value}
+                    elif key == "tpe_startup":
+                        self.progress.setdefault(key, value)
         self.summaries: dict[str, Any] = {}
         self.planner: dict[str, Any] = {}
 
