@@ -13,6 +13,7 @@ with their query heads, so ``num_key_value_groups`` stays right under GQA.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -54,22 +55,17 @@ def head_geometry(config) -> HeadGeometry:  # noqa: ANN001 - a transformers Pret
     return HeadGeometry(heads, kv, head_dim, int(config.intermediate_size))
 
 
-def _fake_cpu_copy(model: nn.Module, mode) -> nn.Module:  # noqa: ANN001 - a FakeTensorMode
-    """A copy of a meta-device model whose tensors are fake CPU tensors: it runs forward, allocating nothing."""
-    import copy
-
-    probe = copy.deepcopy(model)
+def to_fake_cpu(model: nn.Module, mode) -> None:  # noqa: ANN001 - a FakeTensorMode
+    """Swap every meta parameter/buffer for a fake CPU tensor: CPU kernels get chosen, nothing is allocated."""
     with mode:
-        for module in probe.modules():
+        for module in model.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:
-                    module._parameters[name] = nn.Parameter(
-                        torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu"), requires_grad=False
-                    )
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
+                    module._parameters[name] = nn.Parameter(fake, requires_grad=p.requires_grad)
             for name, b in list(module._buffers.items()):
                 if b is not None:
                     module._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cpu")
-    return probe
 
 
 def _call_groups(model: nn.Module) -> list[list[list[str]]]:
@@ -79,7 +75,9 @@ def _call_groups(model: nn.Module) -> list[list[list[str]]]:
 
     on_meta = next(model.parameters()).device.type == "meta"
     mode = FakeTensorMode() if on_meta else None
-    probe = _fake_cpu_copy(model, mode) if on_meta else model
+    probe = copy.deepcopy(model) if on_meta else model
+    if on_meta:
+        to_fake_cpu(probe, mode)
     _, blocks = find_blocks(probe)
     # the input tensors themselves are kept until the end, so no two distinct inputs can share an id()
     calls: list[list[tuple[torch.Tensor, str]]] = [[] for _ in blocks]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.data.wiki import write_alpaca_jsonl
+from tests.test_axolotl import _config as axolotl_config
 from tests.test_estimate_cli import qra_inprocess
 
 pytest.importorskip("axolotl")
@@ -42,41 +42,10 @@ QRA_SECTION = {
 
 
 def axolotl_yaml(tmp_path: Path, model_dir: Path, **extra) -> Path:
-    """An ordinary Axolotl LoRA config on a local alpaca jsonl, plus the plugin, qra_plan and a qra section."""
-    data = write_alpaca_jsonl(tmp_path / "train.jsonl", "train", 64)
-    cfg = {
-        "base_model": str(model_dir),
-        "plugins": ["qra_plugin.QRAPlugin"],
-        "qra_plan": str(tmp_path / "plan.yaml"),
-        "qra": QRA_SECTION,
-        "adapter": "lora",
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_dropout": 0.0,
-        "lora_mlp_kernel": False,
-        "lora_qkv_kernel": False,
-        "lora_o_kernel": False,
-        "datasets": [{"path": str(data), "type": "alpaca", "ds_type": "json"}],
-        "dataset_prepared_path": str(tmp_path / "prepared"),
-        "val_set_size": 0.1,
-        "sequence_len": 256,
-        "micro_batch_size": 2,
-        "max_steps": 2,
-        "optimizer": "adamw_torch",
-        "learning_rate": 1e-3,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        "flash_attention": False,
-        "output_dir": str(tmp_path / "out"),
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        **extra,
-    }
-    path = tmp_path / "train.yml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    """The ordinary Axolotl LoRA config of ``test_axolotl`` (local alpaca jsonl) plus qra_plan, a qra section and
+    an eval split."""
+    settings = {"qra_plan": str(tmp_path / "plan.yaml"), "qra": QRA_SECTION, "val_set_size": 0.1, "max_steps": 2}
+    return axolotl_config(tmp_path, model_dir, **{**settings, **extra})
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -9,11 +9,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from planner.config import QRAConfig
+from qra_plugin.axolotl.args import HOME_PATH_KEYS, expand_home
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
 
-#: Axolotl keys that hold a local path a user may type with ``~`` (the plugin's ``register`` expands them too)
-PATH_KEYS = ("base_model", "tokenizer_config", "qra_plan", "dataset_prepared_path", "output_dir")
+#: Axolotl keys that hold a local path a user may type with ``~`` (the plugin's ``register`` expands the first three)
+PATH_KEYS = (*HOME_PATH_KEYS, "dataset_prepared_path", "output_dir")
 
 
 def is_axolotl_yaml(raw: dict[str, Any]) -> bool:
@@ -23,9 +24,7 @@ def is_axolotl_yaml(raw: dict[str, Any]) -> bool:
 
 def _expanded(raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(raw)
-    for key in PATH_KEYS:
-        if isinstance(out.get(key), str) and out[key].startswith("~"):
-            out[key] = str(Path(out[key]).expanduser())
+    expand_home(out, PATH_KEYS)
     return out
 
 

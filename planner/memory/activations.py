@@ -146,11 +146,12 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from qra_plugin.modules import find_blocks
+    from qra_plugin.prune import to_fake_cpu
 
     base = meta_model_for_trace(info, dtype)
     model = get_peft_model(base, LoraConfig(r=1, target_modules=[s.name for s in info.linears]))
     mode = FakeTensorMode()
-    _to_fake_cpu(model, mode)
+    to_fake_cpu(model, mode)
     model.train()
     params = {_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()}
     recorder = _Recorder(params, [s.name for s in info.linears])
@@ -199,16 +200,3 @@ def meta_model_for_trace(info: ModelInfo, dtype: torch.dtype) -> torch.nn.Module
 
         prune_blocks(model, info.pruning)
     return model
-
-
-def _to_fake_cpu(model: torch.nn.Module, mode: Any) -> None:
-    """Swap every meta parameter/buffer for a fake CPU tensor: CPU kernels get chosen, nothing is allocated."""
-    with mode:
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cpu")
-                    module._parameters[name] = torch.nn.Parameter(fake, requires_grad=p.requires_grad)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    module._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device="cpu")

@@ -17,6 +17,20 @@ QRA_SECTION_KEYS = ("name", "seed", "budget", "space", "fidelity", "search", "pr
 QRA_DATA_KEYS = ("train_examples", "eval_examples", "calibration_examples")
 
 
+#: the paths a qra user types with ``~`` (``base_model: ~/.cache/qra/...`` would be taken for a hub repo id)
+HOME_PATH_KEYS = ("base_model", "tokenizer_config", "qra_plan")
+
+
+def expand_home(cfg: dict, keys: tuple[str, ...] = HOME_PATH_KEYS) -> None:
+    """Expand a leading ``~`` in the string values of ``keys``, in place."""
+    from pathlib import Path
+
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, str) and value.startswith("~"):
+            cfg[key] = str(Path(value).expanduser())
+
+
 def kernels_blocked_by(plan: Any) -> list[str]:
     """The backends in ``plan`` that Axolotl's Triton LoRA kernels do not handle."""
     from qra_plugin.backends import registry

@@ -12,7 +12,7 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from qra_plugin.axolotl.args import KERNEL_KEYS, kernels_blocked_by
+from qra_plugin.axolotl.args import KERNEL_KEYS, expand_home, kernels_blocked_by
 from qra_plugin.distributed import check_sharding, deepspeed_stage
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
@@ -44,12 +44,8 @@ class QRAPlugin(BasePlugin):
     def register(self, cfg: dict) -> None:
         """Axolotl hands the raw config here before validating it: expand ``~`` in the paths a qra user
         types (``base_model: ~/.cache/qra/...`` would otherwise be taken for a hub repo id)."""
-        if not cfg.get("qra_plan"):
-            return
-        for key in ("base_model", "tokenizer_config", "qra_plan"):
-            value = cfg.get(key)
-            if isinstance(value, str) and value.startswith("~"):
-                cfg[key] = str(Path(value).expanduser())
+        if cfg.get("qra_plan"):
+            expand_home(cfg)
 
     def get_input_args(self) -> str:
         return "qra_plugin.axolotl.args.QRAArgs"
