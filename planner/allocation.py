@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,9 +32,17 @@ class Importance:
 
     quant: dict[int, np.ndarray]
     plasticity: np.ndarray
+    #: ratio -> per-unit loss increase when the unit is pruned by it, on ``quant``'s scale (searched pruning)
+    prune: dict[float, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def from_arrays(cls, space: SearchSpace, iq: dict[int, Sequence[float]], ir: Sequence[float]) -> Importance:
+    def from_arrays(
+        cls,
+        space: SearchSpace,
+        iq: dict[int, Sequence[float]],
+        ir: Sequence[float],
+        ip: dict[float, Sequence[float]] | None = None,
+    ) -> Importance:
         n = space.n_units
         raw = {int(b): np.clip(np.asarray(v, dtype=np.float64), 0.0, None) for b, v in iq.items()}
         raw = {b: _to_units(space, v) for b, v in raw.items()}
@@ -50,16 +58,20 @@ class Importance:
                 hi = min((k for k in known if k > b), default=known[-1])
                 w = 0.0 if hi == lo else (b - lo) / (hi - lo)
                 quant[b] = (1 - w) * raw[lo] + w * raw[hi]
-        scale = max(float(max(v.max() for v in quant.values())), 1e-12)
+        prune = _prune_table(space, ip or {})
+        scale = max(float(max(v.max() for v in [*quant.values(), *prune.values()])), 1e-12)
         quant = {b: v / scale for b, v in quant.items()}
+        prune = {r: v / scale for r, v in prune.items()}
         ir_arr = _to_units(space, np.clip(np.asarray(ir, dtype=np.float64), 0.0, None))
         plasticity = ir_arr / max(float(ir_arr.max()), 1e-12)
-        return cls(quant=quant, plasticity=plasticity)
+        return cls(quant=quant, plasticity=plasticity, prune=prune)
 
     @classmethod
     def from_priors(cls, priors: Any, space: SearchSpace) -> Importance:
-        """From ``planner.priors.Priors`` (``I_q``: bits → per-unit list, ``I_r``: per-unit list)."""
-        return cls.from_arrays(space, {int(b): v for b, v in priors.I_q.items()}, priors.I_r)
+        """From ``planner.priors.Priors`` (``I_q``: bits → per-unit list, ``I_r``: per-unit list, ``I_p``:
+        ratio → per-unit list, used where the space searches pruning)."""
+        ip = {float(r): v for r, v in priors.I_p.items()} if space.prune else None
+        return cls.from_arrays(space, {int(b): v for b, v in priors.I_q.items()}, priors.I_r, ip)
 
     def bits_importance(self) -> np.ndarray:
         """How much a unit suffers from low bits overall (sum over the measured widths)."""
@@ -72,6 +84,46 @@ class Importance:
         """Lost plasticity when a unit's rank drops, on a log scale of the rank."""
         span = np.log2(1 + max_rank) or 1.0
         return float(self.plasticity[unit] * (np.log2(1 + old) - np.log2(1 + new)) / span)
+
+    def prune_penalty(self, unit: int, old: float, new: float) -> float:
+        return float(self.prune[new][unit] - self.prune[old][unit])
+
+    def step_penalty(self, space: SearchSpace, unit: int, axis: int, old: Any, new: Any) -> float:
+        """Importance lost when one coordinate (0 bits, 1 rank, 2 pruning) of ``unit`` moves from old to new."""
+        if axis == 0:
+            return self.bit_penalty(unit, old, new)
+        if axis == 1:
+            return self.rank_penalty(unit, old, new, space.ranks[-1])
+        return self.prune_penalty(unit, old, new)
+
+    def prune_importance(self) -> np.ndarray:
+        """How much a unit suffers from pruning overall (sum over the ratios)."""
+        return np.sum(list(self.prune.values()), axis=0) if self.prune else np.zeros_like(self.plasticity)
+
+
+def _prune_table(space: SearchSpace, ip: dict[float, Sequence[float]]) -> dict[float, np.ndarray]:
+    """Per-unit pruning damage at every ratio the space offers: measured, else linear in the ratio between
+    the nearest measured ones (0 damage at ratio 0; beyond the largest, proportional to it)."""
+    if not space.prune:
+        return {}
+    if not any(r > 0 for r in space.prune) or not ip:
+        if any(r > 0 for r in space.prune):
+            raise QRAError("the priors have no pruning sensitivity (I_p): re-run qra profile with this space.prune")
+        return {r: np.zeros(space.n_units) for r in space.prune}
+    raw = {0.0: np.zeros(space.n_units)} | {
+        float(r): _to_units(space, np.clip(np.asarray(v, dtype=np.float64), 0.0, None)) for r, v in ip.items()
+    }
+    known = sorted(raw)
+    table = {}
+    for r in space.prune:
+        lo = max(k for k in known if k <= r)
+        hi = min((k for k in known if k >= r), default=None)
+        if hi is None:  # past the largest measured ratio
+            table[r] = raw[lo] * r / lo
+        else:
+            w = 0.0 if hi == lo else (r - lo) / (hi - lo)
+            table[r] = (1 - w) * raw[lo] + w * raw[hi]
+    return table
 
 
 def _to_units(space: SearchSpace, values: np.ndarray) -> np.ndarray:
@@ -87,31 +139,26 @@ def _to_units(space: SearchSpace, values: np.ndarray) -> np.ndarray:
 def repair(space: SearchSpace, config: Config, cost: Cost, budget: int, importance: Importance) -> Config | None:
     """Downgrade the cheapest-to-lose choice per byte saved until ``config`` fits; None if it never can.
 
-    Each step tries every one-step downgrade (a unit's bits or rank) and takes the one with the least
-    importance lost per byte saved, so important units keep their precision and capacity.
+    Each step tries every one-step downgrade (a unit's bits, rank or pruning) and takes the one with the least
+    importance lost per byte saved, so important units keep their precision, capacity and channels.
     """
     current = tuple(config)
     current_cost = cost(current)
-    max_rank = space.ranks[-1]
     while current_cost > budget:
         best: tuple[float, int, Config] | None = None
-        for u, (b, r) in enumerate(current):
-            moves = []
-            bi, ri = space.bits.index(b), space.ranks.index(r)
-            if bi > 0:
-                nb = space.bits[bi - 1]
-                moves.append(((nb, r), importance.bit_penalty(u, b, nb)))
-            if ri > 0:
-                nr = space.ranks[ri - 1]
-                moves.append(((b, nr), importance.rank_penalty(u, r, nr, max_rank)))
-            for k, (pair, penalty) in enumerate(moves):
-                saved = cost.saving(u, (b, r), pair)
-                if saved <= 0:
+        for u, choice in enumerate(current):
+            k = 0  # the move's place among this unit's possible moves (a deterministic tie-break)
+            for axis, values in enumerate(space.axes):
+                i = values.index(choice[axis])
+                if i == 0:
                     continue
-                ratio = max(penalty, 0.0) / saved
-                key = (ratio, 2 * u + k)
-                if best is None or key < (best[0], best[1]):
-                    best = (ratio, 2 * u + k, current[:u] + (pair,) + current[u + 1 :])
+                moved = choice[:axis] + (values[i - 1],) + choice[axis + 1 :]
+                penalty = importance.step_penalty(space, u, axis, choice[axis], values[i - 1])
+                saved = cost.saving(u, choice, moved)
+                key = (max(penalty, 0.0) / saved if saved > 0 else None, space.n_axes * u + k)
+                k += 1
+                if key[0] is not None and (best is None or key < (best[0], best[1])):
+                    best = (key[0], key[1], current[:u] + (moved,) + current[u + 1 :])
         if best is None:
             return None
         current = best[2]
@@ -125,7 +172,8 @@ def flat_importance(space: SearchSpace) -> Importance:
     n = space.n_units
     top = max(space.bits)
     quant = {b: np.full(n, (top - b) / max(top - min(space.bits), 1)) for b in set(space.bits) | {8, 16}}
-    return Importance(quant=quant, plasticity=np.ones(n))
+    prune = {r: np.full(n, r / max(space.prune)) for r in space.prune} if space.prune else {}
+    return Importance(quant=quant, plasticity=np.ones(n), prune=prune)
 
 
 def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank: int | None = None) -> Config:
@@ -141,7 +189,7 @@ def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank
 
 def greedy_priors(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance) -> Config:
     """Importance-only allocation: start from the richest config and downgrade by least importance per byte."""
-    config = repair(space, space.uniform(max(space.bits), max(space.ranks)), cost, budget, importance)
+    config = repair(space, space.richest(), cost, budget, importance)
     if config is None:
         raise QRAError("the budget is below the cheapest config of the search space")
     return config
@@ -159,9 +207,9 @@ def ilp(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importanc
     bits = list(space.bits)
     n, k = space.n_units, len(bits)
     objective = np.array([importance.quant[b][u] for u in range(n) for b in bits])
-    weights = np.array([cost.marginal[u][(b, rank)] for u in range(n) for b in bits], dtype=np.float64)
+    weights = np.array([cost.marginal[u][space.choice(b, rank)] for u in range(n) for b in bits], dtype=np.float64)
     one_per_unit = np.kron(np.eye(n), np.ones(k))
-    reference = cost(space.uniform(max(space.bits), max(space.ranks)))
+    reference = cost(space.richest())
     slack = 0
     for _ in range(20):
         limit = budget - reference - slack
@@ -174,7 +222,7 @@ def ilp(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importanc
         if result.x is None:
             raise QRAError(f"ILP found no bit allocation at rank {rank} within the budget")
         choice = result.x.reshape(n, k).argmax(axis=1)
-        config = tuple((bits[i], rank) for i in choice)
+        config = tuple(space.choice(bits[i], rank) for i in choice)
         over = cost(config) - budget
         if over <= 0:
             return config
@@ -199,47 +247,62 @@ def _map(scores: np.ndarray, levels: int, centre: float, spread: float) -> np.nd
     return np.clip(np.rint(top * (centre + spread * (scores - 0.5))), 0, top).astype(np.int64)
 
 
-def _draw_importance(space: SearchSpace, q: np.ndarray, r: np.ndarray, rank_weight: float) -> Importance:
-    """An importance whose bit steps cost ``q`` and rank steps ``r`` (in log-rank), weighted against each other."""
+def _draw_importance(
+    space: SearchSpace, q: np.ndarray, r: np.ndarray, rank_weight: float, p: np.ndarray | None = None
+) -> Importance:
+    """An importance whose bit steps cost ``q``, rank steps ``r`` (in log-rank) and pruning steps ``p``,
+    ranks weighted against the rest."""
     top = max(len(space.bits) - 1, 1)
     quant = {b: (1 - rank_weight) * (q + 0.05) * (top - i) / top for i, b in enumerate(space.bits)}
     quant.setdefault(16, np.zeros(space.n_units))
-    return Importance(quant=quant, plasticity=rank_weight * (r + 0.05))
+    prune = {}
+    if space.prune and p is not None:
+        top_p = max(len(space.prune) - 1, 1)
+        prune = {x: (1 - rank_weight) * (p + 0.05) * (top_p - j) / top_p for j, x in enumerate(space.prune)}
+    return Importance(quant=quant, plasticity=rank_weight * (r + 0.05), prune=prune)
 
 
 def warm_start(importance: Importance, space: SearchSpace, cost: Cost, budget: int, n: int, seed: int) -> list[Config]:
     """AutoQRA's warm start: ``n`` distinct budget-feasible configs mapped from the priors (high I_q → more
-    bits, high I_r → more rank), fewer only if the space has no more.
+    bits, high I_r → more rank, high I_p → less pruning), fewer only if the space has no more.
 
     Each config is one draw of the mapping: scores get Gumbel noise of a temperature, are mapped around a
     centre level with a spread, then ``repair`` downgrades them into the budget. The first draw is the
     noiseless mapping; later ones get hotter and shift centre and bits/rank trade-off, so the population
     covers the budget frontier instead of n copies of one plan. Raises QRAError when nothing fits.
     """
-    bits, ranks, n_units = list(space.bits), list(space.ranks), space.n_units
-    if cost(space.uniform(bits[0], ranks[0])) > budget:
-        raise QRAError(f"the budget is too small: even {bits[0]} bits with rank {ranks[0]} everywhere does not fit")
+    n_units = space.n_units
+    if cost(space.cheapest()) > budget:
+        low = space.cheapest()[0]
+        pruned = f" pruned by {low[2]:g}" if space.prune else ""
+        raise QRAError(
+            f"the budget is too small: even {low[0]} bits with rank {low[1]}{pruned} everywhere does not fit"
+        )
     q, r = prior_scores(importance)
+    p = _minmax(np.log1p(1e3 * importance.prune_importance())) if space.prune else None
     rng = np.random.default_rng(seed)
     configs: list[Config] = []
     for attempt in range(10 * n + 10):
         if len(configs) >= n:
             break
+        centre_p = 1.0
         if attempt == 0:
             tau, centre_b, centre_r, spread, rank_weight = 0.0, 1.0, 1.0, 1.0, 0.5
         else:
             tau = 0.05 + 0.45 * min(1.0, attempt / max(n - 1, 1))
             centre_b, centre_r = rng.uniform(0.5, 1.0, size=2)
             spread, rank_weight = rng.uniform(0.5, 2.0), rng.uniform(0.2, 0.8)
+            if p is not None:
+                centre_p = rng.uniform(0.3, 1.0)
         q_t = _minmax(q + tau * rng.gumbel(size=n_units)) if tau else q
         r_t = _minmax(r + tau * rng.gumbel(size=n_units)) if tau else r
-        drafted = tuple(
-            (bits[b], ranks[k])
-            for b, k in zip(
-                _map(q_t, len(bits), centre_b, spread), _map(r_t, len(ranks), centre_r, spread), strict=True
-            )
-        )
-        config = repair(space, drafted, cost, budget, _draw_importance(space, q_t, r_t, rank_weight))
+        cols = [_map(q_t, len(space.bits), centre_b, spread), _map(r_t, len(space.ranks), centre_r, spread)]
+        p_t = None
+        if p is not None:
+            p_t = _minmax(p + tau * rng.gumbel(size=n_units)) if tau else p
+            cols.append(_map(p_t, len(space.prune), centre_p, spread))
+        drafted = space.from_indices(np.stack(cols, axis=1))
+        config = repair(space, drafted, cost, budget, _draw_importance(space, q_t, r_t, rank_weight, p_t))
         if config is not None and config not in configs:
             configs.append(config)
     return configs

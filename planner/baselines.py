@@ -73,9 +73,7 @@ def tpe(
     from hyperopt import tpe as tpe_algo
 
     flat = flat_importance(space)
-    domain = {
-        f"u{u}": hp.choice(f"u{u}", [(b, r) for b in space.bits for r in space.ranks]) for u in range(space.n_units)
-    }
+    domain = {f"u{u}": hp.choice(f"u{u}", space.choices()) for u in range(space.n_units)}
     history: list[tuple[Config, float | None]] = []
     seen: dict[Config, float | None] = {}
 

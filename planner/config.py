@@ -91,8 +91,9 @@ class SpaceSection(_Section):
     bits: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8])
     ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
     backend: str = "hqq"
-    #: structured pruning ratio(s). One ratio > 0: every candidate prunes that fraction of each block's MLP
-    #: channels and key/value groups (RankAdaptor: bits and ranks are searched for the pruned model)
+    #: structured pruning ratio(s) of each block's MLP channels and key/value groups. One ratio > 0: every
+    #: candidate is pruned by it (RankAdaptor: bits and ranks are searched for the pruned model). Several:
+    #: each block's ratio is searched with its bits and rank (AutoMixQ; needs ``unit: block``)
     prune: list[float] = Field(default_factory=lambda: [0.0])
 
     @model_validator(mode="after")
@@ -111,12 +112,15 @@ class SpaceSection(_Section):
         self.ranks = sorted(set(self.ranks))
         if not self.prune or any(not 0 <= r < 1 for r in self.prune):
             raise ValueError("space.prune takes ratios in [0, 1)")
-        if len(set(self.prune)) > 1:
-            raise ValueError(
-                "space.prune: searching the pruning ratio jointly with bits and ranks is not built yet; "
-                "give one ratio (every candidate is pruned by it, ranks and bits are searched)"
-            )
+        self.prune = sorted(set(self.prune))
+        if len(self.prune) > 1 and self.unit != "block":
+            raise ValueError("space.prune: a searched pruning ratio is chosen per block; set space.unit: block")
         return self
+
+    @property
+    def searched_prune(self) -> list[float]:
+        """The ratios each block chooses from (empty: pruning is fixed or off)."""
+        return self.prune if len(self.prune) > 1 else []
 
 
 class TrainSection(_Section):
@@ -224,6 +228,14 @@ class QRAConfig(_Section):
     fidelity: FidelitySection = FidelitySection()
     profile: ProfileSection = ProfileSection()
     search: SearchSection = SearchSection()
+
+    @model_validator(mode="after")
+    def _profile_prices_searched_ratios(self) -> QRAConfig:
+        """A searched pruning ratio needs its prior: profile every ratio the space offers."""
+        wanted = {r for r in self.space.searched_prune if r > 0}
+        if not wanted <= set(self.profile.prune_ratios):
+            self.profile.prune_ratios = sorted(wanted | set(self.profile.prune_ratios))
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> QRAConfig:

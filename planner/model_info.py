@@ -7,7 +7,7 @@ architecture: blocks and roles come from ``qra_plugin.modules.quantizable_linear
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class ModelInfo:
     config: Any = field(default=None, repr=False, compare=False)
     #: the structured pruning these shapes already include (``pruned_info``); None: the model as loaded
     pruning: dict | None = field(default=None, repr=False, compare=False)
+    #: per block, the uniformly pruned ModelInfo that block's shapes and activations come from (a pruning
+    #: that differs between blocks); None: one model, traced as a whole
+    block_sources: tuple[ModelInfo, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def other_param_numel(self) -> int:
@@ -177,25 +180,61 @@ def load_model_info(source: Any, dtype: torch.dtype | str | None = None) -> Mode
     raise QRAError(f"cannot read model structure from {type(source).__name__}")
 
 
-_PRUNED: dict[tuple[int, str], ModelInfo] = {}
+_PRUNED: dict[tuple[Any, ...], ModelInfo] = {}
+
+#: what one block keeps, as counts: (MLP channels kept or None, key/value groups kept or None)
+Kept = tuple[int | None, int | None]
+
+
+def kept_counts(pruning: dict[int, Any], n_blocks: int) -> tuple[Kept, ...]:
+    """Per block, how many MLP channels and key/value groups a pruning keeps (None: all). Memory depends on
+    these counts only, never on which indices are kept."""
+    out: list[Kept] = [(None, None)] * n_blocks
+    for index, keep in pruning.items():
+        out[int(index)] = (
+            None if keep.mlp_keep is None else len(keep.mlp_keep),
+            None if keep.kv_keep is None else len(keep.kv_keep),
+        )
+    return tuple(out)
 
 
 def pruned_info(info: ModelInfo, plan: Any) -> ModelInfo:
-    """``info`` of the model after ``plan.pruning`` (itself for an unpruned plan): pruned linear shapes, and a
-    ``pruning`` the activation trace applies to its meta model, so weights, LoRA and activations all shrink."""
+    """``info`` of the model after ``plan.pruning`` (itself for an unpruned plan): pruned linear shapes, and
+    the per-block sources the activation trace is composed from, so weights, LoRA and activations all shrink.
+
+    A block's shapes and saved activations depend only on its own kept counts (its input is always the
+    hidden state), so each block is taken from the model pruned *uniformly* to that block's counts: a
+    search over per-block ratios builds one meta model and one trace per distinct count, not per plan.
+    """
     if not plan.pruning or info.pruning is not None:
         return info
-    import json
-
-    from planner.memory.activations import meta_model_for_trace
-    from qra_plugin.prune import prune_blocks
-
-    key = (id(info), json.dumps({i: p.model_dump() for i, p in sorted(plan.pruning.items())}))
+    counts = kept_counts(plan.pruning, info.n_blocks)
+    key = (id(info), counts)
     if key not in _PRUNED:
+        sources = tuple(info if c == (None, None) else _uniformly_pruned(info, c) for c in counts)
+        linears = [s for block, src in enumerate(sources) for s in src.linears if s.block == block]
+        composed = replace(info, linears=linears, pruning=dict(plan.pruning), block_sources=sources)
+        _PRUNED[key] = composed
+    return _PRUNED[key]
+
+
+def _uniformly_pruned(info: ModelInfo, kept: Kept) -> ModelInfo:
+    """``info`` of the model with every block pruned to the same counts (its first indices: shapes only)."""
+    key = (id(info), "uniform", kept)
+    if key not in _PRUNED:
+        from planner.memory.activations import meta_model_for_trace
+        from qra_plugin.plan import BlockPruning
+        from qra_plugin.prune import prune_blocks
+
+        mlp, kv = kept
+        keep = BlockPruning(
+            mlp_keep=None if mlp is None else list(range(mlp)), kv_keep=None if kv is None else list(range(kv))
+        )
+        pruning = dict.fromkeys(range(info.n_blocks), keep)
         meta = meta_model_for_trace(info, info.dtype)
-        prune_blocks(meta, plan.pruning)
+        prune_blocks(meta, pruning)
         meta.qra_source_fingerprint = info.fingerprint  # still the model the plan was made for
         pruned = info_from_model(meta)
-        pruned.config, pruned.pruning = info.config, dict(plan.pruning)
+        pruned.config, pruned.pruning = info.config, pruning
         _PRUNED[key] = pruned
     return _PRUNED[key]

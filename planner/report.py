@@ -57,13 +57,18 @@ def plot_pareto(path: Path, points: Sequence[Point], front: Sequence[Point], bes
 def plot_plan(path: Path, space: SearchSpace, best: Point) -> Path:
     plt = _plt()
     n = space.n_units
-    fig, (ax_b, ax_r) = plt.subplots(2, 1, figsize=(max(6.5, 0.25 * n), 4.8), sharex=True)
-    ax_b.bar(range(n), [b for b, _ in best.config], color="tab:blue")
+    rows = 3 if space.prune else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(max(6.5, 0.25 * n), 2.4 * rows), sharex=True)
+    ax_b, ax_r = axes[0], axes[1]
+    ax_b.bar(range(n), [u[0] for u in best.config], color="tab:blue")
     ax_b.set_ylabel("bits")
     ax_b.set_yticks(sorted(set(space.bits)))
-    ax_r.bar(range(n), [r for _, r in best.config], color="tab:green")
+    ax_r.bar(range(n), [u[1] for u in best.config], color="tab:green")
     ax_r.set_ylabel("LoRA rank")
-    ax_r.set_xlabel(f"{space.unit} index")
+    if space.prune:
+        axes[2].bar(range(n), [u[2] for u in best.config], color="tab:red")
+        axes[2].set_ylabel("pruned fraction")
+    axes[-1].set_xlabel(f"{space.unit} index")
     ax_b.set_title("chosen plan per unit")
     fig.tight_layout()
     return _save(fig, path)

@@ -146,6 +146,50 @@ def test_memory_model_prices_a_pruned_quantized_plan_as_its_real_tensors(arch):
     assert abs(pred.activations + head - saved) <= 0.02 * saved, (pred.activations + head, saved)
 
 
+@pytest.mark.parametrize("grad_checkpointing", (False, True))
+def test_per_block_memory_composed_from_uniform_prunings_equals_tracing_the_mixed_model(grad_checkpointing):
+    """Blocks pruned differently are priced from one trace per distinct kept count; the total equals the
+    trace of the mixed model itself, part for part."""
+    from dataclasses import asdict
+
+    from planner.memory import estimate, trace_activations
+    from planner.memory.activations import meta_model_for_trace
+    from planner.model_info import info_from_model, load_model_info, pruned_info
+    from planner.tiny import build_tiny_model
+    from qra_plugin.prune import prune_blocks
+    from tests.test_memory import mixed_plan
+
+    model = build_tiny_model("qwen2", seed=0, layers=3, hidden=128)
+    info = load_model_info(model)
+    keep = {0: BlockPruning(mlp_keep=list(range(0, 256, 3)), kv_keep=[0]), 1: BlockPruning(mlp_keep=list(range(64)))}
+    plan = mixed_plan(model, info).model_copy(update={"pruning": keep})
+    composed = pruned_info(info, plan)
+    assert composed.block_sources is not None and len({id(s) for s in composed.block_sources}) == 3
+    meta = meta_model_for_trace(info, info.dtype)
+    prune_blocks(meta, keep)
+    meta.qra_source_fingerprint = info.fingerprint
+    direct = info_from_model(meta)
+    direct.config, direct.pruning = info.config, keep  # traced as one model
+    assert composed.linears == direct.linears
+    assert trace_activations(composed, 2, 32, torch.float32).blocks_saved == (
+        trace_activations(direct, 2, 32, torch.float32).blocks_saved
+    )
+    kwargs = dict(batch=2, seq_len=32, grad_checkpointing=grad_checkpointing)
+    got = estimate(info, plan, **kwargs)
+    from planner.memory import breakdown
+
+    want = breakdown._estimate(  # noqa: SLF001 - the same arithmetic on the directly traced model
+        direct,
+        plan,
+        trace_activations(direct, 2, 32, torch.float32),
+        64,
+        "adamw_torch",
+        grad_checkpointing,
+        torch.float32,
+    )
+    assert asdict(got) == asdict(want)
+
+
 def test_rankadaptor_search_plans_bits_and_ranks_for_a_pruned_model(tmp_path):
     """``space.prune: [0.25]``: every candidate is pruned by the same kept indices (from the channel
     importance on calibration data), the budget is priced on the pruned shapes, and the plan trains."""
@@ -174,5 +218,57 @@ def test_rankadaptor_search_plans_bits_and_ranks_for_a_pruned_model(tmp_path):
     same_unpruned = unpruned.space.to_plan(result.best)  # the searched bits and ranks on the unpruned model
     dense = run_fidelity(EvalTask(plan=same_unpruned, level="low", seed=0, config=cfg, tag="t"))
     assert ok.status == "ok" and ok.weight_bytes < dense.weight_bytes
-    with pytest.raises(ValueError, match="not built yet"):
-        QRAConfig.model_validate({**yaml.safe_load(path.read_text()), "space": {"prune": [0, 0.25]}})
+    with pytest.raises(ValueError, match="space.unit: block"):
+        QRAConfig.model_validate({**yaml.safe_load(path.read_text()), "space": {"prune": [0, 0.25], "unit": "module"}})
+
+
+def test_pruning_axis_orders_cheapest_first_and_keys_round_trip():
+    from planner.config import QRAConfig
+    from planner.model_info import load_model_info
+    from planner.priors.pruning import channel_importance
+    from planner.search.space import SearchSpace, config_key, parse_config_key
+    from planner.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", seed=0, layers=3, hidden=64)
+    info = load_model_info(model)
+    channels = channel_importance(model, torch.randint(0, 100, (2, 16)))
+    cfg = QRAConfig.model_validate({"model": {"path": "tiny"}, "space": {"prune": [0.5, 0, 0.25], "bits": [4, 8]}})
+    assert cfg.profile.prune_ratios == [0.25, 0.5]  # a searched ratio brings its prior
+    space = SearchSpace.from_config(cfg, info, channels=channels)
+    assert space.prune == (0.5, 0.25, 0.0) and space.dim == 3 * 3
+    config = ((4, 4, 0.5), (8, 16, 0.0), (4, 8, 0.25))
+    assert parse_config_key(config_key(config)) == config and space.decode(space.encode(config)) == config
+    plan = space.to_plan(config)
+    assert sorted(plan.pruning) == [0, 2]  # block 1 keeps everything
+    assert len(plan.pruning[0].mlp_keep) == round(len(channels.mlp[0]) * 0.5)
+    assert space.uniform(4, 8) == ((4, 8, 0.0),) * 3 and not space.to_plan(space.uniform(4, 8)).pruning
+    assert {len(n) for n in space.neighbours(config)} == {3} and len(space.neighbours(config)) == 3 + 4 + 5
+
+
+def test_joint_search_chooses_each_blocks_pruning_with_its_bits_and_rank(tmp_path):
+    """``space.prune: [0, 0.25, 0.5]``: the priors measure I_p, the search evaluates plans pruned differently
+    per block, the written plan stays in the unpruned uniform-4 budget and trains."""
+    from planner.config import QRAConfig
+    from planner.fidelity.contract import EvalTask
+    from planner.fidelity.sft import run_fidelity
+    from planner.priors.profile import Priors
+    from planner.search.run import run_search
+    from planner.search.setup import SearchSetup
+    from planner.search.space import parse_config_key
+    from tests.test_search import _write_config
+
+    small = {"population": 4, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1}
+    path = _write_config(tmp_path / "cfg.yaml", search=small, space={"prune": [0, 0.25, 0.5], "bits": [4, 8]})
+    cfg = QRAConfig.load(path)
+    result = run_search(cfg, tmp_path / "out", seed=0, progress=False)
+    priors = Priors.load(tmp_path / "out" / "priors.json")
+    assert sorted(priors.I_p) == [0.25, 0.5] and all(len(v) == 4 for v in priors.I_p.values())
+    setup = SearchSetup.build(cfg)
+    evaluated = [parse_config_key(row["config"]) for row in result.trace]
+    ratios_seen = {u[2] for c in evaluated for u in c}
+    assert len(ratios_seen) >= 2, ratios_seen  # pruning really is a searched coordinate
+    plan = Plan.load(tmp_path / "out" / "plan.yaml")
+    assert plan == setup.space.to_plan(result.best).model_copy(update={"meta": plan.meta})
+    assert result.best_memory == setup.cost(result.best) <= result.budget_bytes
+    ok = run_fidelity(EvalTask(plan=plan, level="low", seed=0, config=cfg, tag="t"))
+    assert ok.status == "ok"

@@ -9,6 +9,7 @@ apart: a plan's own ranks add them back per module (``planner.memory.breakdown``
 from __future__ import annotations
 
 import copy
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,10 @@ class ActivationTrace:
     pre_saved: int  # bytes saved before the first block (embedding side)
     block_input: int  # bytes of one block's hidden-state input (what gradient checkpointing keeps)
     input_bytes: dict[str, int]  # planned linear name -> bytes of its input tensor
-    input_key: dict[str, int]  # planned linear name -> id of its input storage (shared inputs share it)
+    input_key: dict[str, Hashable]  # planned linear name -> id of its input storage (shared inputs share it)
     input_saved: dict[str, bool]  # whether the base graph (not LoRA) already saves that input
-    lora_saved: dict[str, tuple[tuple[int, int], ...]]  # name -> (storage id, bytes) lora_A saved (input or cast)
-    base_keys: frozenset[int]  # storages the base graph saves
+    lora_saved: dict[str, tuple[tuple[Hashable, int], ...]]  # name -> (storage id, bytes) lora_A saved
+    base_keys: frozenset[Hashable]  # storages the base graph saves
     logits_elems: int  # batch * seq * vocab
 
 
@@ -140,6 +141,9 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     key = (id(info), info.fingerprint, batch, seq_len, dtype)
     if key in _TRACES:
         return _TRACES[key]
+    if info.block_sources is not None:
+        _TRACES[key] = _composed_trace(info, batch, seq_len, dtype)
+        return _TRACES[key]
     if info.config is None:
         raise QRAError("this ModelInfo has no config; build it with planner.model_info.load_model_info")
     from peft import LoraConfig, get_peft_model
@@ -170,6 +174,32 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
             h.remove()
     _TRACES[key] = recorder.trace(info, len(blocks), batch, seq_len, dtype)
     return _TRACES[key]
+
+
+def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+    """The trace of a model whose blocks are pruned differently: each block's part from the trace of the
+    model pruned uniformly like it (a block saves the same tensors whatever its neighbours keep). Storage
+    ids are tagged with their source so ids of different traces never collide."""
+    assert info.block_sources is not None
+    sources = {id(src): src for src in info.block_sources}
+    traces = {k: trace_activations(src, batch, seq_len, dtype) for k, src in sources.items()}
+    block_of = {s.name: s.block for s in info.linears}
+    tagged = {k: frozenset((k, key) for key in t.base_keys) for k, t in traces.items()}
+    edge = traces[id(info.block_sources[0])]  # embedding side, head and block input do not change
+    picked = {name: traces[id(info.block_sources[b])] for name, b in block_of.items()}
+    tag = {name: id(info.block_sources[b]) for name, b in block_of.items()}
+    return ActivationTrace(
+        blocks_saved=tuple(traces[id(src)].blocks_saved[b] for b, src in enumerate(info.block_sources)),
+        head_saved=edge.head_saved,
+        pre_saved=edge.pre_saved,
+        block_input=edge.block_input,
+        input_bytes={n: picked[n].input_bytes[n] for n in block_of},
+        input_key={n: (tag[n], picked[n].input_key[n]) for n in block_of},
+        input_saved={n: picked[n].input_saved[n] for n in block_of},
+        lora_saved={n: tuple(((tag[n], k), b) for k, b in picked[n].lora_saved[n]) for n in block_of},
+        base_keys=frozenset().union(*tagged.values()),
+        logits_elems=edge.logits_elems,
+    )
 
 
 def _unpacked_sequences() -> Any:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from planner.config import QRAConfig
+from qra_plugin.errors import QRAError
 from qra_plugin.modules import find_blocks
 from qra_plugin.plan import BlockPruning
 from qra_plugin.prune import block_layouts, head_geometry, prune_block
@@ -70,17 +71,37 @@ def _top(scores: tuple[float, ...], keep: int) -> list[int]:
 
 def pruning_for_ratio(importance: ChannelImportance, ratio: float) -> dict[int, BlockPruning]:
     """Remove ``ratio`` of every block's MLP channels and (rounded, at least one kept) key/value groups."""
-    if ratio <= 0:
-        return {}
+    return pruning_for_ratios(importance, [ratio] * len(importance.mlp))
+
+
+_BLOCK_KEEP: dict[tuple[int, int, float], BlockPruning | None] = {}
+
+
+def pruning_for_ratios(importance: ChannelImportance, ratios: list[float]) -> dict[int, BlockPruning]:
+    """Block b loses ``ratios[b]`` of its MLP channels and key/value groups, the least important first (a
+    searched per-block pruning; memoised per block and ratio, as a search asks for the same ones often)."""
+    if len(ratios) != len(importance.mlp):
+        raise QRAError(f"{len(ratios)} pruning ratios for a model of {len(importance.mlp)} blocks")
     out = {}
-    for index, (mlp, kv) in enumerate(zip(importance.mlp, importance.kv, strict=True)):
-        keep_mlp = max(1, round(len(mlp) * (1 - ratio)))
-        keep_kv = max(1, round(len(kv) * (1 - ratio)))
-        out[index] = BlockPruning(
-            mlp_keep=_top(mlp, keep_mlp) if keep_mlp < len(mlp) else None,
-            kv_keep=_top(kv, keep_kv) if keep_kv < len(kv) else None,
-        )
-    return {i: p for i, p in out.items() if p.mlp_keep is not None or p.kv_keep is not None}
+    for index, ratio in enumerate(ratios):
+        key = (id(importance), index, float(ratio))
+        if key not in _BLOCK_KEEP:
+            _BLOCK_KEEP[key] = _block_keep(importance.mlp[index], importance.kv[index], ratio)
+        if _BLOCK_KEEP[key] is not None:
+            out[index] = _BLOCK_KEEP[key]
+    return out
+
+
+def _block_keep(mlp: tuple[float, ...], kv: tuple[float, ...], ratio: float) -> BlockPruning | None:
+    if ratio <= 0:
+        return None
+    keep_mlp = max(1, round(len(mlp) * (1 - ratio)))
+    keep_kv = max(1, round(len(kv) * (1 - ratio)))
+    keep = BlockPruning(
+        mlp_keep=_top(mlp, keep_mlp) if keep_mlp < len(mlp) else None,
+        kv_keep=_top(kv, keep_kv) if keep_kv < len(kv) else None,
+    )
+    return keep if keep.mlp_keep is not None or keep.kv_keep is not None else None
 
 
 @lru_cache(maxsize=4)
@@ -95,15 +116,23 @@ def _importance_cached(config_json: str) -> ChannelImportance:
     return channel_importance(model, tokens)
 
 
+def _channel_importance(cfg: QRAConfig) -> ChannelImportance:
+    parts = {"model": cfg.model.model_dump(), "data": cfg.data.model_dump(), "profile": cfg.profile.model_dump()}
+    return _importance_cached(json.dumps({**parts, "seed": cfg.seed, "name": "pruning"}, sort_keys=True))
+
+
+def searched_channels(cfg: QRAConfig) -> ChannelImportance | None:
+    """The channel importance a search over per-block pruning ratios keeps channels by (None: not searched)."""
+    return _channel_importance(cfg) if cfg.space.searched_prune else None
+
+
 def fixed_pruning(cfg: QRAConfig) -> dict[int, BlockPruning]:
     """The pruning every candidate of a search shares (``space.prune: [ratio]``): RankAdaptor's setting,
     where ranks (and bits) are searched for an already pruned model. Computed once per process."""
     ratio = cfg.space.prune[0] if len(cfg.space.prune) == 1 else 0.0
     if ratio <= 0:
         return {}
-    parts = {"model": cfg.model.model_dump(), "data": cfg.data.model_dump(), "profile": cfg.profile.model_dump()}
-    importance = _importance_cached(json.dumps({**parts, "seed": cfg.seed, "name": "pruning"}, sort_keys=True))
-    return pruning_for_ratio(importance, ratio)
+    return pruning_for_ratio(_channel_importance(cfg), ratio)
 
 
 @torch.no_grad()

@@ -41,11 +41,13 @@ def mutate(
     n = space.n_units
     rate = rate if rate is not None else 1.0 / n
     pct = (_percentile(importance.bits_importance()), _percentile(importance.plasticity))
-    sizes = (len(space.bits), len(space.ranks))
-    mask = rng.random((n, 2)) < rate
+    if space.prune:  # "up" on the pruning axis keeps more channels: units that suffer from pruning
+        pct += (_percentile(importance.prune_importance()),)
+    sizes, axes = space.sizes, space.n_axes
+    mask = rng.random((n, axes)) < rate
     if not mask.any():
-        mask[rng.integers(0, n), rng.integers(0, 2)] = True
-    ups = rng.random((n, 2))
+        mask[rng.integers(0, n), rng.integers(0, axes)] = True
+    ups = rng.random((n, axes))
     for u, d in zip(*np.nonzero(mask), strict=True):
         if sizes[d] == 1:
             continue

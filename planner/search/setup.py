@@ -113,9 +113,9 @@ class SearchSetup:
 
         info = load_model_info(cfg.model)
         budget = Budget.parse(cfg.budget)
-        from planner.priors.pruning import fixed_pruning
+        from planner.priors.pruning import fixed_pruning, searched_channels
 
-        space = SearchSpace.from_config(cfg, info, fixed_pruning(cfg))
+        space = SearchSpace.from_config(cfg, info, fixed_pruning(cfg), searched_channels(cfg))
         budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
         cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
         return cls(cfg, info, budget, space, budget_bytes, cost)

@@ -1,15 +1,19 @@
-"""The search space: one (bits, rank) choice per unit, and the ordinal geometry the optimisers move in.
+"""The search space: one (bits, rank[, prune]) choice per unit, and the ordinal geometry the optimisers move in.
 
-A *config* is a tuple of ``(bits, rank)`` pairs, one per unit (a transformer block by default, or a single
-linear module). Both stages and the store see configs only through this module: the ordinal encoding
-(index of a choice scaled to [0, 1]) is what the GPs model, one-step neighbours are what mutation and the
-trust region walk along, and ``to_plan`` turns a config into the exact ``Plan`` training will apply.
+A *config* is a tuple of choices, one per unit (a transformer block by default, or a single linear module):
+``(bits, rank)``, or ``(bits, rank, prune ratio)`` when ``space.prune`` offers several ratios (AutoMixQ's
+third dimension, per block). Both stages and the store see configs only through this module: the ordinal
+encoding (index of a choice scaled to [0, 1]) is what the GPs model, one-step neighbours are what mutation
+and the trust region walk along, and ``to_plan`` turns a config into the exact ``Plan`` training will apply.
+Every axis is ordered cheapest first (pruning: the largest ratio first), so "one index down" always saves
+memory and "one index up" always buys quality.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -18,13 +22,13 @@ from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec
 from qra_plugin.plan import Fingerprint, Plan
 
-Pair = tuple[int, int]
+Pair = tuple  # one unit's choice: (bits, rank) or (bits, rank, prune ratio)
 Config = tuple[Pair, ...]
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Per-unit bit and rank choices for one model (``unit`` is ``block`` or ``module``)."""
+    """Per-unit bit, rank (and pruning) choices for one model (``unit`` is ``block`` or ``module``)."""
 
     fingerprint: Fingerprint
     specs: tuple[LinearSpec, ...]
@@ -32,8 +36,12 @@ class SearchSpace:
     bits: tuple[int, ...]
     ranks: tuple[int, ...]
     backend: str = "hqq"
-    #: structured pruning every candidate shares (``space.prune``), as the plan stores it; empty: none
+    #: structured pruning every candidate shares (``space.prune: [ratio]``), as the plan stores it; empty: none
     pruning: tuple[tuple[int, Any], ...] = ()
+    #: searched pruning ratios, largest first (``space.prune`` with several); empty: not a dimension
+    prune: tuple[float, ...] = ()
+    #: per-channel importance that turns a block's ratio into its kept indices (with ``prune``)
+    channels: Any = None
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "module"):
@@ -42,14 +50,27 @@ class SearchSpace:
             raise QRAError("space.bits and space.ranks need at least one choice each")
         if list(self.bits) != sorted(set(self.bits)) or list(self.ranks) != sorted(set(self.ranks)):
             raise QRAError("space.bits and space.ranks must be sorted and without repeats")
+        if self.prune and (list(self.prune) != sorted(set(self.prune), reverse=True) or self.channels is None):
+            raise QRAError("searched pruning ratios must be distinct, largest first, with a channel importance")
+        if self.prune and (self.unit != "block" or self.pruning):
+            raise QRAError("a searched pruning ratio is per block and excludes a fixed pruning")
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: Any, info: Any, pruning: dict[int, Any] | None = None) -> SearchSpace:
+    def from_config(
+        cls, cfg: Any, info: Any, pruning: dict[int, Any] | None = None, channels: Any = None
+    ) -> SearchSpace:
         """From a ``QRAConfig`` and a ``planner.memory.ModelInfo`` (``.fingerprint``, ``.linears``); ``pruning``
-        (``BlockPruning`` per block) is applied to every candidate's plan."""
+        (``BlockPruning`` per block) is applied to every candidate's plan; ``channels`` (a
+        ``ChannelImportance``) is needed when ``space.prune`` offers several ratios."""
         space = cls.from_parts(cfg.space, info.fingerprint, info.linears)
-        return replace(space, pruning=tuple(sorted((pruning or {}).items())))
+        searched = tuple(sorted(cfg.space.searched_prune, reverse=True))
+        return replace(
+            space,
+            pruning=tuple(sorted((pruning or {}).items())),
+            prune=searched,
+            channels=channels if searched else None,
+        )
 
     @classmethod
     def from_parts(cls, section: Any, fp: Fingerprint, specs: Sequence[LinearSpec]) -> SearchSpace:
@@ -62,6 +83,31 @@ class SearchSpace:
             ranks=tuple(sorted(set(int(r) for r in section.ranks))),
             backend=section.backend,
         )
+
+    # ---------------------------------------------------------------- axes
+    @property
+    def axes(self) -> tuple[tuple, ...]:
+        """The choices of each coordinate of a unit, cheapest first: bits, ranks (and pruning ratios)."""
+        return (self.bits, self.ranks, self.prune) if self.prune else (self.bits, self.ranks)
+
+    @property
+    def n_axes(self) -> int:
+        return 3 if self.prune else 2
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(len(a) for a in self.axes)
+
+    def choices(self) -> list[Pair]:
+        """Every choice one unit can take."""
+        return list(product(*self.axes))
+
+    def choice(self, bits: int, rank: int, prune: float | None = None) -> Pair:
+        """One unit's choice in this space's shape (a pruning ratio only where it is searched; by default the
+        least pruning the space offers)."""
+        if not self.prune:
+            return (bits, rank)
+        return (bits, rank, self.prune[-1] if prune is None else float(prune))
 
     # ---------------------------------------------------------------- units
     @property
@@ -88,40 +134,41 @@ class SearchSpace:
 
     @property
     def dim(self) -> int:
-        """Length of the ordinal encoding: a bits and a rank coordinate per unit."""
-        return 2 * self.n_units
+        """Length of the ordinal encoding: a bits, a rank (and a pruning) coordinate per unit."""
+        return self.n_axes * self.n_units
 
     # ---------------------------------------------------------------- indices and encoding
     def indices(self, config: Config) -> np.ndarray:
-        """(n_units, 2) int array of choice indices; raises QRAError on a choice outside the space."""
+        """(n_units, n_axes) int array of choice indices; raises QRAError on a choice outside the space."""
         self.check(config)
-        bi = {b: i for i, b in enumerate(self.bits)}
-        ri = {r: i for i, r in enumerate(self.ranks)}
-        return np.array([[bi[b], ri[r]] for b, r in config], dtype=np.int64)
+        lookup = [{v: i for i, v in enumerate(axis)} for axis in self.axes]
+        return np.array([[lookup[d][v] for d, v in enumerate(c)] for c in config], dtype=np.int64)
 
     def from_indices(self, idx: np.ndarray) -> Config:
-        return tuple((self.bits[int(b)], self.ranks[int(r)]) for b, r in np.asarray(idx).reshape(-1, 2))
+        rows = np.asarray(idx).reshape(-1, self.n_axes)
+        return tuple(tuple(axis[int(i)] for axis, i in zip(self.axes, row, strict=True)) for row in rows)
 
     def check(self, config: Config) -> None:
         if len(config) != self.n_units:
-            raise QRAError(f"a config needs {self.n_units} (bits, rank) pairs, got {len(config)}")
-        for b, r in config:
-            if b not in self.bits or r not in self.ranks:
-                raise QRAError(f"({b}, {r}) is outside the space (bits {list(self.bits)}, ranks {list(self.ranks)})")
+            shape = "(bits, rank, prune) choices" if self.prune else "(bits, rank) pairs"
+            raise QRAError(f"a config needs {self.n_units} {shape}, one per unit, got {len(config)}")
+        for c in config:
+            if len(c) != self.n_axes or any(v not in axis for v, axis in zip(c, self.axes, strict=True)):
+                raise QRAError(
+                    f"{tuple(c)} is outside the space (bits {list(self.bits)}, ranks {list(self.ranks)}"
+                    + (f", prune {list(self.prune)})" if self.prune else ")")
+                )
 
     def encode(self, config: Config) -> np.ndarray:
-        """Ordinal encoding in [0, 1]^dim: bits index then rank index per unit, each scaled by its max."""
+        """Ordinal encoding in [0, 1]^dim: each coordinate's index per unit, scaled by its max."""
         idx = self.indices(config).astype(np.float64)
-        idx[:, 0] /= max(len(self.bits) - 1, 1)
-        idx[:, 1] /= max(len(self.ranks) - 1, 1)
+        idx /= np.maximum(np.array(self.sizes) - 1, 1)
         return idx.reshape(-1)
 
     def decode(self, x: np.ndarray) -> Config:
         """Nearest config to a point of [0, 1]^dim (inverse of ``encode`` on the grid)."""
-        x = np.clip(np.asarray(x, dtype=np.float64).reshape(-1, 2), 0.0, 1.0)
-        bi = np.rint(x[:, 0] * (len(self.bits) - 1)).astype(np.int64)
-        ri = np.rint(x[:, 1] * (len(self.ranks) - 1)).astype(np.int64)
-        return self.from_indices(np.stack([bi, ri], axis=1))
+        x = np.clip(np.asarray(x, dtype=np.float64).reshape(-1, self.n_axes), 0.0, 1.0)
+        return self.from_indices(np.rint(x * (np.array(self.sizes) - 1)).astype(np.int64))
 
     def distance(self, a: Config, b: Config) -> int:
         """L1 distance in choice indices: how many one-step moves separate two configs."""
@@ -129,15 +176,14 @@ class SearchSpace:
 
     # ---------------------------------------------------------------- moves
     def neighbours(self, config: Config) -> list[Config]:
-        """Every config one ordinal step away in one coordinate (a unit's bits or its rank)."""
+        """Every config one ordinal step away in one coordinate (a unit's bits, rank or pruning)."""
         idx = self.indices(config)
-        sizes = (len(self.bits), len(self.ranks))
         out: list[Config] = []
         for u in range(self.n_units):
-            for d in (0, 1):
+            for d, size in enumerate(self.sizes):
                 for step in (-1, 1):
                     v = idx[u, d] + step
-                    if 0 <= v < sizes[d]:
+                    if 0 <= v < size:
                         moved = idx.copy()
                         moved[u, d] = v
                         out.append(self.from_indices(moved))
@@ -145,39 +191,59 @@ class SearchSpace:
 
     def sample(self, rng: np.random.Generator) -> Config:
         """A uniformly random config."""
-        bi = rng.integers(0, len(self.bits), size=self.n_units)
-        ri = rng.integers(0, len(self.ranks), size=self.n_units)
-        return self.from_indices(np.stack([bi, ri], axis=1))
+        cols = [rng.integers(0, size, size=self.n_units) for size in self.sizes]
+        return self.from_indices(np.stack(cols, axis=1))
 
-    def uniform(self, bits: int, rank: int) -> Config:
-        """Every unit at the same choice (the uniform baselines)."""
-        config = tuple((bits, rank) for _ in range(self.n_units))
+    def uniform(self, bits: int, rank: int, prune: float | None = None) -> Config:
+        """Every unit at the same choice (the uniform baselines; least pruned unless ``prune`` is given)."""
+        config = tuple(self.choice(bits, rank, prune) for _ in range(self.n_units))
         self.check(config)
         return config
+
+    def richest(self) -> Config:
+        """The most expensive config: most bits, most rank, least pruning everywhere."""
+        return self.from_indices(np.tile(np.array(self.sizes) - 1, (self.n_units, 1)))
+
+    def cheapest(self) -> Config:
+        return self.from_indices(np.zeros((self.n_units, self.n_axes), dtype=np.int64))
 
     # ---------------------------------------------------------------- plans
     def to_plan(self, config: Config, meta: dict[str, Any] | None = None) -> Plan:
         """The plan training applies for ``config`` (per block or per module, with the space's backend)."""
         self.check(config)
-        pairs = [(int(b), int(r)) for b, r in config]
+        pairs = [(int(c[0]), int(c[1])) for c in config]
         if self.unit == "block":
             plan = Plan.from_block_pairs(self.fingerprint, self.specs, pairs, self.backend)
         else:
             plan = Plan.from_module_pairs(self.fingerprint, self.specs, pairs, self.backend)
-        if self.pruning:
-            plan = plan.model_copy(update={"pruning": dict(self.pruning)})
+        pruning = dict(self.pruning) or self._searched_pruning(config)
+        if pruning:
+            plan = plan.model_copy(update={"pruning": pruning})
         if meta:
             plan.meta.update(meta)
         return plan
 
+    def _searched_pruning(self, config: Config) -> dict[int, Any]:
+        """Each block's kept channels for its chosen ratio (none when the ratio is not searched)."""
+        if not self.prune:
+            return {}
+        from planner.priors.pruning import pruning_for_ratios
+
+        return pruning_for_ratios(self.channels, [float(c[2]) for c in config])
+
 
 def config_key(config: Config) -> str:
-    """A compact, stable text form of a config (for JSON output and logs): ``4/16,8/8,...``."""
-    return ",".join(f"{b}/{r}" for b, r in config)
+    """A compact, stable text form of a config (for JSON output and logs): ``4/16,8/8,...`` (with a pruning
+    ratio: ``4/16/0.25,...``)."""
+    return ",".join("/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in c) for c in config)
 
 
 def parse_config_key(text: str) -> Config:
-    return tuple((int(b), int(r)) for b, r in (p.split("/") for p in text.split(",")))
+    def one(part: str) -> Pair:
+        values = part.split("/")
+        return (int(values[0]), int(values[1]), *(float(v) for v in values[2:]))
+
+    return tuple(one(p) for p in text.split(","))
 
 
 class BudgetCost:
@@ -194,14 +260,11 @@ class BudgetCost:
         self.space = space
         self._total = total
         self._cache: dict[Config, int] = {}
-        ref = reference or space.uniform(space.bits[-1], space.ranks[-1])
+        ref = reference or space.richest()
         ref_cost = self(ref)
         self.marginal: list[dict[Pair, int]] = []
         for u in range(space.n_units):
-            row: dict[Pair, int] = {}
-            for b in space.bits:
-                for r in space.ranks:
-                    row[(b, r)] = self(ref[:u] + ((b, r),) + ref[u + 1 :]) - ref_cost
+            row = {c: self(ref[:u] + (c,) + ref[u + 1 :]) - ref_cost for c in space.choices()}
             self.marginal.append(row)
 
     def __call__(self, config: Config) -> int:

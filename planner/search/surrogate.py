@@ -26,16 +26,22 @@ FIT_STATS = {"fits": 0, "failed": 0}
 
 
 def features(space: SearchSpace, configs: Sequence[Config]) -> np.ndarray:
-    """Per-unit ordinal bits and rank in [0, 1], then mean bits and mean log2(1 + rank), both in [0, 1]."""
+    """Per-unit ordinal coordinates in [0, 1], then mean bits and mean log2(1 + rank) (and mean pruning
+    ratio), each in [0, 1]."""
     enc = np.stack([space.encode(c) for c in configs]) if configs else np.zeros((0, space.dim))
-    bits = np.array([[b for b, _ in c] for c in configs], dtype=np.float64).reshape(len(configs), -1)
-    ranks = np.array([[r for _, r in c] for c in configs], dtype=np.float64).reshape(len(configs), -1)
+    bits = np.array([[u[0] for u in c] for c in configs], dtype=np.float64).reshape(len(configs), -1)
+    ranks = np.array([[u[1] for u in c] for c in configs], dtype=np.float64).reshape(len(configs), -1)
     lo_b, hi_b = space.bits[0], space.bits[-1]
     mean_bits = (bits.mean(axis=1) - lo_b) / max(hi_b - lo_b, 1) if configs else np.zeros(0)
     log_r = np.log2(1 + ranks)
     lo_r, hi_r = np.log2(1 + space.ranks[0]), np.log2(1 + space.ranks[-1])
     mean_rank = (log_r.mean(axis=1) - lo_r) / max(hi_r - lo_r, 1e-9) if configs else np.zeros(0)
-    return np.concatenate([enc, mean_bits[:, None], mean_rank[:, None]], axis=1)
+    parts = [enc, mean_bits[:, None], mean_rank[:, None]]
+    if space.prune:  # mean pruning ratio, scaled to [0, 1] of the offered range
+        ratios = np.array([[u[2] for u in c] for c in configs], dtype=np.float64).reshape(len(configs), -1)
+        lo_p, hi_p = min(space.prune), max(space.prune)
+        parts.append(((ratios.mean(axis=1) - lo_p) / max(hi_p - lo_p, 1e-9))[:, None])
+    return np.concatenate(parts, axis=1)
 
 
 def fit_gp(x: np.ndarray, y: np.ndarray, seed: int):

@@ -87,12 +87,12 @@ def region_candidates(
     found: set[Config] = set()
     if length >= 1:
         found.update(space.neighbours(centre))
-    sizes = np.array([len(space.bits), len(space.ranks)])
+    sizes = np.array(space.sizes)
     base = space.indices(centre)
     for _ in range(n):
         idx = base.copy()
         for _step in range(int(rng.integers(1, max(length, 1) + 1))):
-            u, d = int(rng.integers(0, space.n_units)), int(rng.integers(0, 2))
+            u, d = int(rng.integers(0, space.n_units)), int(rng.integers(0, space.n_axes))
             v = idx[u, d] + (1 if rng.random() < 0.5 else -1)
             if 0 <= v < sizes[d]:
                 idx[u, d] = v
