@@ -212,6 +212,15 @@ class SearchSection(_Section):
     #: initial trust-region length (one-step moves from the centre) and candidates sampled per iteration
     tr_length: int = Field(4, ge=1)
     tr_candidates: int = Field(256, ge=1)
+    #: stage 2 stops after this many iterations in a row without beating its starting best by more than
+    #: ``min_gain`` nats (0: never stops early); set ``min_gain`` to the seed noise of a high-fidelity run
+    tr_patience: int = Field(0, ge=0)
+    min_gain: float = Field(0.0, ge=0)
+    #: stage 2 also proposes trades: one coordinate one step up, another one step down (rank for bits)
+    tr_trades: bool = False
+    #: what the performance models see (``planner.search.surrogate.FEATURE_SETS``): ``ordinal`` coordinates,
+    #: the ``prior`` aggregates (damage at the chosen bits, plasticity-weighted rank), or ``both``
+    surrogate_features: Literal["ordinal", "prior", "both"] = "ordinal"
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     gpus_per_eval: float = Field(0.0, ge=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.search.trust_region import TRSettings, TRState, propose, region_candidates, run_stage2
+from planner.search.trust_region import TRSettings, TRState, propose, region_candidates, run_stage2, trades
 from tests.test_evolution import QuantErrorObjective, _cost
 
 
@@ -81,3 +81,35 @@ def test_stage2_records_failures_and_continues() -> None:
     res = run_stage2(space, lambda c: cost(c) <= budget, cost, obj, {start: obj.score(start, "high")}, settings)
     assert len(res.evaluated) == 4 and all(e["score"] is None for e in res.evaluated)
     assert res.best == start and res.restarts >= 1
+
+
+def test_trades_raise_one_coordinate_and_lower_another_and_fit_a_binding_budget() -> None:
+    obj = QuantErrorObjective()
+    space, cost = obj.space, _cost(obj.space)
+    centre = space.uniform(4, 16)
+    budget = cost(centre)  # binding: every single step up is over it
+    fits = lambda c: cost(c) <= budget  # noqa: E731
+    assert not any(fits(c) for c in space.neighbours(centre) if cost(c) > cost(centre))
+    rng = np.random.default_rng(0)
+    made = trades(space, centre, rng, 64)
+    assert made and all(space.distance(c, centre) == 2 for c in made)
+    for c in made:
+        delta = space.indices(c) - space.indices(centre)
+        assert sorted(delta[delta != 0].tolist()) == [-1, 1]
+    with_trades = region_candidates(space, centre, 2, fits, {}, np.random.default_rng(0), 16, with_trades=True)
+    without = region_candidates(space, centre, 2, fits, {}, np.random.default_rng(0), 16)
+    assert set(without) < set(with_trades)  # the trades add feasible candidates the walks missed
+
+
+def test_stage2_stops_when_no_iteration_beats_its_start_by_the_noise() -> None:
+    obj = QuantErrorObjective()
+    space, cost = obj.space, _cost(obj.space)
+    start = space.uniform(4, 16)
+    budget = cost(start)
+    history = {start: obj.score(start, "high")}
+    settings = TRSettings(iterations=8, length_init=2, n_candidates=32, seed=0, patience=2, min_gain=10.0)
+    res = run_stage2(space, lambda c: cost(c) <= budget, cost, obj, history, settings)
+    assert res.stopped_early_at == 2 and len(res.evaluated) == 2  # no gain can exceed 10 nats
+    default = run_stage2(space, lambda c: cost(c) <= budget, cost, QuantErrorObjective(), history,
+                         TRSettings(iterations=4, length_init=2, n_candidates=32, seed=0))  # fmt: skip
+    assert default.stopped_early_at is None and len(default.evaluated) == 4  # patience 0: every iteration runs

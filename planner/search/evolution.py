@@ -152,6 +152,8 @@ class Stage1Settings:
     screen_factor: int = 3  # offspring drafted per offspring evaluated (the screening model picks)
     crossover_prob: float = 0.9
     seed: int = 0
+    #: what the screening and promotion models see (``planner.search.surrogate.FEATURE_SETS``)
+    features: str = "ordinal"
 
 
 @dataclass
@@ -205,7 +207,8 @@ def run_stage1(
         population.append(c)
         record(c, 0, origin)
     _evaluate_low(population, records, evaluate)
-    _promote(space, records, evaluate, settings.promote, settings.seed, say)
+    models = _Models(space, importance, settings.features)
+    _promote(models, records, evaluate, settings.promote, settings.seed, say)
     say(f"stage 1 generation 0: {len(population)} evaluated at low fidelity")
     screening_rho: float | None = None
     trace = [_generation_summary(0, records, population)]
@@ -225,7 +228,7 @@ def run_stage1(
             fixed = repair(space, child, cost, budget, importance)
             if fixed is not None and fixed not in records and fixed not in drafts:
                 drafts.append(fixed)
-        chosen = _screen(space, records, drafts, settings.offspring, settings.seed + gen)
+        chosen = _screen(models, records, drafts, settings.offspring, settings.seed + gen)
         for c in chosen:
             record(c, gen, "offspring")
         _evaluate_low(chosen, records, evaluate)
@@ -234,18 +237,19 @@ def run_stage1(
             merged, [records[c].low for c in merged], [records[c].memory for c in merged], budget, settings.population
         )
         population = [merged[i] for i in sorted(keep)]
-        _promote(space, records, evaluate, settings.promote, settings.seed + gen, say)
+        _promote(models, records, evaluate, settings.promote, settings.seed + gen, say)
         trace.append(_generation_summary(gen, records, population))
         say(f"stage 1 generation {gen}: {len(chosen)} offspring evaluated, best low {trace[-1]['best_low']}")
 
     high = [r for r in records.values() if r.high_done and r.high is not None and r.low is not None]
+    kinds = {"importance": importance, "feature_set": settings.features}
     rho = heldout_spearman(
-        space, [r.config for r in high], [r.low for r in high], [r.high for r in high], settings.seed
+        space, [r.config for r in high], [r.low for r in high], [r.high for r in high], settings.seed, **kinds
     )
     low_pts = [r for r in records.values() if r.low is not None]
     if len(low_pts) >= 5:
         screening_rho = heldout_spearman(
-            space, [r.config for r in low_pts], None, [r.low for r in low_pts], settings.seed
+            space, [r.config for r in low_pts], None, [r.low for r in low_pts], settings.seed, **kinds
         )
     return Stage1Result(records, population, rho, screening_rho, trace)
 
@@ -299,16 +303,26 @@ def _evaluate_low(configs: Sequence[Config], records: dict[Config, Record], eval
         records[c].low, records[c].low_done = score, True
 
 
-def _screen(space: SearchSpace, records: dict[Config, Record], drafts: list[Config], k: int, seed: int) -> list[Config]:
+@dataclass(frozen=True)
+class _Models:
+    """How stage 1 builds its performance models: the space, the priors and which features they see."""
+
+    space: SearchSpace
+    importance: Importance
+    features: str
+
+    def new(self, use_low: bool, seed: int) -> PerformanceModel:
+        return PerformanceModel(self.space, use_low, seed, self.importance, self.features)
+
+
+def _screen(models: _Models, records: dict[Config, Record], drafts: list[Config], k: int, seed: int) -> list[Config]:
     """Pick ``k`` drafts to evaluate: lowest lower-confidence bound of the low-fidelity screening model."""
     if len(drafts) <= k:
         return drafts
     known = [r for r in records.values() if r.low is not None]
     if len(known) < 3:
         return drafts[:k]
-    model = PerformanceModel(space, use_low=False, seed=seed).fit(
-        [r.config for r in known], None, [r.low for r in known]
-    )
+    model = models.new(use_low=False, seed=seed).fit([r.config for r in known], None, [r.low for r in known])
     mean, std = model.predict(drafts, None)
     lcb = mean - std
     order = sorted(range(len(drafts)), key=lambda i: (round(float(lcb[i]), 9), i))
@@ -316,7 +330,7 @@ def _screen(space: SearchSpace, records: dict[Config, Record], drafts: list[Conf
 
 
 def _promote(
-    space: SearchSpace,
+    models: _Models,
     records: dict[Config, Record],
     evaluate: Evaluate,
     k: int,
@@ -333,7 +347,7 @@ def _promote(
         return
     done = [r for r in records.values() if r.high is not None and r.low is not None]
     if len(done) >= 3:
-        model = PerformanceModel(space, use_low=True, seed=seed)
+        model = models.new(use_low=True, seed=seed)
         model.fit([r.config for r in done], [r.low for r in done], [r.high for r in done])
         mean, _ = model.predict([r.config for r in cands], [r.low for r in cands])
         keys = [round(float(m), 9) for m in mean]

@@ -161,8 +161,9 @@ def _evaluate_stages(
     try:
         run.say("[bold]stage 1[/bold]: multi-fidelity evolution")
         settings = Stage1Settings(
-            search.population, search.generations, search.offspring, search.promote, search.screen_factor, seed=run.seed
-        )
+            search.population, search.generations, search.offspring, search.promote, search.screen_factor,
+            seed=run.seed, features=search.surrogate_features,
+        )  # fmt: skip
         stage1 = run_stage1(
             s.space,
             importance,
@@ -203,6 +204,9 @@ def _stage2(run: _Run, stage1: Stage1Result, evaluator: Any) -> Any:
         length_max=max(search.tr_length, 2 * s.space.n_units),
         n_candidates=search.tr_candidates,
         seed=run.seed,
+        patience=search.tr_patience,
+        min_gain=search.min_gain,
+        trades=search.tr_trades,
     )
     evaluate = run.bar.wrap("stage 2", evaluator.for_stage("stage2"))
     return run_stage2(s.space, s.fits, s.cost, evaluate, high, settings, progress=run.say)
@@ -313,6 +317,7 @@ def _summary(
         "screening_spearman": stage1.screening_spearman,
         "stage1_generations": stage1.generations,
         "stage2_restarts": stage2.restarts,
+        "stage2_stopped_early_at": stage2.stopped_early_at,
         "baseline": config_key(baseline) if baseline is not None else None,
         "baseline_score": history.get(baseline) if baseline is not None else None,
         **_against_free(run, best, history),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,32 @@ def features(space: SearchSpace, configs: Sequence[Config]) -> np.ndarray:
         lo_p, hi_p = min(space.prune), max(space.prune)
         parts.append(((ratios.mean(axis=1) - lo_p) / max(hi_p - lo_p, 1e-9))[:, None])
     return np.concatenate(parts, axis=1)
+
+
+#: which inputs the performance model sees: per-unit ordinal coordinates + means (``ordinal``), the priors'
+#: aggregates + means (``prior``: damage Σ I_q at the chosen bits, plasticity-weighted log-rank, pruning
+#: damage), or both
+FEATURE_SETS = ("ordinal", "prior", "both")
+
+
+def prior_features(space: SearchSpace, importance: Any, configs: Sequence[Config]) -> np.ndarray:
+    """What the priors say about each config, in [0, 1]: mean quantization damage at the chosen bits, the
+    plasticity-weighted share of the largest log-rank, mean pruning damage (pruned spaces); then the means."""
+    n = space.n_units
+    plast = importance.plasticity / max(float(importance.plasticity.sum()), 1e-12)
+    span = np.log2(1 + space.ranks[-1]) or 1.0
+    rows = []
+    for c in configs:
+        row = [
+            sum(float(importance.quant[u_c[0]][u]) for u, u_c in enumerate(c)) / n,
+            sum(float(plast[u]) * np.log2(1 + u_c[1]) / span for u, u_c in enumerate(c)),
+        ]
+        if space.prune:
+            row.append(sum(float(importance.prune[u_c[2]][u]) for u, u_c in enumerate(c)) / n)
+        rows.append(row)
+    prior = np.array(rows, dtype=np.float64).reshape(len(configs), -1)
+    means = features(space, configs)[:, space.dim :]
+    return np.concatenate([prior, means], axis=1)
 
 
 def fit_gp(x: np.ndarray, y: np.ndarray, seed: int):
@@ -81,15 +108,28 @@ def fit_gp(x: np.ndarray, y: np.ndarray, seed: int):
 class PerformanceModel:
     """GP from config features (and optionally the low-fidelity score) to a target score (lower is better)."""
 
-    def __init__(self, space: SearchSpace, use_low: bool, seed: int = 0) -> None:
+    def __init__(
+        self, space: SearchSpace, use_low: bool, seed: int = 0, importance: Any = None, feature_set: str = "ordinal"
+    ) -> None:
+        if feature_set not in FEATURE_SETS or (feature_set != "ordinal" and importance is None):
+            raise ValueError(f"feature_set must be one of {FEATURE_SETS}; 'prior' and 'both' need the importance")
         self.space = space
         self.use_low = use_low
         self.seed = seed
+        self.importance, self.feature_set = importance, feature_set
         self._model = None
         self._low_range = (0.0, 1.0)
 
+    def _features(self, configs: Sequence[Config]) -> np.ndarray:
+        if self.feature_set == "ordinal":
+            return features(self.space, configs)
+        prior = prior_features(self.space, self.importance, configs)
+        if self.feature_set == "prior":
+            return prior
+        return np.concatenate([features(self.space, configs)[:, : self.space.dim], prior], axis=1)
+
     def _inputs(self, configs: Sequence[Config], lows: Sequence[float] | None) -> np.ndarray:
-        x = features(self.space, configs)
+        x = self._features(configs)
         if not self.use_low:
             return x
         if lows is None:
@@ -138,6 +178,8 @@ def heldout_spearman(
     targets: Sequence[float],
     seed: int = 0,
     folds: int = 5,
+    importance: Any = None,
+    feature_set: str = "ordinal",
 ) -> float | None:
     """Held-out rank correlation by k-fold cross-validation (leave-one-out when n ≤ ``folds``).
 
@@ -155,7 +197,7 @@ def heldout_spearman(
     for f in range(k):
         held = [i for i in range(n) if i % k == f]
         keep = [i for i in range(n) if i % k != f]
-        model = PerformanceModel(space, use_low=lows_l is not None, seed=seed)
+        model = PerformanceModel(space, lows_l is not None, seed, importance, feature_set)
         model.fit(
             [configs[j] for j in keep],
             [lows_l[j] for j in keep] if lows_l is not None else None,

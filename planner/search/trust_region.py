@@ -36,6 +36,12 @@ class TRSettings:
     failure_tol: int = 2
     n_candidates: int = 256
     seed: int = 0
+    #: stop after this many iterations in a row that beat the stage's starting best by no more than
+    #: ``min_gain`` nats (0: run every iteration) — evaluations that cannot beat the seed noise are not spent
+    patience: int = 0
+    min_gain: float = 0.0
+    #: also propose two-step trades (one coordinate up, another down) inside the region
+    trades: bool = False
 
 
 @dataclass
@@ -72,6 +78,8 @@ class Stage2Result:
     evaluated: list[dict[str, Any]]
     best: Config | None
     restarts: int
+    #: the iteration stage 2 stopped at for lack of gain (None: it ran every iteration)
+    stopped_early_at: int | None = None
 
 
 def region_candidates(
@@ -82,6 +90,7 @@ def region_candidates(
     exclude: Mapping[Config, Any] | set[Config],
     rng: np.random.Generator,
     n: int,
+    with_trades: bool = False,
 ) -> list[Config]:
     """Feasible, not yet evaluated configs within ``length`` one-step moves of ``centre`` (sorted, unique)."""
     found: set[Config] = set()
@@ -97,8 +106,31 @@ def region_candidates(
             if 0 <= v < sizes[d]:
                 idx[u, d] = v
         found.add(space.from_indices(idx))
+    if with_trades and length >= 2:
+        found.update(trades(space, centre, rng, n))
     out = [c for c in found if c not in exclude and c != centre and space.distance(c, centre) <= length]
     out = [c for c in sorted(out) if fits(c)]
+    return out
+
+
+def trades(space: SearchSpace, centre: Config, rng: np.random.Generator, n: int) -> set[Config]:
+    """Up to ``n`` two-step moves that raise one coordinate and lower another (rank for bits, bits for rank,
+    one unit's channels for another's): under a binding budget a single step up never fits, a trade can."""
+    base = space.indices(centre)
+    sizes = np.array(space.sizes)
+    ups = [(u, d) for u in range(space.n_units) for d in range(space.n_axes) if base[u, d] < sizes[d] - 1]
+    downs = [(u, d) for u in range(space.n_units) for d in range(space.n_axes) if base[u, d] > 0]
+    out: set[Config] = set()
+    if not ups or not downs:
+        return out
+    for _ in range(n):
+        (ua, da), (ub, db) = ups[int(rng.integers(len(ups)))], downs[int(rng.integers(len(downs)))]
+        if (ua, da) == (ub, db):
+            continue
+        idx = base.copy()
+        idx[ua, da] += 1
+        idx[ub, db] -= 1
+        out.add(space.from_indices(idx))
     return out
 
 
@@ -147,8 +179,17 @@ def run_stage2(
         return Stage2Result(hist, evaluated, None, 0)
     length0 = min(settings.length_init, settings.length_max)
     state = TRState(centre=start[0], length=length0, used_centres=[start[0]])
+    start_best, no_gain, stopped = hist[start[0]], 0, None
     for it in range(settings.iterations):
-        cands = region_candidates(space, state.centre, state.length, fits, hist, rng, settings.n_candidates)
+        if settings.patience and no_gain >= settings.patience:
+            stopped = it
+            say(
+                f"stage 2 stopped after {it} iterations: none beat the best start by more than {settings.min_gain} nats"
+            )
+            break
+        cands = region_candidates(
+            space, state.centre, state.length, fits, hist, rng, settings.n_candidates, settings.trades
+        )
         if not cands:
             state.length = 0  # nothing left to try here: treat as a collapse
         else:
@@ -164,6 +205,8 @@ def run_stage2(
             improved = bool(finite) and min(finite) < best_before - 1e-3 * abs(best_before)  # type: ignore[operator]
             state.update(improved, settings)
             order = ranked()
+            gained = bool(finite) and min(finite) < start_best - settings.min_gain  # type: ignore[operator]
+            no_gain = 0 if gained else no_gain + 1
             if improved and order:
                 state.centre = order[0]
             say(f"stage 2 iteration {it}: length {state.length}, best {hist[order[0]]:.4f}")
@@ -175,4 +218,4 @@ def run_stage2(
             state.restarts += 1
             say(f"stage 2: trust region collapsed, restart #{state.restarts}")
     order = ranked()
-    return Stage2Result(hist, evaluated, order[0] if order else None, state.restarts)
+    return Stage2Result(hist, evaluated, order[0] if order else None, state.restarts, stopped)

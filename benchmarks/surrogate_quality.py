@@ -1,0 +1,124 @@
+"""How well does the performance model rank plans it was not fitted on? Measured on the plan-quality stores.
+
+Every high-fidelity evaluation the plan-quality benchmark stored for a budget (qra's search, random, TPE:
+8-step SFT runs scored on the selection split) is a (config, score) point. For each feature set of
+``planner.search.surrogate`` (``ordinal``: per-unit coordinates + means, what the search used in round 2;
+``prior``: the priors' aggregates + means; ``both``) this reports the k-fold held-out Spearman correlation
+of the GP's prediction with the real score — for the screening model (features only) on every point, and
+for the promotion model (features + the low-fidelity score) on the configs that have both. No new training
+runs: GP fits only (seconds).
+
+  python benchmarks/surrogate_quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from planner.config import QRAConfig  # noqa: E402
+from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+
+BUDGETS = {"uniform4_r16": "plan:uniform:4bit:r16", "uniform3_r16": "plan:uniform:3bit:r16"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stores", default=str(ROOT / "benchmarks/results/plan_quality_stores"))
+    parser.add_argument("--recipe", default=str(ROOT / "benchmarks/recipes/plan_quality-cpu.yaml"))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks/results/surrogate_quality.json"))
+    parser.add_argument("--folds", type=int, default=5)
+    args = parser.parse_args(argv)
+    base = QRAConfig.load(args.recipe)
+    stores = Path(args.stores)
+    budgets = {name: measure(base.model_copy(update={"budget": b}), stores / name, args.folds)
+               for name, b in BUDGETS.items() if (stores / name).is_dir()}  # fmt: skip
+    command = "python benchmarks/surrogate_quality.py " + " ".join(argv or sys.argv[1:])
+    results = {"command": command.strip(), "folds": args.folds, "budgets": budgets}
+    write_json_atomic(Path(args.results), results)
+    write_text_atomic(Path(args.results).with_suffix(".md"), markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def measure(cfg: QRAConfig, directory: Path, folds: int) -> dict[str, Any]:
+    from planner.allocation import Importance
+    from planner.priors.profile import Priors
+    from planner.search.setup import SearchSetup
+    from planner.search.surrogate import FEATURE_SETS, heldout_spearman
+
+    setup = SearchSetup.build(cfg)
+    space = setup.space
+    importance = Importance.from_priors(Priors.load(directory / "qra" / "priors.json"), space)
+    high = _scores(space, [directory / "qra" / "store.sqlite", directory / "baselines" / "store.sqlite"], "high")
+    low = _scores(space, [directory / "qra" / "store.sqlite"], "low")
+    both = [c for c in high if c in low]
+    out: dict[str, Any] = {"high_points": len(high), "low_and_high_points": len(both)}
+    for name in FEATURE_SETS:
+        kwargs = {"importance": importance, "feature_set": name, "folds": folds}
+        out[f"screening_{name}"] = _r(heldout_spearman(space, list(high), None, list(high.values()), **kwargs))
+        out[f"promotion_{name}"] = _r(
+            heldout_spearman(space, both, [low[c] for c in both], [high[c] for c in both], **kwargs)
+        )
+    return out
+
+
+def _scores(space: Any, stores: list[Path], level: str) -> dict[Any, float]:
+    """config -> score of every ok evaluation at ``level`` (the newest recipe of each store only)."""
+    from qra_plugin.plan import Plan
+
+    out: dict[Any, float] = {}
+    for path in stores:
+        if not path.is_file():
+            continue
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            newest = db.execute(
+                "SELECT recipe FROM evaluations WHERE level = ? AND status = 'ok' ORDER BY id DESC LIMIT 1", (level,)
+            ).fetchone()
+            if newest is None:
+                continue
+            rows = db.execute(
+                "SELECT plan_json, eval_loss FROM evaluations WHERE level = ? AND status = 'ok' AND recipe = ?",
+                (level, newest[0]),
+            ).fetchall()
+        for plan_json, loss in rows:
+            plan = Plan.model_validate(json.loads(plan_json))
+            per_block: dict[int, tuple[int, int]] = {}
+            for spec in space.specs:
+                m = plan.modules[spec.name]
+                per_block.setdefault(spec.block, (m.bits, m.rank))
+            out[tuple(per_block[b] for b in range(space.n_units))] = float(loss)
+    return out
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Performance-model quality: held-out Spearman on the plan-quality stores",
+        "",
+        f"`{results['command']}` ({results['folds']}-fold; higher is better; the goal is ≥ 0.7)",
+        "",
+        "| budget | points | screening ordinal | prior | both | promotion points | ordinal | prior | both |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, b in results["budgets"].items():
+        lines.append(
+            f"| {name} | {b['high_points']} | {b['screening_ordinal']} | {b['screening_prior']} | "
+            f"{b['screening_both']} | {b['low_and_high_points']} | {b['promotion_ordinal']} | "
+            f"{b['promotion_prior']} | {b['promotion_both']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

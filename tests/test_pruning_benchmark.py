@@ -1,0 +1,52 @@
+"""The pruning benchmark script end to end on its tiny recipe: the schema the issue names, budgets, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_plan_quality_benchmark import _rows
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = {"final_eval_loss_mean", "final_eval_loss_sd", "seeds", "memory_predicted", "params_kept_fraction"}
+
+
+def _run(out: Path, results: Path) -> None:
+    cmd = [sys.executable, "benchmarks/pruning.py", "--recipe", "tiny", "--out", str(out), "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.benchmark
+def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory(tmp_path):
+    out, results = tmp_path / "work", tmp_path / "pruning.json"
+    _run(out, results)
+    data = json.loads(results.read_text())
+    assert data["command"].startswith("python benchmarks/pruning.py") and data["reduction"] == 0.25
+    assert data["protocol"]["splits_disjoint"] is True and data["protocol"]["final_eval_split"] == "test"
+    methods = data["methods"]
+    assert {"uniform_prune_lora", "rankadaptor", "qra_prune", "qra", "uniform_unpruned"} <= set(methods)
+    for name, m in methods.items():
+        assert set(m) >= FIELDS, name
+        assert len(m["seeds"]) == 2 and m["final_eval_loss_mean"] is not None, name
+        assert m["memory_predicted"] <= data["budget_bytes"] and m["within_budget"], name
+    # the budget is the pruned uniform plan's memory; both fixed-pruning methods prune every block by 25 %
+    assert methods["uniform_prune_lora"]["memory_predicted"] == data["budget_bytes"]
+    for name in ("uniform_prune_lora", "rankadaptor"):
+        assert methods[name]["mlp_pruned_by_block"] == [0.25] * 4 and methods[name]["params_kept_fraction"] < 0.9
+    assert methods["qra"]["params_kept_fraction"] == methods["uniform_unpruned"]["params_kept_fraction"] == 1.0
+    assert methods["rankadaptor"]["bits"] == [4] and methods["rankadaptor"]["evaluations"] > 0
+    assert set(methods["qra_prune"]["mlp_pruned_by_block"]) <= {0.0, 0.125, 0.25, 0.375, 0.5}
+    assert "| qra_prune |" in results.with_suffix(".md").read_text()
+
+    before = _rows(out)
+    _run(out, results)  # every search and final is found in the stores
+    assert _rows(out) == before
+    again = json.loads(results.read_text())["methods"]
+    assert {m: v["final_eval_loss_mean"] for m, v in again.items()} == {
+        m: v["final_eval_loss_mean"] for m, v in methods.items()
+    }
