@@ -133,3 +133,22 @@ def test_the_qra_section_is_part_of_the_plugin_args():
     assert QRAArgs(qra={"budget": "uniform:4bit:r16"}).qra == {"budget": "uniform:4bit:r16"}
     with pytest.raises(ValueError, match=r"qra.serach: unknown key \(qra: takes name, seed, budget"):
         QRAArgs(qra={"serach": {}})
+
+
+@pytest.mark.parametrize("extra", ({"load_in_8bit": True}, {"adapter": "qlora"}))
+def test_axolotl_train_and_qra_search_refuse_a_conflict_with_the_same_line(tmp_path, tiny_model_dir, capsys, extra):
+    """The plugin's validator (what ``axolotl train`` runs) and the planner's reader share one check."""
+    from pydantic import ValidationError
+    from transformers import AutoModelForCausalLM
+
+    from qra_plugin import Plan
+    from qra_plugin.axolotl.args import QRAArgs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    Plan.uniform(model, bits=4, rank=8).save(tmp_path / "plan.yaml")
+    with pytest.raises(ValidationError) as caught:
+        QRAArgs.model_validate({"qra_plan": str(tmp_path / "plan.yaml"), **extra})
+    code, _, err = qra_inprocess(capsys, "estimate", str(axolotl_yaml(tmp_path, tiny_model_dir, **extra)))
+    assert code == 2
+    planner_line = err.strip().splitlines()[-1].removeprefix("qra: error: ")
+    assert planner_line.endswith(str(caught.value.errors()[0]["ctx"]["error"]))

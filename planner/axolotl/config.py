@@ -51,11 +51,11 @@ def _refuse_conflicts(raw: dict[str, Any], prepare_data: bool) -> None:
             "val_set_size: qra scores candidates on rows no run trains on: set val_set_size (e.g. 0.05) "
             "or test_datasets"
         )
-    for key in ("load_in_4bit", "load_in_8bit"):
-        if raw.get(key):
-            raise QRAError(f"{key}: a qra plan quantizes each module itself; remove {key} (keep adapter: lora)")
-    if raw.get("adapter") not in (None, "lora"):
-        raise QRAError(f"adapter: a qra plan trains LoRA adapters; set adapter: lora (got {raw.get('adapter')!r})")
+    from qra_plugin.axolotl.args import plan_conflict
+
+    conflict = plan_conflict(raw)
+    if conflict:
+        raise QRAError(conflict)
 
 
 def axolotl_settings(path: Path, raw: dict[str, Any]) -> Any:

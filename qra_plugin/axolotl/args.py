@@ -78,12 +78,9 @@ class QRAArgs(BaseModel):
             plan = Plan.load(data["qra_plan"])
         except QRAError as exc:
             raise ValueError(str(exc)) from None
-        if data.get("load_in_4bit") or data.get("load_in_8bit"):
-            raise ValueError(
-                "qra_plan quantizes per module itself: remove load_in_4bit/load_in_8bit (use adapter: lora)"
-            )
-        if data.get("adapter") not in (None, "lora"):
-            raise ValueError(f"qra_plan needs adapter: lora (got {data.get('adapter')!r})")
+        conflict = plan_conflict(data)
+        if conflict:
+            raise ValueError(conflict)
         blocked = kernels_blocked_by(plan)
         if blocked:
             for key in KERNEL_KEYS:
@@ -93,3 +90,14 @@ class QRAArgs(BaseModel):
                     )
                 data[key] = False
         return data
+
+
+def plan_conflict(config: dict) -> str | None:
+    """The one line naming an Axolotl setting a qra plan cannot train with (None: no conflict); shared by this
+    validator (``axolotl train``) and the planner's reader of the same YAML (``qra search``)."""
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if config.get(key):
+            return f"{key}: a qra plan quantizes each module itself; remove {key} (keep adapter: lora)"
+    if config.get("adapter") not in (None, "lora"):
+        return f"adapter: a qra plan trains LoRA adapters; set adapter: lora (got {config.get('adapter')!r})"
+    return None
