@@ -219,8 +219,8 @@ def test_the_three_splits_are_disjoint_and_the_task_has_exact_answers():
     assert examples(DataSection(source="wiki", eval_split="test"), "eval", 5) == examples(DataSection(), "test", 5)
 
 
-@pytest.mark.parametrize("backend", ["hqq", "bnb"])
-def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backend):
+@pytest.mark.parametrize(("backend", "pruned"), [("hqq", False), ("bnb", False), ("hqq", True)])
+def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backend, pruned):
     """The worker-level cache (planner.fidelity.quantized) must change set-up time, never a score."""
     import copy
 
@@ -233,13 +233,17 @@ def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backen
 
     base = build_tiny_model("llama", layers=2, hidden=64, vocab_size=128, seed=3)
     plan = Plan.uniform(base, bits=4, rank=4, backend=backend)
+    if pruned:  # the cache holds each block's slice: same kept channels, same layer
+        from qra_plugin.plan import BlockPruning
+
+        plan = plan.model_copy(update={"pruning": {1: BlockPruning(mlp_keep=list(range(0, 128, 2)), kv_keep=[0])}})
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     outputs = []
     for use_cache in (False, True, True):  # a fresh quantization, then the cache's first miss and a hit
         model = copy.deepcopy(base)
         hits = STATS["hits"]
         if use_cache:
-            prequantize(model, plan, f"test-{backend}", torch.float32)
+            prequantize(model, plan, f"test-{backend}-{pruned}", torch.float32)
         torch.manual_seed(0)
         peft = apply_plan(model, plan)
         outputs.append((peft(input_ids=ids).logits.detach(), memory_report(peft).total_bytes, STATS["hits"] - hits))
@@ -247,6 +251,12 @@ def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backen
     assert miss_hits == 0 and hit_hits == len(plan.modules)
     assert torch.equal(fresh, miss) and torch.equal(fresh, hit)
     assert fresh_bytes == miss_bytes == hit_bytes
+    if pruned:  # another kept set for block 1 is another layer: a miss for its slices, hits for block 0
+        other = plan.model_copy(update={"pruning": {1: BlockPruning(mlp_keep=list(range(64)), kv_keep=[1])}})
+        hits, misses = STATS["hits"], STATS["misses"]
+        prequantize(copy.deepcopy(base), other, f"test-{backend}-{pruned}", torch.float32)
+        block1 = sum(name.split(".")[2] == "1" for name in plan.modules)
+        assert STATS["misses"] - misses == block1 and STATS["hits"] - hits == len(plan.modules) - block1
 
 
 def test_closed_set_answers_are_scored_by_log_likelihood(tmp_path, meta):

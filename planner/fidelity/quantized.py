@@ -24,7 +24,15 @@ STATS = {"hits": 0, "misses": 0}
 
 def prequantize(model: nn.Module, plan: Plan, model_key: str, dtype: torch.dtype) -> None:
     """Put a quantized layer for every planned module below 16 bits into ``model`` (a private copy of the
-    base model), from the cache when this worker quantized the same choice before."""
+    base model), from the cache when this worker quantized the same choice before.
+
+    A pruned plan prunes ``model`` first; a layer's key then holds what its block keeps, so a slice is reused
+    only for the same kept channels (candidates of a pruning search share most blocks' choices)."""
+    from qra_plugin.modules import quantizable_linears
+    from qra_plugin.prune import prune_model
+
+    block_of = {s.name: s.block for s in quantizable_linears(model)} if plan.pruning else {}
+    prune_model(model, plan)
     for name, mp in plan.modules.items():
         if mp.bits >= 16:
             continue
@@ -33,7 +41,9 @@ def prequantize(model: nn.Module, plan: Plan, model_key: str, dtype: torch.dtype
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear) or linear.weight.device.type != "cpu":
             continue
+        kept = plan.pruning.get(block_of.get(name, -1))
         key = (model_key, name, mp.bits, mp.backend, mp.group_size, mp.axis, str(dtype))
+        key += (kept.model_dump_json(),) if kept is not None else ()
         layer = _CACHE.get(key)
         if layer is None:
             STATS["misses"] += 1

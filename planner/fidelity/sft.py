@@ -206,7 +206,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     tokenizer = cached_tokenizer(cfg.model)
     on_cuda = torch.cuda.is_available()
     model = fresh_model(cfg.model).to("cuda" if on_cuda else "cpu")
-    if not on_cuda and not task.plan.pruning:  # the cache holds unpruned layers; a pruned plan quantizes afresh
+    if not on_cuda:
         prequantize(model, task.plan, cfg.model.model_dump_json(), model_compute_dtype(model))
     transformers.set_seed(task.seed)  # LoRA init
     peft_model = apply_plan(model, task.plan)
