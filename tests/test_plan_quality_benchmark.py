@@ -39,19 +39,15 @@ def _rows(out: Path) -> int:
     return total
 
 
-def _run(out: Path, results: Path) -> None:
-    cmd = [
-        sys.executable,
-        "benchmarks/plan_quality.py",
-        "--recipe",
-        "tiny",
-        "--out",
-        str(out),
-        "--results",
-        str(results),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+def run_tiny(script: str, out: Path, results: Path, timeout: int = 1500) -> None:
+    """Run a benchmark script on its tiny recipe; fail with the end of its stderr."""
+    cmd = [sys.executable, script, "--recipe", "tiny", "--out", str(out), "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _run(out: Path, results: Path) -> None:
+    run_tiny("benchmarks/plan_quality.py", out, results)
 
 
 @pytest.mark.benchmark

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_plan_quality_benchmark import _rows
+from tests.test_plan_quality_benchmark import _rows, run_tiny
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"final_eval_loss_mean", "final_eval_loss_sd", "seeds", "memory_predicted", "params_kept_fraction"}
 
 
 def _run(out: Path, results: Path) -> None:
-    cmd = [sys.executable, "benchmarks/pruning.py", "--recipe", "tiny", "--out", str(out), "--results", str(results)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_tiny("benchmarks/pruning.py", out, results, timeout=2400)
 
 
 @pytest.mark.benchmark
