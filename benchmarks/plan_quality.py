@@ -125,6 +125,9 @@ class Benchmark:
             command,
         )
         self.base = QRAConfig.load(ROOT / recipe.config)
+        if self.base.fidelity.layer_cache is None:  # priors, every search and the finals share quantized layers
+            fidelity = self.base.fidelity.model_copy(update={"layer_cache": str(out / "layers")})
+            self.base = self.base.model_copy(update={"fidelity": fidelity})
         self.final_steps = recipe.final_steps(self.base)
         self.out.mkdir(parents=True, exist_ok=True)
         suffix = f"-{part}" if part else ""

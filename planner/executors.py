@@ -13,6 +13,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from planner.fidelity.contract import EvalKey, EvalResult, EvalTask, one_line
@@ -98,11 +99,18 @@ class _StoreBacked:
 class InProcessExecutor(_StoreBacked):
     """Evaluations in this process, one by one (tests, debugging). No timeout and no crash isolation."""
 
+    def __init__(self, *args: Any, layer_cache: Path | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.layer_cache = layer_cache
+
     def _run_pending(self, tasks: list[EvalTask]) -> None:
+        from planner.fidelity.quantized import directory_in_use
+
         for task in tasks:
             self.store.mark_running(task)
             start = time.perf_counter()
-            reply = call_one(self.evaluate, task)
+            with directory_in_use(self.layer_cache):
+                reply = call_one(self.evaluate, task)
             self._finish(task, self._from_reply(reply, time.perf_counter() - start))
 
 
@@ -120,7 +128,8 @@ def _death_reason(exitcode: int | None) -> str:
 class _ChildWorker:
     """One spawned child serving evaluations over a pipe, restarted after a crash or a timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, layer_cache: Path | None = None) -> None:
+        self.layer_cache = layer_cache
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
@@ -144,7 +153,9 @@ class _ChildWorker:
 
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=serve, args=(child,), name="qra-fidelity-worker", daemon=True)
+        self._proc = self._ctx.Process(
+            target=serve, args=(child, self.layer_cache), name="qra-fidelity-worker", daemon=True
+        )
         self._proc.start()
         child.close()
         self._conn = parent
@@ -179,9 +190,9 @@ class SubprocessExecutor(_StoreBacked):
     or several CPU evaluations of a batch); results are stored from this thread as each one finishes.
     """
 
-    def __init__(self, *args: Any, workers: int = 1, **kw: Any) -> None:
+    def __init__(self, *args: Any, workers: int = 1, layer_cache: Path | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self._workers = [_ChildWorker() for _ in range(max(1, int(workers)))]
+        self._workers = [_ChildWorker(layer_cache) for _ in range(max(1, int(workers)))]
 
     def _run_pending(self, tasks: list[EvalTask]) -> None:
         if len(self._workers) == 1 or len(tasks) == 1:
@@ -291,16 +302,18 @@ def make_executor(
     timeout_s: float = 3600.0,
     on_result: OnResult | None = None,
     workers: int = 1,
+    layer_cache: Path | None = None,
 ) -> _StoreBacked:
     """The executor a config asks for. ``evaluate`` must be a picklable top-level function for the
     subprocess and ray paths; ``workers``: parallel children of the local subprocess executor;
-    ``on_result(task, result, from_store)`` is called for every result."""
+    ``on_result(task, result, from_store)`` is called for every result; ``layer_cache``: the directory the
+    local executors' evaluations share quantized layers through (Ray workers keep theirs in memory)."""
     if kind == "local":
         if subprocess:
-            return SubprocessExecutor(store, evaluate, timeout_s, on_result, workers=workers)
+            return SubprocessExecutor(store, evaluate, timeout_s, on_result, workers=workers, layer_cache=layer_cache)
         if workers > 1:
             raise QRAError("fidelity.workers > 1 needs fidelity.subprocess: true")
-        return InProcessExecutor(store, evaluate, timeout_s, on_result)
+        return InProcessExecutor(store, evaluate, timeout_s, on_result, layer_cache=layer_cache)
     if kind == "ray":
         return RayExecutor(store, evaluate, timeout_s, on_result, address=ray_address, gpus_per_eval=gpus_per_eval)
     raise QRAError(f"unknown executor {kind!r}: use 'local' or 'ray'")

@@ -226,11 +226,12 @@ def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backen
 
     import torch
 
-    from planner.fidelity.quantized import STATS, prequantize
+    from planner.fidelity.quantized import STATS, clear_memory, prequantize
     from planner.tiny import build_tiny_model
     from qra_plugin import apply_plan
     from qra_plugin.weight_memory import memory_report
 
+    clear_memory()  # layers are keyed by their weights: another test's tiny model may share some
     base = build_tiny_model("llama", layers=2, hidden=64, vocab_size=128, seed=3)
     plan = Plan.uniform(base, bits=4, rank=4, backend=backend)
     if pruned:  # the cache holds each block's slice: same kept channels, same layer
@@ -257,6 +258,67 @@ def test_a_cached_quantized_layer_is_the_layer_a_fresh_quantization_makes(backen
         prequantize(copy.deepcopy(base), other, f"test-{backend}-{pruned}", torch.float32)
         block1 = sum(name.split(".")[2] == "1" for name in plan.modules)
         assert STATS["misses"] - misses == block1 and STATS["hits"] - hits == len(plan.modules) - block1
+
+
+@pytest.mark.parametrize("backend", ["hqq", "bnb"])
+def test_a_layer_stored_on_disk_is_the_layer_a_fresh_quantization_makes(tmp_path, backend):
+    """Workers and resumed runs share layers through a directory: a loaded layer must score the same."""
+    import copy
+
+    import torch
+
+    from planner.fidelity import quantized
+    from planner.tiny import build_tiny_model
+    from qra_plugin import apply_plan
+
+    base = build_tiny_model("qwen2", layers=2, hidden=64, vocab_size=128, seed=5)
+    plan = Plan.uniform(base, bits=4, rank=4, backend=backend)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits(prepare) -> tuple[torch.Tensor, dict[str, int]]:
+        model, before = copy.deepcopy(base), dict(quantized.STATS)
+        prepare(model)
+        torch.manual_seed(0)
+        out = apply_plan(model, plan)(input_ids=ids).logits.detach()
+        return out, {k: quantized.STATS[k] - before[k] for k in before}
+
+    fresh, _ = logits(lambda m: None)
+    with quantized.directory_in_use(tmp_path / "layers"):
+        quantized.clear_memory()
+        written, first = logits(lambda m: quantized.prequantize(m, plan, "disk-test", torch.float32))
+        quantized.clear_memory()  # as a second worker or a resumed run: nothing in memory, all on disk
+        loaded, second = logits(lambda m: quantized.prequantize(m, plan, "disk-test", torch.float32))
+        files = sorted((tmp_path / "layers").glob("*.pt"))
+        if files:
+            files[0].write_bytes(b"damaged")  # a damaged file is a miss, quantized again
+        quantized.clear_memory()
+        _, third = logits(lambda m: quantized.prequantize(m, plan, "disk-test", torch.float32))
+    n = len(plan.modules)
+    assert torch.equal(fresh, written) and torch.equal(fresh, loaded)
+    if backend == "bnb":  # its layers do not survive a pickle: memory only, quantized again by another worker
+        assert files == [] and first["misses"] == second["misses"] == n
+        return
+    assert first["misses"] == n and len(files) == n
+    assert second == {"hits": 0, "disk_hits": n, "misses": 0}
+    assert third["misses"] == 1 and third["disk_hits"] == n - 1
+
+
+def test_the_profile_fills_the_layer_cache_the_search_reads(tmp_path):
+    """The I_q pass quantizes every block at the profiled bits: a fidelity run at those bits makes no layer."""
+    from planner.fidelity.quantized import clear_memory, directory_in_use
+    from planner.priors import profile
+
+    cfg = tiny_config(profile={"bits": [4], "calibration_examples": 2, "seq_len": 16, "plasticity_draws": 1})
+    profile(cfg, tmp_path, progress=False)
+    stored = list((tmp_path / "layers").glob("*.pt"))
+    clear_memory()
+    plan = Plan.uniform(load_meta_model(cfg.model), bits=4, rank=4)
+    with directory_in_use(tmp_path / "layers"):
+        result = run_fidelity(task(cfg, plan))
+    assert result.status == "ok" and len(stored) == len(plan.modules)
+    assert result.layers_quantized == 0 and result.layers_loaded == len(plan.modules)
+    assert result.setup_s is not None and result.eval_s is not None and result.train_s is not None
+    assert result.setup_s + result.train_s + result.eval_s <= result.wall_s
 
 
 def test_closed_set_answers_are_scored_by_log_likelihood(tmp_path, meta):

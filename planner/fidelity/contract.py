@@ -82,6 +82,12 @@ class EvalResult(BaseModel):
     stop_reason: str | None = None
     #: seconds inside ``trainer.train()`` only (no load, quantization or eval): step time = train_s / steps
     train_s: float | None = None
+    #: seconds before training (model copy, quantization, LoRA, trainer) and scoring (eval loss, accuracy)
+    setup_s: float | None = None
+    eval_s: float | None = None
+    #: quantized layers this run made / loaded from the layer cache's disk (CPU; the rest came from memory)
+    layers_quantized: int | None = None
+    layers_loaded: int | None = None
 
     @classmethod
     def failed(cls, reason: str, wall_s: float = 0.0, failure: Failure | None = None) -> EvalResult:

@@ -197,12 +197,13 @@ def _outcome(stop_reason: str | None, eval_loss: float, steps: int) -> tuple[Sta
 def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalResult:
     import transformers
 
-    from planner.fidelity.quantized import prequantize
+    from planner.fidelity.quantized import STATS, prequantize
     from qra_plugin import apply_plan
     from qra_plugin.quantize import model_compute_dtype
     from qra_plugin.weight_memory import memory_report
 
     cfg = task.config
+    started, layer_stats = time.perf_counter(), dict(STATS)
     tokenizer = cached_tokenizer(cfg.model)
     on_cuda = torch.cuda.is_available()
     model = fresh_model(cfg.model).to("cuda" if on_cuda else "cpu")
@@ -214,7 +215,9 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer = _build_trainer(task, level, peft_model, tokenizer, workdir)
+    setup_s = time.perf_counter() - started
     train_loss, train_s = _timed_train(trainer, level.steps)
+    eval_started = time.perf_counter()
     metrics = trainer.evaluate()
     steps = int(trainer.state.global_step)
     eval_loss = float(metrics["eval_loss"])
@@ -228,6 +231,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     accuracy = None
     if level.accuracy and status != "failed":
         accuracy = answer_accuracy(peft_model, tokenizer, examples(cfg.data, cfg.data.eval_split, level.eval_examples))
+    eval_s = time.perf_counter() - eval_started
     return EvalResult(
         status=status,
         eval_loss=eval_loss if math.isfinite(eval_loss) else None,
@@ -242,6 +246,10 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         failure="deterministic" if status == "failed" else None,
         stop_reason=reason,
         train_s=train_s,
+        setup_s=setup_s,
+        eval_s=eval_s,
+        layers_quantized=STATS["misses"] - layer_stats["misses"],
+        layers_loaded=STATS["disk_hits"] - layer_stats["disk_hits"],
     )
 
 

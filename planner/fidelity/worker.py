@@ -11,6 +11,7 @@ import pickle
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from planner.fidelity.contract import EvalResult, one_line
@@ -29,11 +30,14 @@ def call_one(evaluate: Callable[[Any], EvalResult], task: Any) -> tuple[str, Any
     return "ok", result
 
 
-def serve(conn: Connection) -> None:
-    """Answer requests until the pipe closes or a ``None`` request arrives."""
+def serve(conn: Connection, layer_cache: Path | None = None) -> None:
+    """Answer requests until the pipe closes or a ``None`` request arrives; quantized layers are shared with
+    the other workers of the search through ``layer_cache`` (``planner.fidelity.quantized``)."""
+    from planner.fidelity.quantized import use_directory
     from planner.quiet import quiet_libraries
 
     quiet_libraries()
+    use_directory(layer_cache)
     while True:
         try:
             raw = conn.recv_bytes()

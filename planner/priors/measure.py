@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qra_plugin.backends import get_backend
 from qra_plugin.modules import find_blocks
 from qra_plugin.plan import ModulePlan
 
@@ -109,11 +108,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _quantized_copy(linear: nn.Linear, plan: ModulePlan, dtype: torch.dtype) -> nn.Module:
-    """Quantize through the runtime backend without touching ``linear`` (backends may delete their input)."""
-    shell = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    shell.weight = linear.weight
-    shell.bias = linear.bias
-    return get_backend(plan.backend).quantize(shell, plan, dtype)
+    """Quantize through the runtime backend without touching ``linear``; stored in the search's layer cache
+    (``planner.fidelity.quantized``), where the evaluations find the layers the priors already made."""
+    from planner.fidelity.quantized import quantized_layer
+
+    return quantized_layer(linear, plan, dtype, keep=False)
 
 
 @torch.no_grad()

@@ -219,7 +219,10 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
             "I_r": None,
             "timings_s": {},
         }
-    _measure_into(state, cfg, model, tokens, (names, unit_modules, unit_blocks), partial_path, progress)
+    from planner.fidelity.quantized import cache_directory, directory_in_use
+
+    with directory_in_use(cache_directory(cfg.fidelity.layer_cache, out)):  # the search's evaluations reuse them
+        _measure_into(state, cfg, model, tokens, (names, unit_modules, unit_blocks), partial_path, progress)
     priors = Priors(
         units=names,
         unit=unit,

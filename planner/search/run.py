@@ -18,7 +18,7 @@ from planner.allocation import Importance, named_prior_allocations, warm_start
 from planner.config import QRAConfig
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
 from planner.search.pareto import Point, best_for_budget, write_pareto
-from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor, stale_recipe_note
+from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor, stale_recipe_note, time_split
 from planner.search.space import Config, config_key
 from planner.search.trust_region import TRSettings, run_stage2
 from qra_plugin.errors import QRAError
@@ -330,6 +330,7 @@ def _summary(
         # the planner's own compute (operators, performance model, GP fits, acquisition) between evaluations
         "planner_s": round(planner_s, 3),
         "planner_s_per_proposal": round(planner_s / max(len(trace), 1), 4),
+        "evaluation_time": time_split(trace),
         "final_finetune_steps": cfg.fidelity.high.steps,
     }
 

@@ -83,6 +83,7 @@ class Evaluator:
                 "memory_measured": max(measured) if measured else None,
                 "steps": sum(r.steps for r in group),
                 "wall_s": round(sum(r.wall_s for r in group), 3),
+                **{part: _total(group, part) for part in ("setup_s", "train_s", "eval_s", "layers_quantized")},
                 "status": "ok" if failed is None else failed.status,
                 "failure": failed.failure if failed is not None else None,
                 "error": next((r.error for r in group if r.error), None),
@@ -93,6 +94,26 @@ class Evaluator:
             f"[dim]{stage}[/dim] {level:4s} loss {shown}  mem {self.cost(config) / 2**20:.2f} MiB  {config_key(config)}"
         )
         return score
+
+
+def _total(group: list[Any], part: str) -> float | None:
+    """A timing or count summed over a plan's seeds (None when a result predates the field)."""
+    values = [getattr(r, part) for r in group]
+    return None if any(v is None for v in values) else round(sum(values), 3)
+
+
+def time_split(trace: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the evaluations' wall time went: set-up (copy, quantization, LoRA, trainer), training, scoring."""
+    timed = [e for e in trace if e.get("setup_s") is not None]
+    wall = sum(e["wall_s"] for e in timed)
+    parts = {p: round(sum(e[p] or 0.0 for e in timed), 1) for p in ("setup_s", "train_s", "eval_s")}
+    return {
+        "evaluations_timed": len(timed),
+        "wall_s": round(wall, 1),
+        **parts,
+        "setup_share": round(parts["setup_s"] / wall, 3) if wall else None,
+        "layers_quantized": sum(e.get("layers_quantized") or 0 for e in timed),
+    }
 
 
 @dataclass
@@ -141,6 +162,7 @@ class SearchSetup:
 def open_executor(cfg: QRAConfig, store: Any, *, kind: str | None = None, **extra: Any) -> Any:
     """The store-backed executor the config asks for (``extra``: ``on_result``, an injected ``evaluate``)."""
     from planner.executors import make_executor
+    from planner.fidelity.quantized import cache_directory
 
     return make_executor(
         kind or cfg.search.executor,  # type: ignore[arg-type]
@@ -150,6 +172,7 @@ def open_executor(cfg: QRAConfig, store: Any, *, kind: str | None = None, **extr
         gpus_per_eval=cfg.search.gpus_per_eval,
         timeout_s=cfg.fidelity.timeout_s,
         workers=cfg.fidelity.workers,
+        layer_cache=cache_directory(cfg.fidelity.layer_cache, Path(store.path).parent),
         **{k: v for k, v in extra.items() if v is not None},
     )
 

@@ -51,6 +51,8 @@ class Backend:
     model_flags: dict[int, str] = field(default_factory=dict)
     #: ``check(module_plan) -> str | None``: what is wrong with a module plan for this backend, if anything
     check: Callable[[ModulePlan], str | None] = lambda plan: None
+    #: whether a quantized layer survives ``torch.save``/``torch.load`` intact (a planner may store it on disk)
+    picklable: bool = False
     #: one line for docs and errors
     summary: str = ""
 

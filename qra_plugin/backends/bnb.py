@@ -117,5 +117,6 @@ BACKEND = Backend(
     default_group={4: NF4_BLOCK},
     check=check,
     model_flags={4: "is_loaded_in_4bit", 8: "is_loaded_in_8bit"},
+    picklable=False,  # a reloaded Params4bit comes back as a plain Parameter (no quant_state attributes)
     summary="bitsandbytes nf4 (blocks of 64, double quant) and LLM.int8",
 )

@@ -78,5 +78,6 @@ BACKEND = Backend(
     axolotl_kernels=False,
     default_group=DEFAULT_GROUP,
     default_axis=0,
+    picklable=True,  # HQQLinear keeps W_q and a meta dict of plain tensors (tested round trip)
     summary="HQQ 2/3/4/8-bit, groups g16/g32/g64/g64, axis 0; calibration-free",
 )
