@@ -4,9 +4,9 @@ HQQ and bitsandbytes quantization is deterministic: the same weights with the sa
 size, axis, compute dtype) give the same layer, so a copy of a stored layer is exactly what a fresh
 quantization makes — scores do not change. A layer is keyed by a digest of its *input weights* and those
 settings (a pruned slice is simply other weights), kept in this process's memory and, when a directory is
-set (``fidelity.layer_cache``, default ``OUT/layers``) and the backend's layers pickle (HQQ), on disk, where the profile's I_q pass, both
-evaluation workers and a resumed search find it. Quantizing one SmolLM2 projection on one CPU thread
-takes seconds (≈ 210 per candidate); a stored one loads in milliseconds.
+set (``fidelity.layer_cache``, default ``OUT/layers``) and the backend's layers pickle (HQQ), on disk,
+where the profile's I_q pass, both evaluation workers and a resumed search find it. Quantizing one
+SmolLM2 projection on one CPU thread takes seconds (≈ 210 per candidate); a stored one loads in ms.
 
 CPU only: on CUDA the cache would sit in device memory and count in the measured peak (and HQQ's
 scale/zero dict does not follow ``.to()``), so there every evaluation quantizes for itself.
