@@ -305,17 +305,22 @@ def test_a_layer_stored_on_disk_is_the_layer_a_fresh_quantization_makes(tmp_path
 
 def test_the_profile_fills_the_layer_cache_the_search_reads(tmp_path):
     """The I_q pass quantizes every block at the profiled bits: a fidelity run at those bits makes no layer."""
-    from planner.fidelity.quantized import clear_memory, directory_in_use
     from planner.priors import profile
 
     cfg = tiny_config(profile={"bits": [4], "calibration_examples": 2, "seq_len": 16, "plasticity_draws": 1})
     profile(cfg, tmp_path, progress=False)
     stored = list((tmp_path / "layers").glob("*.pt"))
-    clear_memory()
     plan = Plan.uniform(load_meta_model(cfg.model), bits=4, rank=4)
-    with directory_in_use(tmp_path / "layers"):
-        result = run_fidelity(task(cfg, plan))
-    assert result.status == "ok" and len(stored) == len(plan.modules)
+    # a fresh worker process that loads every layer and quantizes none (HQQ sets its forward at class level
+    # when it builds a layer: an unpickled one must work without that)
+    from planner.executors import make_executor
+    from planner.store import Store
+
+    store = Store(tmp_path / "store.sqlite")
+    with make_executor("local", subprocess=True, store=store, layer_cache=tmp_path / "layers") as executor:
+        (result,) = executor.run([task(cfg, plan)])
+    assert result.status == "ok", result.error
+    assert len(stored) == len(plan.modules)
     assert result.layers_quantized == 0 and result.layers_loaded == len(plan.modules)
     assert result.setup_s is not None and result.eval_s is not None and result.train_s is not None
     assert result.setup_s + result.train_s + result.eval_s <= result.wall_s

@@ -104,15 +104,16 @@ def quantized_layer(
     if layer is not None:
         STATS["hits"] += 1
         return copy.deepcopy(layer)
-    on_disk = get_backend(mp.backend).picklable
-    layer = _load(key) if on_disk else None
+    backend = get_backend(mp.backend)
+    layer = _load(key) if backend.picklable else None
     if layer is not None:
+        backend.restored(layer)
         STATS["disk_hits"] += 1
     else:
         STATS["misses"] += 1
         with torch.no_grad():  # a copied bias must be a leaf, not a clone tracked back to the base weights
-            layer = get_backend(mp.backend).quantize(_shell(linear), mp, dtype)
-        if on_disk:
+            layer = backend.quantize(_shell(linear), mp, dtype)
+        if backend.picklable:
             _save(key, layer)
     if keep:
         _MEMORY[key] = layer

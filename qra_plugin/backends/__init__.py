@@ -53,6 +53,8 @@ class Backend:
     check: Callable[[ModulePlan], str | None] = lambda plan: None
     #: whether a quantized layer survives ``torch.save``/``torch.load`` intact (a planner may store it on disk)
     picklable: bool = False
+    #: ``restored(module)``: make a layer loaded by ``torch.load`` usable in a process that never built one
+    restored: Callable[[nn.Module], None] = lambda module: None
     #: one line for docs and errors
     summary: str = ""
 

@@ -58,6 +58,13 @@ def owns(module: nn.Module) -> bool:
     return type(module).__module__.startswith("hqq.")
 
 
+def restored(module: nn.Module) -> None:
+    """HQQLinear picks its ``forward`` at class level in ``__init__`` (``set_backend``): a process that only
+    unpickles layers never ran it, and calling one raises "missing the required forward function"."""
+    cls = type(module)
+    cls.set_backend(cls.backend)
+
+
 def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The ``meta`` dict (scale, zero, shapes) and the bias HQQLinear keeps as a plain attribute."""
     tensors = tensors_in(getattr(module, "meta", None))
@@ -79,5 +86,6 @@ BACKEND = Backend(
     default_group=DEFAULT_GROUP,
     default_axis=0,
     picklable=True,  # HQQLinear keeps W_q and a meta dict of plain tensors (tested round trip)
+    restored=restored,
     summary="HQQ 2/3/4/8-bit, groups g16/g32/g64/g64, axis 0; calibration-free",
 )
