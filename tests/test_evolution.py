@@ -174,3 +174,37 @@ def test_stage1_raises_when_nothing_fits() -> None:
     cost = _cost(space)
     with pytest.raises(QRAError, match="fits the budget"):
         run_stage1(space, _importance(space), cost, 10, QuantErrorObjective(), Stage1Settings(population=2), [])
+
+
+def test_screening_and_promotion_models_decide_what_is_evaluated(monkeypatch) -> None:
+    """Bypass the performance model (a model that ranks backwards) and stage 1 evaluates other configs, and
+    worse ones: the screening and promotion decisions come from the model, and its ranking helps."""
+    from planner.search import surrogate
+
+    space, _, _ = _tables()
+    cost, imp = _cost(space), _importance(space)
+    budget = cost(space.uniform(4, 16))
+    settings = Stage1Settings(
+        population=6, generations=2, offspring=4, promote=2, screen_factor=4, seed=11, features="prior"
+    )
+    warm = [space.uniform(4, 16), space.uniform(8, 8)]
+    honest = QuantErrorObjective()
+    run_stage1(space, imp, cost, budget, honest, settings, warm)
+    predict = surrogate.PerformanceModel.predict
+
+    def backwards(self, configs, low):
+        mean, std = predict(self, configs, low)
+        return -mean, std
+
+    monkeypatch.setattr(surrogate.PerformanceModel, "predict", backwards)
+    bypassed = QuantErrorObjective()
+    run_stage1(space, imp, cost, budget, bypassed, settings, warm)
+    first = settings.population  # the first population is evaluated before any model exists
+    assert honest.calls["low"][:first] == bypassed.calls["low"][:first]
+    assert honest.calls["low"][first:] != bypassed.calls["low"][first:]
+    assert honest.calls["high"] != bypassed.calls["high"]
+
+    def mean_true(calls: list[Config]) -> float:
+        return float(np.mean([honest.score(c, "high") for c in calls]))
+
+    assert mean_true(honest.calls["low"][first:]) < mean_true(bypassed.calls["low"][first:])
