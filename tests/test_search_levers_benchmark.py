@@ -1,0 +1,30 @@
+"""The search-levers benchmark on its tiny recipe: variants next to the plan-quality references, one finals store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_plan_quality_benchmark import _rows, run_tiny
+
+
+@pytest.mark.benchmark
+def test_tiny_levers_benchmark_compares_each_variant_with_greedy_priors_and_qra(tmp_path):
+    out, results = tmp_path / "work", tmp_path / "search_levers.json"
+    run_tiny("benchmarks/search_levers.py", out, results)
+    data = json.loads(results.read_text())
+    assert data["command"].startswith("python benchmarks/search_levers.py")
+    assert data["protocol"]["splits_disjoint"] is True and data["variants"]["levers"]["tr_trades"] is True
+    for budget in data["budgets"].values():
+        methods = budget["methods"]
+        assert set(methods) == {"greedy_priors", "qra", "qra_levers"}
+        for m in methods.values():
+            assert len(m["seeds"]) == 2 and m["final_eval_loss_mean"] is not None and m["within_budget"]
+        levers = methods["qra_levers"]
+        assert levers["evaluations"] > 0 and levers["search_cost_with_priors"] > levers["search_cost"] > 0
+        assert levers["evaluation_time"]["setup_share"] is not None
+        assert budget["differences"]["qra_levers-greedy_priors"]["eval_loss"] is not None
+    before = _rows(out)
+    run_tiny("benchmarks/search_levers.py", out, results)  # searches, references and finals all come from stores
+    assert _rows(out) == before
