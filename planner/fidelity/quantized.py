@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -79,13 +80,18 @@ def layer_key(linear: nn.Linear, mp: ModulePlan, dtype: torch.dtype) -> str:
             digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
             digest.update(data.view(torch.uint8).numpy().tobytes())
     package = _PACKAGES.get(mp.backend or "", mp.backend or "")
-    try:
-        version = metadata.version(package)
-    except metadata.PackageNotFoundError:
-        version = "?"
-    settings = [mp.bits, mp.backend, mp.group_size, mp.axis, str(dtype), package, version]
+    settings = [mp.bits, mp.backend, mp.group_size, mp.axis, str(dtype), package, _version(package)]
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
+
+
+@functools.cache
+def _version(package: str) -> str:
+    """The installed version of a backend's package, read once per process (keys are made per module)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def quantized_layer(
