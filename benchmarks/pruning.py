@@ -155,14 +155,24 @@ class PruningBenchmark(Benchmark):
             "params_kept_over": "planned linear weights",
             "methods": {m: methods[m] for m in ORDER if m in methods},
             "differences": {
-                f"{m}-{best_unpruned}": difference(methods[m], methods[best_unpruned])
-                for m in ("uniform_prune_lora", "rankadaptor", "qra_prune")
+                f"{a}-{b}": {
+                    "eval_loss": difference(methods[a], methods[b]),
+                    "accuracy": difference(methods[a], methods[b], "final_accuracy"),
+                }
+                for a, b in _pairs(best_unpruned)
             },
             "wall_s_this_run": round(wall_s, 1),
             "priors_wall_s": self.progress.get("priors_wall_s"),
         }
         write_json_atomic(self.results_path, results)
         write_text_atomic(self.results_path.with_suffix(".md"), markdown(results))
+
+
+def _pairs(best_unpruned: str) -> list[tuple[str, str]]:
+    """Each pruned method against the best unpruned one, and each search against the plan it starts from."""
+    pruned = [(m, best_unpruned) for m in ("uniform_prune_lora", "rankadaptor", "qra_prune")]
+    starts = [("rankadaptor", "uniform_prune_lora"), ("qra_prune", "uniform_unpruned"), ("qra", "uniform_unpruned")]
+    return pruned + starts
 
 
 def _mlp_pruned(plan: Any, block: int, intermediate: int) -> float:
@@ -189,10 +199,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {shown} | {acc} | {m['params_kept_fraction']:.3f} | "
             f"{m['memory_predicted'] / 2**20:.2f} | {m.get('evaluations') or 0} |"
         )
-    lines += ["", "Differences against the best unpruned method (> 2 s.e. = resolved):", ""]
-    for name, d in results["differences"].items():
-        if d:
-            lines.append(f"- {name}: {d['diff']:+.4f} ± {d['se']:.4f} nats (resolved: {d['resolved']})")
+    lines += ["", "Differences, mean ± s.e. over seeds (loss: negative = first better; resolved: beyond 2 s.e.):", ""]
+    for name, both in results["differences"].items():
+        loss, acc = both["eval_loss"], both["accuracy"]
+        if loss:
+            shown = f"- {name}: loss {loss['diff']:+.4f} ± {loss['se']:.4f} (resolved: {loss['resolved']})"
+            if acc:
+                shown += f"; accuracy {acc['diff']:+.3f} ± {acc['se']:.3f} (resolved: {acc['resolved']})"
+            lines.append(shown)
     return "\n".join(lines) + "\n"
 
 
