@@ -218,6 +218,11 @@ def _next_steps_html(summary: dict[str, Any]) -> str:
             f"<p><b>The prior allocation is already the best found</b>: the plan is the "
             f"{html.escape(summary['best_is_free_allocation'])} allocation, which costs no evaluation.</p>"
         )
+        if summary.get("within_noise_of_free"):
+            said += (
+                f"<p>The best evaluated plan beat it by only {summary['within_noise_of_free']['gain']:.4f} nats, "
+                "inside <code>search.min_gain</code> (the seed noise): set aside.</p>"
+            )
     elif summary.get("gain_over_best_free") is not None:
         said += (
             f"<p>Against the best allocation that costs no evaluation "

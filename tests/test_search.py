@@ -305,3 +305,28 @@ def test_the_search_says_whether_it_beat_the_allocations_that_cost_no_evaluation
     assert free_hit is None or trace["gain_over_best_free"] == 0
     report = (out / REPORT_FILE).read_text()
     assert ("already the best found" in report) == (free_hit is not None)
+
+
+def test_a_best_plan_inside_min_gain_of_a_free_allocation_gives_way_to_it(reference, tmp_path) -> None:
+    """``search.min_gain`` is the seed noise: a searched plan that beats the best zero-evaluation allocation by
+    less is noise, so the free allocation is the plan (same stored evaluations, nothing recomputed)."""
+    import shutil
+
+    _, _, ref_out, ref_result = reference
+    ref_trace = json.loads((ref_out / TRACE_FILE).read_text())
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", search={"min_gain": 10.0}))
+    result = run_search(cfg, out, seed=0, executor_kind="local", progress=False)
+    trace = json.loads((out / TRACE_FILE).read_text())
+    assert trace["computed_this_run"] == 0
+    best_free = ref_trace["best_free_allocation"]
+    assert trace["best_is_free_allocation"] == best_free and trace["gain_over_best_free"] == 0
+    assert result.best_score == ref_trace["free_allocation_scores"][best_free]
+    set_aside = trace["within_noise_of_free"]
+    if ref_trace["best_is_free_allocation"] is None:  # the reference search had found something else
+        assert set_aside["score"] == ref_result.best_score and set_aside["gain"] == ref_trace["gain_over_best_free"]
+    else:
+        assert set_aside is None
+    assert "already the best found" in (out / REPORT_FILE).read_text()
+    assert ref_trace["within_noise_of_free"] is None  # min_gain 0 (the default) never replaces a plan

@@ -243,6 +243,7 @@ def _write_outputs(
     best = best_for_budget(points, s.budget_bytes)
     if best is None:
         raise QRAError("no evaluated plan fits the budget (every high-fidelity evaluation failed?)")
+    best, set_aside = _prefer_free(run, points, best)
     pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind)
     search_meta = {
         "config": cfg.name,
@@ -259,6 +260,7 @@ def _write_outputs(
     if run.plan_target is not None:  # where the Axolotl YAML's qra_plan reads it
         plan.save(run.plan_target)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
+    summary["within_noise_of_free"] = set_aside
     summary.update(_next_facts(run, best.config, summary))
     write_json_atomic(out / TRACE_FILE, summary)
     write_report(out, s.space, priors, summary, points, pareto, best)
@@ -271,6 +273,7 @@ def _write_outputs(
             f"[yellow]the prior allocation is already the best found[/yellow]: the plan is the "
             f"{summary['best_is_free_allocation']} allocation, which needs no evaluation; no evaluated "
             "candidate beat it at the high fidelity"
+            + (" by more than search.min_gain" if summary["within_noise_of_free"] else "")
         )
     elif summary["gain_over_best_free"] is not None:
         run.say(
@@ -335,13 +338,34 @@ def _summary(
     }
 
 
-def _against_free(run: _Run, best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
-    """Did the evaluations earn their cost? The best plan against the allocations that cost no evaluation
-    (the budget's uniform plan, greedy priors, ILP), at the high fidelity, one seed each."""
+def _free_allocations(run: _Run) -> dict[str, Config]:
+    """The allocations that cost no evaluation: the priors' (greedy, ILP) and the budget's uniform plan."""
     free = dict(run.free)
     baseline = run.setup.budget_plan()
     if baseline is not None:
         free["uniform"] = baseline
+    return free
+
+
+def _prefer_free(run: _Run, points: list[Point], best: Point) -> tuple[Point, dict[str, Any] | None]:
+    """With ``search.min_gain`` set (the seed noise of a high-fidelity score), a best plan that beats the best
+    zero-evaluation allocation by no more than that is noise: return the free allocation, which anyone can
+    rebuild from the priors, and say which evaluated plan was set aside."""
+    margin = run.cfg.search.min_gain
+    free = {c: name for name, c in _free_allocations(run).items()}
+    scored = [p for p in points if p.config in free and p.memory <= run.setup.budget_bytes]
+    if margin <= 0 or not scored or best.config in free:
+        return best, None
+    top = min(scored, key=lambda p: p.score)
+    if top.score - best.score > margin:
+        return best, None
+    return top, {"config": config_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
+
+
+def _against_free(run: _Run, best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
+    """Did the evaluations earn their cost? The best plan against the allocations that cost no evaluation
+    (the budget's uniform plan, greedy priors, ILP), at the high fidelity, one seed each."""
+    free = _free_allocations(run)
     scored = {name: history.get(c) for name, c in free.items() if history.get(c) is not None}
     origin = next((name for name, c in free.items() if c == best.config), None)
     best_free = min(scored.items(), key=lambda kv: kv[1]) if scored else None
