@@ -81,11 +81,17 @@ def _correlations(scores: dict[int, dict[str, float]], plans: dict[str, Any]) ->
         final_loss = [plans[k][1]["final_eval_loss_mean"] for k in keys]
         accs = [(k, plans[k][1].get("final_accuracy_mean")) for k in keys]
         accs = [(k, a) for k, a in accs if a is not None]
+        # the search's hard case: plans whose finals are close (the better half by final test loss)
+        best_half = sorted(keys, key=lambda k: plans[k][1]["final_eval_loss_mean"])[: max(3, len(keys) // 2)]
         rows.append(
             {
                 "steps": n,
                 "plans": len(keys),
                 "spearman_final_loss": spearman([by_plan[k] for k in keys], final_loss),
+                "best_half": len(best_half),
+                "spearman_final_loss_best_half": spearman(
+                    [by_plan[k] for k in best_half], [plans[k][1]["final_eval_loss_mean"] for k in best_half]
+                ),
                 # lower loss should mean higher accuracy: the sign is flipped so that 1 = ranks them right
                 "spearman_final_accuracy": None
                 if len(accs) < 3

@@ -25,4 +25,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", message=r".*register_constant\(\) on Enum subclasses.*")
+    # kernels >= 0.16 warns once bitsandbytes' CPU backend asks for a hub kernel while HF_HUB_OFFLINE is set
+    warnings.filterwarnings("ignore", message=r"Skipping publisher trust check", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate)\..*")

@@ -99,3 +99,4 @@ def test_tiny_recipe_writes_the_schema_and_resumes_without_recomputing(tmp_path)
     rows = json.loads(ladder.read_text())["ladder"]
     assert [r["steps"] for r in rows] == [0, 2] and all(r["plans"] >= 5 for r in rows)
     assert all(r["spearman_final_loss"] is None or -1 <= r["spearman_final_loss"] <= 1 for r in rows)
+    assert all(r["best_half"] >= 3 and "spearman_final_loss_best_half" in r for r in rows)
