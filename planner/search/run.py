@@ -352,12 +352,9 @@ def _prefer_free(run: _Run, points: list[Point], best: Point) -> tuple[Point, di
     zero-evaluation allocation by no more than that is noise: return the free allocation, which anyone can
     rebuild from the priors, and say which evaluated plan was set aside."""
     margin = run.cfg.search.min_gain
-    free = {c: name for name, c in _free_allocations(run).items()}
-    scored = [p for p in points if p.config in free and p.memory <= run.setup.budget_bytes]
-    if margin <= 0 or not scored or best.config in free:
-        return best, None
-    top = min(scored, key=lambda p: p.score)
-    if top.score - best.score > margin:
+    free = set(_free_allocations(run).values())
+    top = best_for_budget([p for p in points if p.config in free], run.setup.budget_bytes)
+    if margin <= 0 or top is None or best.config in free or top.score - best.score > margin:
         return best, None
     return top, {"config": config_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
 
