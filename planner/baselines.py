@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 Evaluate = Callable[[list[Config], str], list[float | None]]
 METHODS = ("uniform", "random", "tpe", "ilp", "greedy_priors")
+#: random search gives up looking for new distinct configs after this many draws per evaluation asked for
+RANDOM_DRAWS_PER_EVALUATION = 50
 
 
 @dataclass
@@ -44,14 +46,21 @@ class BaselineResult:
 def random_search(
     space: SearchSpace, cost: BudgetCost, budget: int, evaluate: Evaluate, evaluations: int, seed: int
 ) -> BaselineResult:
-    """Uniformly random configs, repaired to the budget, each scored at the high fidelity."""
+    """Uniformly random configs, repaired to the budget, each scored at the high fidelity.
+
+    A space (or a budget) may hold fewer distinct feasible configs than ``evaluations``: drawing stops after
+    ``RANDOM_DRAWS_PER_EVALUATION`` draws per wanted config, and the distinct ones found are all evaluated."""
     rng = np.random.default_rng(seed)
     flat = flat_importance(space)
     configs: list[Config] = []
-    while len(configs) < evaluations:
+    for _ in range(RANDOM_DRAWS_PER_EVALUATION * evaluations):
+        if len(configs) == evaluations:
+            break
         repaired = repair(space, space.sample(rng), cost, budget, flat)
         if repaired is not None and repaired not in configs:
             configs.append(repaired)
+    if not configs:
+        raise QRAError("baseline 'random': no sampled config fits the budget")
     scores = evaluate(configs, "high")
     return _best("random", list(zip(configs, scores, strict=True)))
 
@@ -109,7 +118,7 @@ def choose(
     *,
     importance: Importance | None = None,
     evaluations: int = 8,
-    rank: int = 16,
+    rank: int | None = None,
     bits: int | None = None,
     seed: int = 0,
     score_choice: bool = True,
@@ -120,6 +129,11 @@ def choose(
         return random_search(space, cost, budget, evaluate, evaluations, seed)
     if method == "tpe":
         return tpe(space, cost, budget, evaluate, evaluations, seed)
+    rank = default_rank(space) if rank is None else rank
+    if method in ("uniform", "ilp") and rank not in space.ranks:
+        raise QRAError(f"rank {rank} is not in the search space's ranks {list(space.ranks)}: pass --rank")
+    if method == "uniform" and bits is not None and bits not in space.bits:
+        raise QRAError(f"bits {bits} is not in the search space's bits {list(space.bits)}: pass --bits")
     if method == "uniform":
         config = space.uniform(bits, rank) if bits is not None else uniform_under_budget(space, cost, budget, rank)
     elif method in ("ilp", "greedy_priors"):
@@ -138,6 +152,14 @@ def choose(
     return BaselineResult(method, config, score, 1, [(config, score)])
 
 
+def default_rank(space: SearchSpace) -> int:
+    """The uniform rank of ``uniform`` / ``ilp`` when none is given: 16 (the QLoRA default) if the space has
+    it, else the space's largest rank below it, else its smallest adapter (rank 0 only if nothing else)."""
+    positive = [r for r in space.ranks if r > 0]
+    below = [r for r in positive if r <= 16]
+    return max(below) if below else min(positive, default=0)
+
+
 def _best(method: str, history: Sequence[tuple[Config, float | None]]) -> BaselineResult:
     scored = [(s, i) for i, (_, s) in enumerate(history) if s is not None]
     if not scored:
@@ -154,7 +176,7 @@ def run_baseline(
     method: str,
     *,
     evaluations: int = 8,
-    rank: int = 16,
+    rank: int | None = None,
     bits: int | None = None,
     seed: int | None = None,
     executor_kind: str | None = None,

@@ -59,6 +59,9 @@ class ModelInfo:
     #: per block, the uniformly pruned ModelInfo that block's shapes and activations come from (a pruning
     #: that differs between blocks); None: one model, traced as a whole
     block_sources: tuple[ModelInfo, ...] | None = field(default=None, repr=False, compare=False)
+    #: what was derived from this object (pruned infos, activation traces): it lives and dies with the object,
+    #: so no cache can hand one object's results to another (an ``id()`` key can, once the first is freed)
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def other_param_numel(self) -> int:
@@ -180,8 +183,6 @@ def load_model_info(source: Any, dtype: torch.dtype | str | None = None) -> Mode
     raise QRAError(f"cannot read model structure from {type(source).__name__}")
 
 
-_PRUNED: dict[tuple[Any, ...], ModelInfo] = {}
-
 #: what one block keeps, as counts: (MLP channels kept or None, key/value groups kept or None)
 Kept = tuple[int | None, int | None]
 
@@ -209,19 +210,18 @@ def pruned_info(info: ModelInfo, plan: Any) -> ModelInfo:
     if not plan.pruning or info.pruning is not None:
         return info
     counts = kept_counts(plan.pruning, info.n_blocks)
-    key = (id(info), counts)
-    if key not in _PRUNED:
+    key = ("pruned", counts)
+    if key not in info.memo:
         sources = tuple(info if c == (None, None) else _uniformly_pruned(info, c) for c in counts)
         linears = [s for block, src in enumerate(sources) for s in src.linears if s.block == block]
-        composed = replace(info, linears=linears, pruning=dict(plan.pruning), block_sources=sources)
-        _PRUNED[key] = composed
-    return _PRUNED[key]
+        info.memo[key] = replace(info, linears=linears, pruning=dict(plan.pruning), block_sources=sources)
+    return info.memo[key]
 
 
 def _uniformly_pruned(info: ModelInfo, kept: Kept) -> ModelInfo:
     """``info`` of the model with every block pruned to the same counts (its first indices: shapes only)."""
-    key = (id(info), "uniform", kept)
-    if key not in _PRUNED:
+    key = ("uniform", kept)
+    if key not in info.memo:
         from planner.memory.activations import meta_model_for_trace
         from qra_plugin.plan import BlockPruning
         from qra_plugin.prune import prune_blocks
@@ -236,5 +236,5 @@ def _uniformly_pruned(info: ModelInfo, kept: Kept) -> ModelInfo:
         meta.qra_source_fingerprint = info.fingerprint  # still the model the plan was made for
         pruned = info_from_model(meta)
         pruned.config, pruned.pruning = info.config, pruning
-        _PRUNED[key] = pruned
-    return _PRUNED[key]
+        info.memo[key] = pruned
+    return info.memo[key]

@@ -146,29 +146,68 @@ def test_qra_baseline_cli_runs_real_fidelities_on_the_tiny_search(tmp_path):
     assert bad.returncode == 2 and "unknown baseline" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_tpe_leaves_its_random_start_up_and_models_the_rest(setting) -> None:
-    """With 12 evaluations TPE must not stay random: after tpe_startup(12) = 4 random trials its proposals
-    follow the density model, so they differ from hyperopt's random search with the same seed."""
-    from functools import partial
-
-    from hyperopt import Trials, fmin, hp, rand
-    from hyperopt import tpe as tpe_algo
-
-    from planner.baselines import tpe_startup
+def test_tpe_leaves_its_random_start_up_and_models_the_rest(setting, monkeypatch) -> None:
+    """``planner.baselines.tpe`` with 12 evaluations must not stay random: after tpe_startup(12) = 4 random
+    trials its proposals follow TPE's density model, so they differ from the same call kept random throughout
+    (what hyperopt's default start-up of 20 trials would do) and score better."""
+    import planner.baselines as baselines
 
     space, cost, budget_bytes, evaluate, _, _ = setting
-    assert tpe_startup(12) == 4 and tpe_startup(3) == 2
-    domain = {f"u{u}": hp.choice(f"u{u}", list(range(len(space.bits)))) for u in range(space.n_units)}
+    assert baselines.tpe_startup(12) == 4 and baselines.tpe_startup(3) == 2
+    guided = baselines.tpe(space, cost, budget_bytes, evaluate, 12, seed=0)
+    monkeypatch.setattr(baselines, "tpe_startup", lambda evaluations: 20)  # hyperopt's default start-up
+    random_only = baselines.tpe(space, cost, budget_bytes, evaluate, 12, seed=0)
+    g = [c for c, _ in guided.history]
+    r = [c for c, _ in random_only.history]
+    assert g[:3] == r[:3]  # the same seeded start-up draws
+    assert g[4:] != r[4:]
+    late = lambda history: np.mean([score for _, score in history[6:]])  # noqa: E731
+    assert late(guided.history) < late(random_only.history)  # it learns
 
-    def proposals(algo) -> list[tuple]:
-        trials = Trials()
-        fmin(lambda p: float(sum(p.values())), domain, algo=algo, max_evals=12, trials=trials,
-             rstate=np.random.default_rng(0), show_progressbar=False)  # fmt: skip
-        return [tuple(t["misc"]["vals"][f"u{u}"][0] for u in range(space.n_units)) for t in trials.trials]
 
-    guided = proposals(partial(tpe_algo.suggest, n_startup_jobs=tpe_startup(12)))
-    default = proposals(tpe_algo.suggest)  # hyperopt's default start-up of 20: random for all 12 trials
-    random_only = proposals(rand.suggest)
-    assert guided[:4] == random_only[:4] and default == random_only
-    assert guided[4:] != random_only[4:]
-    assert np.mean([sum(p) for p in guided[6:]]) < np.mean([sum(p) for p in random_only[6:]])  # it learns
+# ---------------------------------------------------------------------------------------------- defects
+def test_random_search_ends_on_a_space_with_fewer_configs_than_asked(setting) -> None:
+    """A space with one choice per unit has one config: random search returns it after a bounded number of
+    draws instead of drawing for ever (``qra baseline random`` on ``bits: [4]``, ``ranks: [16]`` hung)."""
+    from planner.baselines import random_search
+
+    _, _, _, evaluate, _, _ = setting
+    cfg = QRAConfig.model_validate(
+        {"model": {"tiny": {"layers": 4}}, "budget": "uniform:4bit:r16", "space": {"bits": [4], "ranks": [16]}}
+    )
+    info = load_model_info(cfg.model)
+    space = SearchSpace.from_config(cfg, info)
+    budget = Budget.parse(cfg.budget).resolve(info, cfg.train)
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, "peak"))
+    result = random_search(space, cost, budget, evaluate, evaluations=8, seed=0)
+    assert result.evaluations == 1 and result.config == space.uniform(4, 16)
+    with pytest.raises(QRAError, match="no sampled config fits the budget"):
+        random_search(space, cost, budget - 1, evaluate, evaluations=8, seed=0)
+
+
+def test_a_uniform_rank_outside_the_space_is_a_one_line_error(setting) -> None:
+    from planner.baselines import default_rank
+
+    space, cost, budget_bytes, evaluate, importance, _ = setting
+    assert 16 not in space.ranks or default_rank(space) == 16
+    for method in ("ilp", "uniform"):
+        with pytest.raises(QRAError, match=r"rank 5 is not in the search space's ranks"):
+            choose(method, space, cost, budget_bytes, evaluate, importance=importance, rank=5, score_choice=False)
+    with pytest.raises(QRAError, match=r"bits 5 is not in the search space's bits"):
+        choose("uniform", space, cost, budget_bytes, evaluate, bits=5, rank=space.ranks[0], score_choice=False)
+    roomy = cost(space.richest())  # every rank fits: the default rank is what gets chosen
+    for method in ("ilp", "uniform"):
+        chosen = choose(method, space, cost, roomy, evaluate, importance=importance, score_choice=False)
+        assert {r for _, r in chosen.config} == {default_rank(space)}
+
+
+def test_default_rank_is_16_if_the_space_has_it_else_the_largest_below() -> None:
+    from types import SimpleNamespace
+
+    from planner.baselines import default_rank
+
+    assert default_rank(SimpleNamespace(ranks=(4, 8, 16, 32))) == 16
+    assert default_rank(SimpleNamespace(ranks=(4, 8, 32))) == 8
+    assert default_rank(SimpleNamespace(ranks=(0, 32, 64))) == 32
+    assert default_rank(SimpleNamespace(ranks=(0,))) == 0
+    assert default_rank(SimpleNamespace(ranks=(32, 64))) == 32

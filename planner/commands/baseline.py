@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Argument(..., help="the same YAML config qra search takes (qra or Axolotl)"),
         out: Path = typer.Option(..., "--out", help="output directory (store.sqlite is shared and resumable)"),
         evaluations: int = typer.Option(8, help="high-fidelity evaluations for random / tpe"),
-        rank: int = typer.Option(16, help="uniform rank for uniform / ilp"),
+        rank: int | None = typer.Option(None, help="uniform rank for uniform / ilp (default: 16 if the space has it)"),
         bits: int | None = typer.Option(None, help="uniform bits (default: the most that fits the budget)"),
         seed: int | None = typer.Option(None, help="defaults to the config's seed"),
         executor: str | None = typer.Option(None, help="local | ray (default: the config's)"),

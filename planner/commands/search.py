@@ -12,7 +12,9 @@ def register(app: typer.Typer) -> None:
     def search_command(
         config: Path = typer.Argument(..., help="qra YAML config, or an Axolotl YAML with a qra: section"),
         out: Path | None = typer.Option(None, "--out", help="output directory (default runs/<name>)"),
-        seed: int | None = typer.Option(None, "--seed", help="search seed (default: the config's seed)"),
+        seed: int | None = typer.Option(
+            None, "--seed", help="search seed (default: the config's seed); the priors keep the config's seed"
+        ),
         executor: str | None = typer.Option(None, "--executor", help="local or ray (default: search.executor)"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress"),
     ) -> None:

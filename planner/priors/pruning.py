@@ -74,24 +74,21 @@ def pruning_for_ratio(importance: ChannelImportance, ratio: float) -> dict[int, 
     return pruning_for_ratios(importance, [ratio] * len(importance.mlp))
 
 
-_BLOCK_KEEP: dict[tuple[int, int, float], BlockPruning | None] = {}
-
-
 def pruning_for_ratios(importance: ChannelImportance, ratios: list[float]) -> dict[int, BlockPruning]:
     """Block b loses ``ratios[b]`` of its MLP channels and key/value groups, the least important first (a
-    searched per-block pruning; memoised per block and ratio, as a search asks for the same ones often)."""
+    searched per-block pruning; memoised by the block's scores and ratio — values, never an object's ``id``,
+    which a freed object hands on — as a search asks for the same ones often)."""
     if len(ratios) != len(importance.mlp):
         raise QRAError(f"{len(ratios)} pruning ratios for a model of {len(importance.mlp)} blocks")
     out = {}
     for index, ratio in enumerate(ratios):
-        key = (id(importance), index, float(ratio))
-        if key not in _BLOCK_KEEP:
-            _BLOCK_KEEP[key] = _block_keep(importance.mlp[index], importance.kv[index], ratio)
-        if _BLOCK_KEEP[key] is not None:
-            out[index] = _BLOCK_KEEP[key]
+        keep = _block_keep(importance.mlp[index], importance.kv[index], float(ratio))
+        if keep is not None:
+            out[index] = keep
     return out
 
 
+@lru_cache(maxsize=4096)
 def _block_keep(mlp: tuple[float, ...], kv: tuple[float, ...], ratio: float) -> BlockPruning | None:
     if ratio <= 0:
         return None

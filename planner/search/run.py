@@ -115,6 +115,11 @@ def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
         f"[bold]qra search[/bold] {run.cfg.name}: {s.space.n_units} {s.space.unit} units, budget {run.cfg.budget} = "
         f"{s.budget_bytes / 2**20:.2f} MiB ({s.budget.kind}), seed {run.seed}"
     )
+    if run.seed != run.cfg.seed:
+        run.say(
+            f"--seed {run.seed} seeds the search only; the priors (calibration rows, plasticity draws) use the "
+            f"config's seed {run.cfg.seed}, so every search seed shares one profile"
+        )
     priors = profile(run.cfg, run.out, progress=progress)
     return priors, Importance.from_priors(priors, s.space)
 
@@ -248,6 +253,7 @@ def _write_outputs(
     search_meta = {
         "config": cfg.name,
         "seed": run.seed,
+        "priors_seed": cfg.seed,
         "score": best.score,
         "objective": "high-fidelity held-out eval loss",
         "memory_bytes": best.memory,
@@ -311,6 +317,7 @@ def _summary(
     return {
         "name": cfg.name,
         "seed": run.seed,
+        "priors_seed": cfg.seed,
         "budget": cfg.budget,
         "budget_bytes": s.budget_bytes,
         "best": config_key(best.config),

@@ -55,6 +55,9 @@ class Backend:
     picklable: bool = False
     #: ``restored(module)``: make a layer loaded by ``torch.load`` usable in a process that never built one
     restored: Callable[[nn.Module], None] = lambda module: None
+    #: every setting ``quantize`` passes the library besides the module plan's (a planner's layer cache keys
+    #: stored layers by it: change a setting here and stored layers are quantized again)
+    settings: dict[str, Any] = field(default_factory=dict)
     #: one line for docs and errors
     summary: str = ""
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 #: nf4 quantizes in fixed blocks of 64; int8 is per row.
 NF4_BLOCK = 64
+#: what qra passes bitsandbytes besides the module plan (a planner's layer cache keys stored layers by it):
+#: nf4 with double-quantized absmax, LLM.int8 with its usual outlier threshold
+SETTINGS = {"quant_type": "nf4", "compress_statistics": True, "int8_threshold": 6.0}
 
 
 def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) -> nn.Module:
@@ -37,16 +40,16 @@ def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) ->
             linear.out_features,
             bias=bias,
             compute_dtype=compute_dtype,
-            compress_statistics=True,
-            quant_type="nf4",
+            compress_statistics=SETTINGS["compress_statistics"],
+            quant_type=SETTINGS["quant_type"],
             quant_storage=storage,
             device="meta",
         )
         layer.weight = bnb.nn.Params4bit(
             weight.cpu(),
             requires_grad=False,
-            quant_type="nf4",
-            compress_statistics=True,
+            quant_type=SETTINGS["quant_type"],
+            compress_statistics=SETTINGS["compress_statistics"],
             quant_storage=storage,
         )
     else:
@@ -55,7 +58,7 @@ def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) ->
             linear.out_features,
             bias=bias,
             has_fp16_weights=False,
-            threshold=6.0,
+            threshold=SETTINGS["int8_threshold"],
             device="meta",
         )
         layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
@@ -117,6 +120,7 @@ BACKEND = Backend(
     default_group={4: NF4_BLOCK},
     check=check,
     model_flags={4: "is_loaded_in_4bit", 8: "is_loaded_in_8bit"},
+    settings=SETTINGS,
     picklable=False,  # a reloaded Params4bit comes back as a plain Parameter (no quant_state attributes)
     summary="bitsandbytes nf4 (blocks of 64, double quant) and LLM.int8",
 )

@@ -23,12 +23,15 @@ if TYPE_CHECKING:
 #: Group sizes per bit-width. Below 4 bits small groups matter as much as the bit-width
 #: (SmolLM2-135M, axis 0: 3-bit g64 ppl 63.5 vs g32 29.8; 2-bit g32 14,199 vs g16 1,243).
 DEFAULT_GROUP = {2: 16, 3: 32, 4: 64, 8: 64}
+#: what qra passes ``BaseQuantizeConfig`` besides bits, group and axis (hqq's defaults, stated so a change
+#: here re-keys a planner's stored layers): scale/zero unquantized, kept on the layer, packed as integers
+SETTINGS = {"quant_zero": False, "quant_scale": False, "offload_meta": False, "view_as_float": False}
 
 
 def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) -> nn.Module:
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    config = BaseQuantizeConfig(nbits=plan.bits, group_size=plan.group_size, axis=plan.axis)
+    config = BaseQuantizeConfig(nbits=plan.bits, group_size=plan.group_size, axis=plan.axis, **SETTINGS)
     device = linear.weight.device
     layer = HQQLinear(linear, config, del_orig=True, compute_dtype=compute_dtype, device=str(device))
     layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -85,6 +88,7 @@ BACKEND = Backend(
     axolotl_kernels=False,
     default_group=DEFAULT_GROUP,
     default_axis=0,
+    settings=SETTINGS,
     picklable=True,  # HQQLinear keeps W_q and a meta dict of plain tensors (tested round trip)
     restored=restored,
     summary="HQQ 2/3/4/8-bit, groups g16/g32/g64/g64, axis 0; calibration-free",
