@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.test_plan_quality_benchmark import _rows, run_tiny
 
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 FIELDS = {"final_eval_loss_mean", "final_eval_loss_sd", "seeds", "memory_predicted", "params_kept_fraction"}
 
 
@@ -47,3 +49,20 @@ def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory
     assert {m: v["final_eval_loss_mean"] for m, v in again.items()} == {
         m: v["final_eval_loss_mean"] for m, v in methods.items()
     }
+
+
+def test_committed_result_is_the_paired_reread_of_its_finals(tmp_path):
+    """Paired by seed, RankAdaptor − uniform ranks stays unresolved (t −4.22, p 0.052) and no accuracy difference
+    resolves (qra_prune − uniform_unpruned was "resolved" at 2 s.e.); --reread rebuilds the committed file."""
+    sys.path.insert(0, str(RESULTS.parent))
+    from pruning import reread
+
+    committed = json.loads((RESULTS / "pruning.json").read_text())
+    rank = committed["differences"]["rankadaptor-uniform_prune_lora"]["eval_loss"]
+    assert not rank["resolved"] and rank["p"] == pytest.approx(0.052, abs=1e-3)
+    assert not any(d["accuracy"]["resolved"] for d in committed["differences"].values())
+    stale = {k: v for k, v in committed.items() if k not in ("differences", "statistics")}
+    copy = tmp_path / "pruning.json"
+    copy.write_text(json.dumps(stale))
+    assert reread(copy) == committed
+    assert copy.with_suffix(".md").read_text() == (RESULTS / "pruning.md").read_text()
