@@ -40,7 +40,8 @@ def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory
     assert set(methods["qra_prune"]["mlp_pruned_by_block"]) <= {0.0, 0.125, 0.25, 0.375, 0.5}
     assert "| qra_prune |" in results.with_suffix(".md").read_text()
     paired = data["differences"]["rankadaptor-uniform_prune_lora"]  # a search against the plan it starts from
-    assert set(paired) == {"eval_loss", "accuracy"} and paired["eval_loss"]["se"] > 0
+    assert set(paired) == {"eval_loss", "accuracy"} and paired["eval_loss"]["test"] == "paired t"
+    assert paired["eval_loss"]["seeds"] == [0, 1] and paired["eval_loss"]["se"] is not None  # the same plan: se 0
 
     before = _rows(out)
     _run(out, results)  # every search and final is found in the stores
