@@ -1,15 +1,29 @@
 """Turn the plan-quality benchmark's measurements into its JSON summary, a markdown table and a plot.
 
-Pure functions over plain dicts, so the arithmetic (gap closure, seed noise, step-time ratios) is unit
-tested without running anything (tests/test_plan_quality_report.py).
+Pure functions over plain dicts, so the arithmetic (gap closure, paired seed statistics, step-time ratios) is unit
+tested without running anything (tests/test_plan_quality_report.py). Every comparison is paired by seed
+(``planner.stats``): the same seed gives two methods the same data order and LoRA init.
+
+Re-read a committed result with the current statistics, without running anything (the per-seed finals are in it):
+
+  python benchmarks/plan_quality_report.py --reread benchmarks/results/plan_quality.json
 """
 
 from __future__ import annotations
 
-import math
+import argparse
+import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from planner.stats import T_CRIT_DF2, Comparison, paired  # noqa: E402
+from planner.stats import markdown as comparison_text  # noqa: E402
 
 ORDER = ("unquantized_r16", "uniform4_r16", "uniform3_r16", "qra", "random", "tpe", "ilp", "greedy_priors")
 CEILING = "unquantized_r16"  # LoRA r16 on the unquantized model, in the benchmark's compute dtype
@@ -30,11 +44,12 @@ def gap_closure(loss: float | None, uniform: float | None, ceiling: float | None
 
 
 def summarize_method(finals: list[dict[str, Any]], memory_key: str = "memory_measured") -> dict[str, Any]:
-    """Mean/sd of the final eval loss and task accuracy over seeds, measured memory (max over seeds, the
-    ``memory_key`` field of each result) and step time."""
+    """Mean/sd of the final eval loss and task accuracy over seeds, the per-seed values (what the paired
+    comparisons read), measured memory (max over seeds, the ``memory_key`` field of each result) and step time."""
     ok = [f for f in finals if f.get("status") == "ok" and f.get("eval_loss") is not None]
     mean, sd = mean_sd([float(f["eval_loss"]) for f in ok])
-    accs = [float(f["accuracy"]) for f in ok if f.get("accuracy") is not None]
+    with_acc = [f for f in ok if f.get("accuracy") is not None]
+    accs = [float(f["accuracy"]) for f in with_acc]
     acc_mean, acc_sd = mean_sd(accs)
     step_times = [f["train_s"] / f["steps"] for f in ok if f.get("train_s") and f.get("steps")]
     measured = [int(f[memory_key]) for f in ok if f.get(memory_key)]
@@ -45,6 +60,7 @@ def summarize_method(finals: list[dict[str, Any]], memory_key: str = "memory_mea
         "final_accuracy_mean": _r(acc_mean),
         "final_accuracy_sd": _r(acc_sd),
         "final_accuracies": [_r(a) for a in accs],
+        "final_accuracy_seeds": [int(f["seed"]) for f in with_acc],
         "seeds": [int(f["seed"]) for f in ok],
         "failed_seeds": [int(f["seed"]) for f in finals if f not in ok],
         "memory_measured": max(measured) if measured else None,
@@ -53,22 +69,66 @@ def summarize_method(finals: list[dict[str, Any]], memory_key: str = "memory_mea
     }
 
 
-def difference(a: dict[str, Any], b: dict[str, Any], metric: str = "final_eval_loss") -> dict[str, Any] | None:
-    """a − b in ``metric`` with the standard error of the difference (independent seeds); ``resolved`` when
-    |a − b| > 2 s.e."""
-    ma, mb = a.get(f"{metric}_mean"), b.get(f"{metric}_mean")
-    if ma is None or mb is None:
+def per_seed(method: dict[str, Any], metric: str = "final_eval_loss") -> dict[int, float]:
+    """seed -> final value of a ``summarize_method`` summary; ``metric`` is final_eval_loss or final_accuracy.
+
+    Results written before ``final_accuracy_seeds`` existed align accuracies with ``seeds`` when the counts agree.
+    """
+    if metric == "final_eval_loss":
+        values, seeds = method.get("final_eval_losses") or [], method.get("seeds") or []
+    else:
+        values = method.get("final_accuracies") or []
+        seeds = method.get("final_accuracy_seeds", method.get("seeds")) or []
+    if len(values) != len(seeds):
+        return {}
+    return {int(s): float(v) for s, v in zip(seeds, values, strict=True) if v is not None}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], metric: str = "final_eval_loss") -> Comparison:
+    """a − b in ``metric``, paired by seed (the seeds both have)."""
+    return paired(per_seed(a, metric), per_seed(b, metric))
+
+
+def short(c: Comparison) -> dict[str, Any] | None:
+    """The round-2 shape ``{diff, se, resolved}`` (``qra_minus`` keeps it), now from the paired test."""
+    if c.mean is None:
         return None
-    se = math.sqrt(_standard_error(a, metric) ** 2 + _standard_error(b, metric) ** 2)
-    diff = ma - mb
-    return {"diff": _r(diff), "se": _r(se), "resolved": bool(abs(diff) > 2 * max(se, 1e-12))}
+    return {"diff": _r(c.mean), "se": _r(c.se), "resolved": c.resolved}
+
+
+def comparisons(
+    methods: dict[str, dict[str, Any]], uniform_name: str, *, ceiling_name: str = CEILING
+) -> dict[str, Any]:
+    """The budget's statistics, all paired by seed: the quality gap (uniform − ceiling), qra − every method on
+    test loss (``paired``) and task accuracy (``paired_accuracy``), and the round-2 keys in their old shape."""
+    gap = compare(methods.get(uniform_name, {}), methods.get(ceiling_name, {}))
+    qra = methods.get("qra")
+    others = [name for name in methods if name != "qra"] if qra else []
+    loss = {name: compare(qra, methods[name]) for name in others}
+    accuracy = {name: compare(qra, methods[name], "final_accuracy") for name in others}
+    return {
+        "statistics": STATISTICS,
+        "gap_nats": _r(gap.mean),
+        "gap_standard_error": _r(gap.se),
+        "gap_resolvable": bool(gap.resolved and gap.mean is not None and gap.mean > 0),
+        "gap_paired": gap.as_dict(),
+        "qra_minus": {name: {"eval_loss": short(loss[name]), "accuracy": short(accuracy[name])} for name in others},
+        "paired": {f"qra-{name}": c.as_dict() for name, c in loss.items()},
+        "paired_accuracy": {f"qra-{name}": c.as_dict() for name, c in accuracy.items()},
+    }
+
+
+STATISTICS = (
+    f"paired by seed (planner.stats): mean ± s.e. of the per-seed difference, paired t with df = n − 1; resolved "
+    f"= two-sided p < 0.05 (at n = 3, df 2: |t| > {T_CRIT_DF2:.2f}); perm_p = exact sign-flip p (≥ 0.25 at n = 3)"
+)
 
 
 def budget_summary(
     methods: dict[str, dict[str, Any]], uniform_name: str, *, ceiling_name: str = CEILING
 ) -> dict[str, Any]:
-    """Add G (eval loss) and G_accuracy to every method, qra's difference to every other method, and say
-    whether the budget's quality gap is resolvable given seed noise (> 2 standard errors).
+    """Add G (eval loss) and G_accuracy to every method, then the budget's paired statistics (``comparisons``):
+    whether the quality gap is resolvable and qra − every other method.
 
     ``methods[name]`` holds ``summarize_method`` output plus search facts (memory_predicted, search_cost,
     evaluations, wall_s).
@@ -82,31 +142,34 @@ def budget_summary(
         m["G_accuracy"] = _r(gap_closure(m.get("final_accuracy_mean"), au, ab))
         pred, meas = m.get("memory_predicted"), m.get("memory_measured")
         m["memory_error"] = _r((pred - meas) / meas) if pred and meas else None
-    gap = difference(uniform, ceiling)
     step_ratio = None
     qra_step, uni_step = methods.get("qra", {}).get("step_s"), uniform.get("step_s")
     if qra_step and uni_step:
         step_ratio = qra_step / uni_step
-    qra = methods.get("qra", {})
-    versus = {
-        name: {"eval_loss": difference(qra, m), "accuracy": difference(qra, m, "final_accuracy")}
-        for name, m in methods.items()
-        if name != "qra" and qra
-    }
     return {
         "uniform_method": uniform_name,
-        "gap_nats": gap["diff"] if gap else None,
-        "gap_standard_error": gap["se"] if gap else None,
-        "gap_resolvable": bool(gap and gap["diff"] > 2 * max(gap["se"], 1e-12)),
+        **comparisons(methods, uniform_name, ceiling_name=ceiling_name),
         "step_time_ratio_qra_vs_uniform": _r(step_ratio),
-        "qra_minus": versus,
         "methods": methods,
     }
 
 
-def _standard_error(method: dict[str, Any], metric: str = "final_eval_loss") -> float:
-    sd, n = method.get(f"{metric}_sd") or 0.0, len(method.get("seeds") or [])
-    return sd / math.sqrt(n) if n else float("inf")
+def reread(path: Path) -> dict[str, Any]:
+    """Recompute every budget's statistics of a written result from the per-seed finals it holds (no run, no
+    store), keep every other key, and rewrite the JSON and its markdown (the plot shows means and sds only)."""
+    from qra_plugin.io import write_json_atomic, write_text_atomic
+
+    results = json.loads(path.read_text())
+    lacking = [name for name, budget in results["budgets"].items() if CEILING not in budget["methods"]]
+    if lacking:  # round 1 named its ceiling bf16_r16 and had no accuracy: its tables are kept as written
+        raise SystemExit(f"error: {path}: budget {lacking[0]} has no {CEILING} (a round-1 result?); nothing rewritten")
+    for name, budget in results["budgets"].items():
+        fresh = comparisons(budget["methods"], budget["uniform_method"])
+        rewritten = {k: fresh.get(k, v) for k, v in budget.items() if k != "methods"}  # old keys keep their place
+        results["budgets"][name] = {**rewritten, **fresh, "methods": budget["methods"]}
+    write_json_atomic(path, results)
+    write_text_atomic(path.with_suffix(".md"), markdown(results))
+    return results
 
 
 def _r(value: float | None, digits: int = 5) -> float | None:
@@ -148,8 +211,8 @@ def _budget_table(name: str, budget: dict[str, Any]) -> list[str]:
     lines = [
         f"## Budget {name} ({budget['budget']}: {budget['budget_bytes'] / 2**20:.2f} MiB, kind {kind})",
         "",
-        f"Gap {budget['uniform_method']} − {CEILING}: {_f(budget['gap_nats'], 4)} nats "
-        f"(± {_f(budget['gap_standard_error'], 4)} s.e.; resolvable at 2 s.e.: {budget['gap_resolvable']}). "
+        f"Gap {budget['uniform_method']} − {CEILING}: {_gap_text(budget)} nats (paired by seed; resolvable: "
+        f"{budget['gap_resolvable']}). "
         f"Step-time ratio qra / {budget['uniform_method']}: {_f(budget['step_time_ratio_qra_vs_uniform'], 3)}.",
         "",
         "| method | test eval loss (mean ± sd) | task accuracy (mean ± sd) | seeds | G | G_acc | "
@@ -166,21 +229,35 @@ def _budget_table(name: str, budget: dict[str, Any]) -> list[str]:
             f"{_f(m['search_cost'], 2)}; {_f(m.get('search_cost_with_priors'), 2)} | {m['evaluations']} | "
             f"{_f(m['wall_s'], 0)} |"
         )
-    versus = budget.get("qra_minus") or {}
-    if versus:
-        lines += [
-            "",
-            "qra − method (negative loss / positive accuracy difference = qra better; * = beyond 2 s.e.):",
-            "",
-        ]
-        for other, d in versus.items():
-            loss, acc = d.get("eval_loss"), d.get("accuracy")
-            shown = [
-                f"loss {_f(loss['diff'], 4)} ± {_f(loss['se'], 4)}{'*' if loss['resolved'] else ''}" if loss else "",
-                f"accuracy {_f(acc['diff'], 3)} ± {_f(acc['se'], 3)}{'*' if acc['resolved'] else ''}" if acc else "",
-            ]
-            lines.append(f"- vs {other}: " + "; ".join(x for x in shown if x))
+    lines += _paired_table(budget)
     return [*lines, ""]
+
+
+def _gap_text(budget: dict[str, Any]) -> str:
+    gap = budget.get("gap_paired")
+    return comparison_text(gap) if gap else f"{_f(budget['gap_nats'], 4)} ± {_f(budget['gap_standard_error'], 4)}"
+
+
+def _paired_table(budget: dict[str, Any]) -> list[str]:
+    """qra − every method, loss and accuracy, paired by seed."""
+    loss, accuracy = budget.get("paired") or {}, budget.get("paired_accuracy") or {}
+    if not loss:
+        return []
+    lines = [
+        "",
+        "qra − method, paired by seed: mean ± s.e. of the per-seed difference (paired t, df, two-sided p); "
+        f"* = p < 0.05 (at n = 3 that needs |t| > {T_CRIT_DF2:.2f}); sign-flip p is exact and ≥ 0.25 at n = 3. "
+        "Negative loss / positive accuracy = qra better.",
+        "",
+        "| qra − | test loss | sign-flip p | task accuracy |",
+        "|---|---|---|---|",
+    ]
+    for key, d in loss.items():
+        lines.append(
+            f"| {key.removeprefix('qra-')} | {comparison_text(d)} | {_f(d.get('perm_p'), 3)} | "
+            f"{comparison_text(accuracy.get(key), 3)} |"
+        )
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -225,3 +302,16 @@ def _f(value: float | None, digits: int) -> str:
 
 def _mib(value: int | None) -> str:
     return "—" if not value else f"{value / 2**20:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="re-read a plan-quality result with the current statistics")
+    parser.add_argument("--reread", required=True, type=Path, help="a plan_quality*.json written by the benchmark")
+    args = parser.parse_args(argv)
+    reread(args.reread)
+    print(f"rewrote {args.reread} and {args.reread.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,12 +16,16 @@ Protocol (the plan-quality protocol, ``benchmarks/plan_quality.py``, with its re
 ``params_kept_fraction`` is over the planned linear weights (what pruning removes). Stored as it runs under
 ``--out`` and resumable; commit ``--out benchmarks/results/pruning_stores`` to resume on another machine.
 
+Differences are paired by seed (``planner.stats``: the same seed gives every method the same data order and init).
+
   python benchmarks/pruning.py --recipe cpu --out benchmarks/results/pruning_stores
+  python benchmarks/pruning.py --reread benchmarks/results/pruning.json   # statistics only, no run
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -33,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from plan_quality import RECIPES, Benchmark, Recipe  # noqa: E402
-from plan_quality_report import difference, summarize_method  # noqa: E402
+from plan_quality_report import STATISTICS, compare, summarize_method  # noqa: E402
 
 from planner.config import QRAConfig  # noqa: E402
+from planner.stats import markdown as comparison_text  # noqa: E402
 from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 #: the ratios ``qra_prune`` chooses from per block (the reduction itself must be one of them)
@@ -50,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reduction", type=float, default=0.25, choices=[r for r in SEARCHED_RATIOS if r > 0])
     parser.add_argument("--out", default=None, help="working directory; default runs/pruning-RECIPE")
     parser.add_argument("--results", default=None, help="default benchmarks/results/pruning[_RECIPE].json")
+    parser.add_argument("--reread", type=Path, help="recompute a written result's differences from its finals; no run")
     args = parser.parse_args(argv)
+    if args.reread:
+        reread(args.reread)
+        return 0
     out = Path(args.out or ROOT / "runs" / f"pruning-{args.recipe}")
     suffix = "" if args.recipe == "cpu" else f"_{args.recipe}"
     results = Path(args.results or ROOT / "benchmarks" / "results" / f"pruning{suffix}.json")
@@ -142,7 +151,6 @@ class PruningBenchmark(Benchmark):
         return summary
 
     def _write_pruning(self, budget: str, budget_bytes: int, methods: dict[str, Any], wall_s: float) -> None:
-        best_unpruned = min(("qra", "uniform_unpruned"), key=lambda m: methods[m]["final_eval_loss_mean"] or 9e9)
         results = {
             "command": self.command,
             "recipe": self.recipe_name,
@@ -154,18 +162,35 @@ class PruningBenchmark(Benchmark):
             "searched_ratios": list(SEARCHED_RATIOS),
             "params_kept_over": "planned linear weights",
             "methods": {m: methods[m] for m in ORDER if m in methods},
-            "differences": {
-                f"{a}-{b}": {
-                    "eval_loss": difference(methods[a], methods[b]),
-                    "accuracy": difference(methods[a], methods[b], "final_accuracy"),
-                }
-                for a, b in _pairs(best_unpruned)
-            },
+            "statistics": STATISTICS,
+            "differences": differences(methods),
             "wall_s_this_run": round(wall_s, 1),
             "priors_wall_s": self.progress.get("priors_wall_s"),
         }
         write_json_atomic(self.results_path, results)
         write_text_atomic(self.results_path.with_suffix(".md"), markdown(results))
+
+
+def differences(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pairs ``_pairs`` names, test loss and accuracy, paired by seed."""
+    best_unpruned = min(("qra", "uniform_unpruned"), key=lambda m: methods[m]["final_eval_loss_mean"] or 9e9)
+    return {
+        f"{a}-{b}": {
+            "eval_loss": compare(methods[a], methods[b]).as_dict(),
+            "accuracy": compare(methods[a], methods[b], "final_accuracy").as_dict(),
+        }
+        for a, b in _pairs(best_unpruned)
+    }
+
+
+def reread(path: Path) -> dict[str, Any]:
+    """Recompute a written result's differences from the per-seed finals it holds and rewrite it and its markdown."""
+    results = json.loads(path.read_text())
+    results["statistics"] = STATISTICS
+    results["differences"] = differences(results["methods"])
+    write_json_atomic(path, results)
+    write_text_atomic(path.with_suffix(".md"), markdown(results))
+    return results
 
 
 def _pairs(best_unpruned: str) -> list[tuple[str, str]]:
@@ -199,14 +224,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {name} | {shown} | {acc} | {m['params_kept_fraction']:.3f} | "
             f"{m['memory_predicted'] / 2**20:.2f} | {m.get('evaluations') or 0} |"
         )
-    lines += ["", "Differences, mean ± s.e. over seeds (loss: negative = first better; resolved: beyond 2 s.e.):", ""]
+    lines += [
+        "",
+        "Differences, paired by seed: mean ± s.e. of the per-seed difference (paired t, df, two-sided p); * = p < 0.05 "
+        "(|t| > 4.30 at n = 3). Loss: negative = first better; accuracy: positive = first better.",
+        "",
+        "| first − second | test loss | sign-flip p | accuracy |",
+        "|---|---|---|---|",
+    ]
     for name, both in results["differences"].items():
         loss, acc = both["eval_loss"], both["accuracy"]
-        if loss:
-            shown = f"- {name}: loss {loss['diff']:+.4f} ± {loss['se']:.4f} (resolved: {loss['resolved']})"
-            if acc:
-                shown += f"; accuracy {acc['diff']:+.3f} ± {acc['se']:.3f} (resolved: {acc['resolved']})"
-            lines.append(shown)
+        perm = loss.get("perm_p") if loss else None
+        shown = "—" if perm is None else f"{perm:.3f}"
+        lines.append(f"| {name} | {comparison_text(loss)} | {shown} | {comparison_text(acc, 3)} |")
     return "\n".join(lines) + "\n"
 
 

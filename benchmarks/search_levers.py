@@ -4,10 +4,12 @@ Runs on the plan-quality benchmark's own stores and protocol (``benchmarks/plan_
 splits, budgets, 40-step test finals over 3 seeds, one finals store), so the round-2 ``qra``, ``greedy_priors`` and
 the uniform plan are read from it, not recomputed. Each variant is a ``qra search`` with some search settings
 changed (``VARIANTS``), in ``<out>/<budget>/qra_<variant>/``; its evaluations score on the selection split only.
-The result compares every variant with the zero-evaluation greedy prior plan and with round 2's qra — mean ± s.e.
-of the difference over seeds, resolved at 2 s.e. — and reports its cost in finals with and without the priors.
+The result compares every variant with the zero-evaluation greedy prior plan and with round 2's qra — paired by
+seed (``planner.stats``: mean ± s.e. of the per-seed difference, paired t, resolved at p < 0.05) — and reports its
+cost in finals with and without the priors.
 
   python benchmarks/search_levers.py --recipe cpu --out benchmarks/results/plan_quality_stores
+  python benchmarks/search_levers.py --reread benchmarks/results/search_levers.json   # statistics only, no run
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from plan_quality import BUDGETS, DEFAULT_BUDGETS, RECIPES, Benchmark  # noqa: E402
-from plan_quality_report import difference, summarize_method  # noqa: E402
+from plan_quality_report import STATISTICS, compare, summarize_method  # noqa: E402
 
+from planner.stats import markdown as comparison_text  # noqa: E402
 from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 #: search settings each variant changes (everything else is the recipe's)
@@ -53,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="default benchmarks/results/search_levers[_RECIPE].json")
     parser.add_argument("--budgets", default=",".join(DEFAULT_BUDGETS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--reread", type=Path, help="recompute a written result's differences from its finals; no run")
     args = parser.parse_args(argv)
+    if args.reread:
+        reread(args.reread)
+        return 0
     out = Path(args.out or ROOT / "runs" / f"plan-quality-{args.recipe}")
     suffix = "" if args.recipe == "cpu" else f"_{args.recipe}"
     results = Path(args.results or ROOT / "benchmarks" / "results" / f"search_levers{suffix}.json")
@@ -87,15 +94,7 @@ class LeversBenchmark(Benchmark):
                 "budget": budget,
                 "budget_bytes": setup.budget_bytes,
                 "methods": methods,
-                "differences": {
-                    f"{v}-{ref}": {
-                        "eval_loss": difference(methods[v], methods[ref]),
-                        "accuracy": difference(methods[v], methods[ref], "final_accuracy"),
-                    }
-                    for v in methods
-                    if v.startswith("qra_")
-                    for ref in REFERENCES
-                },
+                "differences": differences(methods),
             }
         self._write_levers(report, variants, time.time() - started)
 
@@ -139,11 +138,36 @@ class LeversBenchmark(Benchmark):
             "protocol": self._protocol(),
             "variants": {v: VARIANTS[v] for v in variants},
             "references": "read from the plan-quality stores (round-2 qra, greedy_priors): not recomputed",
+            "statistics": STATISTICS,
             "budgets": report,
             "wall_s_this_run": round(wall_s, 1),
         }
         write_json_atomic(self.results_path, results)
         write_text_atomic(self.results_path.with_suffix(".md"), markdown(results))
+
+
+def differences(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every qra variant − each reference, test loss and accuracy, paired by seed."""
+    return {
+        f"{v}-{ref}": {
+            "eval_loss": compare(methods[v], methods[ref]).as_dict(),
+            "accuracy": compare(methods[v], methods[ref], "final_accuracy").as_dict(),
+        }
+        for v in methods
+        if v.startswith("qra_")
+        for ref in REFERENCES
+    }
+
+
+def reread(path: Path) -> dict[str, Any]:
+    """Recompute a written result's differences from the per-seed finals it holds and rewrite it and its markdown."""
+    results = json.loads(path.read_text())
+    results["statistics"] = STATISTICS
+    for budget in results["budgets"].values():
+        budget["differences"] = differences(budget["methods"])
+    write_json_atomic(path, results)
+    write_text_atomic(path.with_suffix(".md"), markdown(results))
+    return results
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -168,14 +192,20 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "Variant − reference (loss: negative = variant better; accuracy: positive; resolved: beyond 2 s.e.):",
+            "Variant − reference, paired by seed: mean ± s.e. of the per-seed difference (paired t, df, two-sided p); "
+            "* = p < 0.05 (|t| > 4.30 at n = 3). Loss: negative = variant better; accuracy: positive.",
             "",
+            "| variant − reference | test loss | sign-flip p | accuracy |",
+            "|---|---|---|---|",
         ]
         for key, both in budget["differences"].items():
-            for metric, d in both.items():
-                if d:
-                    lines.append(f"- {key}, {metric}: {d['diff']:+.4f} ± {d['se']:.4f} (resolved: {d['resolved']})")
+            loss, acc = both["eval_loss"], both["accuracy"]
+            lines.append(f"| {key} | {comparison_text(loss)} | {_p(loss.get('perm_p'))} | {comparison_text(acc, 3)} |")
     return "\n".join(lines) + "\n"
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.test_plan_quality_benchmark import _rows, run_tiny
 
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 FIELDS = {"final_eval_loss_mean", "final_eval_loss_sd", "seeds", "memory_predicted", "params_kept_fraction"}
 
 
@@ -38,7 +40,8 @@ def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory
     assert set(methods["qra_prune"]["mlp_pruned_by_block"]) <= {0.0, 0.125, 0.25, 0.375, 0.5}
     assert "| qra_prune |" in results.with_suffix(".md").read_text()
     paired = data["differences"]["rankadaptor-uniform_prune_lora"]  # a search against the plan it starts from
-    assert set(paired) == {"eval_loss", "accuracy"} and paired["eval_loss"]["se"] > 0
+    assert set(paired) == {"eval_loss", "accuracy"} and paired["eval_loss"]["test"] == "paired t"
+    assert paired["eval_loss"]["seeds"] == [0, 1] and paired["eval_loss"]["se"] is not None  # the same plan: se 0
 
     before = _rows(out)
     _run(out, results)  # every search and final is found in the stores
@@ -47,3 +50,20 @@ def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory
     assert {m: v["final_eval_loss_mean"] for m, v in again.items()} == {
         m: v["final_eval_loss_mean"] for m, v in methods.items()
     }
+
+
+def test_committed_result_is_the_paired_reread_of_its_finals(tmp_path):
+    """Paired by seed, RankAdaptor − uniform ranks stays unresolved (t −4.22, p 0.052) and no accuracy difference
+    resolves (qra_prune − uniform_unpruned was "resolved" at 2 s.e.); --reread rebuilds the committed file."""
+    sys.path.insert(0, str(RESULTS.parent))
+    from pruning import reread
+
+    committed = json.loads((RESULTS / "pruning.json").read_text())
+    rank = committed["differences"]["rankadaptor-uniform_prune_lora"]["eval_loss"]
+    assert not rank["resolved"] and rank["p"] == pytest.approx(0.052, abs=1e-3)
+    assert not any(d["accuracy"]["resolved"] for d in committed["differences"].values())
+    stale = {k: v for k, v in committed.items() if k not in ("differences", "statistics")}
+    copy = tmp_path / "pruning.json"
+    copy.write_text(json.dumps(stale))
+    assert reread(copy) == committed
+    assert copy.with_suffix(".md").read_text() == (RESULTS / "pruning.md").read_text()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.test_plan_quality_benchmark import _rows, run_tiny
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 @pytest.mark.benchmark
@@ -28,3 +32,21 @@ def test_tiny_levers_benchmark_compares_each_variant_with_greedy_priors_and_qra(
     before = _rows(out)
     run_tiny("benchmarks/search_levers.py", out, results)  # searches, references and finals all come from stores
     assert _rows(out) == before
+
+
+def test_committed_result_is_the_paired_reread_of_its_finals(tmp_path):
+    """The lever bundle − greedy_priors at uniform-4 is resolved paired by seed (issue 21: t −13.9, p 0.005; the
+    independent 2 s.e. rule called it unresolved), and --reread rebuilds the committed file from its finals."""
+    sys.path.insert(0, str(RESULTS.parent))
+    from search_levers import reread
+
+    committed = json.loads((RESULTS / "search_levers.json").read_text())
+    levers = committed["budgets"]["uniform4_r16"]["differences"]["qra_levers-greedy_priors"]["eval_loss"]
+    assert levers["resolved"] and levers["t"] == pytest.approx(-13.89, abs=0.01) and levers["perm_p"] == 0.25
+    stale = json.loads(json.dumps(committed))
+    for budget in stale["budgets"].values():
+        budget["differences"] = {}
+    copy = tmp_path / "search_levers.json"
+    copy.write_text(json.dumps(stale))
+    assert reread(copy) == committed
+    assert copy.with_suffix(".md").read_text() == (RESULTS / "search_levers.md").read_text()
