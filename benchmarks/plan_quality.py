@@ -5,7 +5,8 @@ Protocol (round 2; round 1 is ``results/plan_quality_v1.*``):
 * three disjoint splits fixed by a hash of the title (``planner.data.wiki``): every run trains on ``train``,
   every search and baseline evaluation scores on ``selection``, and only the final fine-tunes are scored on
   ``test``; the data mixes the wiki summaries with a topic task that has exact answers (``wiki_mix``), so
-  each final reports test eval loss *and* exact-match task accuracy;
+  each final reports test eval loss *and* task accuracy (the topic is chosen by log-likelihood over the 11
+  labels, as lm-eval scores multiple choice: not generated text matched exactly);
 * budgets of kind ``plan`` (what scales with the plan: planned weights + quantization metadata + LoRA + its
   gradients and optimizer states) of uniform 4-bit r16 and of uniform 3-bit r16, and optionally the peak
   budget of round 1 (``--budgets peak_uniform4_r16``);
@@ -223,6 +224,11 @@ class Benchmark:
         self.progress["priors_measured_s"], self.progress["priors_measured_cpu_s"] = wall, cpu
         self._save_progress()
 
+    @property
+    def priors_cost_s(self) -> float:
+        """Wall seconds the priors cost, as the profile measured them (what search costs with priors count)."""
+        return self.progress.get("priors_measured_s") or 0.0
+
     def _seed_priors(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         source = self.out / "priors" / "priors.json"
@@ -312,7 +318,7 @@ class Benchmark:
         memory_key = "plan_bytes_measured" if setup.budget.kind == "plan" else "memory_measured"
         summary = summarize_method(finals, memory_key=memory_key)
         predicted = int(plan_bytes(setup.info, plan, setup.cfg.train, setup.budget.kind))
-        priors_s = self.progress.get("priors_measured_s") or 0.0
+        priors_s = self.priors_cost_s
         steps = facts["search_steps"]
         summary.update(
             {
@@ -390,7 +396,8 @@ class Benchmark:
             "high_steps": self.base.fidelity.high.steps,
             "low_steps": self.base.fidelity.low.steps,
             "compute_dtype": self.base.model.dtype,
-            "task": f"{data.source}: wiki summaries (eval loss) mixed with 'extract -> topic' (11 labels, exact match)",
+            "task": f"{data.source}: wiki summaries (eval loss) mixed with 'extract -> topic' "
+            "(11 labels, log-likelihood choice)",
             "seeds": list(self.recipe.seeds),
             "final_eval_split": "test",
             "selection_split": "selection",

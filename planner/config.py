@@ -138,9 +138,10 @@ class FidelityLevel(_Section):
     """One fidelity: a real short SFT run of ``steps`` optimizer steps, scored on ``eval_examples``.
 
     ``train_examples`` is the data fraction (default: data.train_examples); ``seq_len`` / ``batch``
-    override the train section for this level only (cheaper low fidelities). ``accuracy``: also generate
-    answers for eval rows that have one and report exact-match accuracy (greedy decoding costs about as
-    much as a few training steps on CPU, so searches score on loss only and final fine-tunes turn it on).
+    override the train section for this level only (cheaper low fidelities). ``accuracy``: also score eval
+    rows that have an answer — a closed set of choices by log-likelihood (lm-eval's multiple choice), free
+    text by greedy generation and exact match; it costs about as much as a few training steps on CPU, so
+    searches score on loss only and final fine-tunes turn it on.
     """
 
     steps: int = Field(ge=0)

@@ -112,10 +112,10 @@ def test_subprocess_worker_survives_errors_crashes_and_timeouts(tmp_path):
             assert ex._workers[0]._proc.pid == pid  # an exception does not cost the worker its warm caches
 
             ex.timeout_s = 8
-            start = time.perf_counter()
             (hung,) = ex.run([hang16])
             assert hung.status == "failed" and hung.error == "timed out after 8 s"
-            assert time.perf_counter() - start < 60
+            with pytest.raises(ProcessLookupError):  # the hung worker was killed, not left running
+                os.kill(pid, 0)
             ex.timeout_s = 300
 
             (crashed,) = ex.run([crash2])  # runs in a fresh worker: the hung one was killed

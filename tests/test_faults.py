@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +65,6 @@ def test_a_same_shape_checkpoint_and_edited_data_change_the_key(tmp_path) -> Non
     before = recipe_hash(cfg, "high")
     save_tiny_model(model_dir, layers=2, hidden=32, vocab_size=128, seed=1)  # same shapes, other weights
     after_weights = recipe_hash(cfg, "high")
-    time.sleep(0.01)
     data.write_text('{"prompt": "a", "completion": "c"}\n' * 20)
     after_data = recipe_hash(cfg, "high")
     assert len({before, after_weights, after_data}) == 3

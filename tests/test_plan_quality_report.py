@@ -145,3 +145,32 @@ def test_reread_refuses_a_round_1_result(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no unquantized_r16"):
         reread(copy)
     assert copy.read_bytes() == (RESULTS / "plan_quality_v1.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- priors cost
+def test_priors_cost_is_what_the_profile_measured_wall_and_cpu_apart() -> None:
+    from plan_quality import cost_with_priors, priors_seconds
+
+    timings = {"I_q": 339.2, "I_q_cpu": 475.8, "I_r": 68.7, "I_r_cpu": 62.0}
+    assert priors_seconds(timings) == (407.9, 537.8)  # wall and CPU seconds are never added together
+    assert priors_seconds(None) == (0.0, 0.0)
+    assert cost_with_priors(96, 0.0, None, 40) == 2.4
+    assert cost_with_priors(96, 407.9, 10.0, 40) == round((96 + 40.79) / 40, 3)
+    assert cost_with_priors(96, 407.9, None, 40) is None
+
+
+def test_a_parallel_child_reports_the_priors_cost_not_its_cache_hit(tmp_path) -> None:
+    """``--parallel`` children find the priors cached by their parent: they must report the seconds the
+    profile took, not the ~0 s of their own cache hit (it made search_cost_with_priors ~20x too low)."""
+    from plan_quality import RECIPES, Benchmark, priors_seconds
+
+    out = tmp_path / "work"
+    parent = Benchmark(RECIPES["tiny"], "tiny", out, tmp_path / "r.json", "test")
+    parent._priors()
+    child = Benchmark(RECIPES["tiny"], "tiny", out, tmp_path / "r.part-x.json", "test", part="uniform4_r16")
+    child._priors()
+    measured = parent.progress["priors_measured_s"]
+    assert measured > 0 and child.progress["priors_measured_s"] == measured
+    assert child.progress["priors_measured_cpu_s"] == parent.progress["priors_measured_cpu_s"] > 0
+    priors = json.loads((out / "priors" / "priors.json").read_text())
+    assert child.priors_cost_s == parent.priors_cost_s == priors_seconds(priors["timings_s"])[0]

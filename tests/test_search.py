@@ -330,3 +330,19 @@ def test_a_best_plan_inside_min_gain_of_a_free_allocation_gives_way_to_it(refere
         assert set_aside is None
     assert "already the best found" in (out / REPORT_FILE).read_text()
     assert ref_trace["within_noise_of_free"] is None  # min_gain 0 (the default) never replaces a plan
+
+
+@pytest.mark.parametrize(
+    ("best", "free", "min_gain", "gives_way"),
+    [
+        (2.0, 2.0 + 2**-8, 2**-8, True),  # a gain of exactly min_gain is noise (binary fractions: exact)
+        (2.0, 2.0 + 2**-8 + 2**-20, 2**-8, False),  # just beyond it is a real gain
+        (2.0, 2.0, 2**-8, True),
+        (2.0, 1.99, 2**-8, True),  # the free allocation scored better outright
+        (2.0, 2.0 + 2**-8, 0.0, False),  # min_gain 0 never replaces a plan
+    ],
+)
+def test_min_gain_boundary(best, free, min_gain, gives_way) -> None:
+    from planner.search.run import within_noise
+
+    assert within_noise(best, free, min_gain) is gives_way

@@ -193,3 +193,37 @@ def test_layer_cache_read_and_write_failures_are_one_line_each(tmp_path, caplog)
         quantized.quantized_layer(linear, ModulePlan(bits=3, rank=8), torch.float32, keep=False)
     wrote = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
     assert len(wrote) == 1 and "\n" not in wrote[0]
+
+
+# ---------------------------------------------------------------------------------------------- object caches
+def test_pruning_memo_never_hands_one_importance_to_another() -> None:
+    """A new ChannelImportance that reuses a freed one's ``id`` got the freed one's pruning from the old
+    id-keyed memo; keyed by values it cannot."""
+    from planner.priors.pruning import ChannelImportance, pruning_for_ratios
+
+    for trial in range(20):  # CPython hands a freed object's address to the next one of its size
+        scores = tuple(float((i * (trial + 3)) % 7) for i in range(16))
+        importance = ChannelImportance(mlp=(scores,), kv=((1.0, 2.0),), group=1)
+        kept = pruning_for_ratios(importance, [0.5])[0].mlp_keep
+        expected = sorted(sorted(range(16), key=lambda i: (-scores[i], i))[:8])
+        assert kept == expected, trial
+        del importance
+
+
+def test_model_info_memos_live_with_their_object() -> None:
+    from planner.model_info import load_model_info, pruned_info
+    from planner.tiny import build_tiny_model
+    from qra_plugin.plan import BlockPruning, Plan
+
+    shapes = []
+    for hidden, inter in ((64, 128), (64, 96)):
+        model = build_tiny_model("llama", layers=2, hidden=hidden, intermediate_size=inter, seed=0)
+        info = load_model_info(model)
+        plan = Plan.uniform(model, bits=4, rank=4)
+        plan.pruning = {0: BlockPruning(mlp_keep=list(range(inter // 2)))}
+        pruned = pruned_info(info, plan)
+        assert pruned_info(info, plan) is pruned  # memoised on the object
+        up = next(s for s in pruned.linears if s.name.endswith("layers.0.mlp.up_proj"))
+        shapes.append((up.out_features, up.in_features))
+        del info, pruned
+    assert shapes == [(64, 64), (48, 64)]

@@ -45,5 +45,13 @@ def test_heldout_spearman_is_high_for_learnable_data_and_none_for_tiny_sets() ->
     rho = heldout_spearman(obj.space, cs, lo, hi, seed=0)
     assert rho is not None and rho > 0.6
     assert heldout_spearman(obj.space, cs[:3], lo[:3], hi[:3]) is None
-    screen = heldout_spearman(obj.space, cs, None, lo, seed=0)
-    assert screen is not None and -1.0 <= screen <= 1.0
+    # screening (no low score to lean on) learns the low scores from the configs alone; at 12 configs its
+    # held-out Spearman swings between draws (0.17-0.81), at 32 it held 0.84-0.94 over the draws tried
+    draw = np.random.default_rng(2)
+    more = [obj.space.sample(draw) for _ in range(32)]
+    more_low = obj(more, "low")
+    screen = heldout_spearman(obj.space, more, None, more_low, seed=0)
+    shuffled = list(np.random.default_rng(5).permutation(more_low))  # the same values, no relation to configs
+    scrambled = heldout_spearman(obj.space, more, None, shuffled, seed=0)
+    assert screen is not None and screen > 0.6
+    assert scrambled is not None and scrambled < 0.3

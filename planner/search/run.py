@@ -358,12 +358,16 @@ def _prefer_free(run: _Run, points: list[Point], best: Point) -> tuple[Point, di
     """With ``search.min_gain`` set (the seed noise of a high-fidelity score), a best plan that beats the best
     zero-evaluation allocation by no more than that is noise: return the free allocation, which anyone can
     rebuild from the priors, and say which evaluated plan was set aside."""
-    margin = run.cfg.search.min_gain
     free = set(_free_allocations(run).values())
     top = best_for_budget([p for p in points if p.config in free], run.setup.budget_bytes)
-    if margin <= 0 or top is None or best.config in free or top.score - best.score > margin:
+    if top is None or best.config in free or not within_noise(best.score, top.score, run.cfg.search.min_gain):
         return best, None
     return top, {"config": config_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
+
+
+def within_noise(best_score: float, free_score: float, min_gain: float) -> bool:
+    """Does a searched plan beat a free allocation by no more than ``min_gain`` (inclusive)? 0 turns it off."""
+    return min_gain > 0 and free_score - best_score <= min_gain
 
 
 def _against_free(run: _Run, best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
