@@ -168,6 +168,9 @@ class FidelitySection(_Section):
     eval_batch: int = Field(8, ge=1)
     #: evaluations run side by side (spawned workers of the local executor): several small runs share a GPU
     workers: int = Field(1, ge=1)
+    #: CPU: each frozen quantized layer dequantizes its weight once per run and reuses it (bit-identical
+    #: scores, faster steps; the process holds a dequantized copy, the memory model still prices the plan)
+    reuse_dequantized: bool = True
     #: where quantized layers are stored for reuse by the profile, every worker and a resumed run (CPU):
     #: None = OUT/layers, "off" = each worker's memory only, or a directory shared by runs of one model
     layer_cache: str | None = None

@@ -349,3 +349,31 @@ def test_closed_set_answers_are_scored_by_log_likelihood(tmp_path, meta):
 
     topic = [e for e in examples(DataSection(source="wiki_topic"), "test", 5)]
     assert all(e.choices and e.answer in e.choices and len(e.choices) == 11 for e in topic)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_reusing_dequantized_weights_gives_bit_identical_runs(arch):
+    """``fidelity.reuse_dequantized`` (CPU): a frozen HQQ layer dequantizes once per run instead of at every
+    forward. Same math on the same tensors: training and eval losses, measured memory and weight bytes equal
+    to the last bit, for a plan mixing HQQ 3/4/8-bit, bnb nf4 (no such path: unchanged) and 16-bit modules."""
+    from planner.fidelity.contract import recipe_hash
+
+    runs, keys = [], []
+    for reuse in (False, True):
+        cfg = tiny_config(model={"tiny": {"arch": arch, "layers": 4, "hidden": 64, "vocab_size": 512}},
+                          fidelity={"low": {"steps": 4, "eval_examples": 8}, "torch_threads": 1,
+                                    "reuse_dequantized": reuse})  # fmt: skip
+        meta_model = load_meta_model(cfg.model)
+        base = Plan.uniform(meta_model, bits=4, rank=8)
+        choices = [(3, "hqq"), (4, "hqq"), (8, "hqq"), (4, "bnb"), (16, "none")]
+        modules = {
+            name: mp.model_copy(update={"bits": choices[i % 5][0], "backend": choices[i % 5][1]})
+            for i, (name, mp) in enumerate(base.modules.items())
+        }
+        plan = Plan(fingerprint=base.fingerprint, modules=modules)
+        result = run_fidelity(task(cfg, plan, "low"))
+        assert result.status == "ok"
+        runs.append((result.train_loss, result.eval_loss, result.memory_measured, result.weight_bytes))
+        keys.append(recipe_hash(cfg, "low"))
+    assert runs[0] == runs[1]
+    assert keys[0] == keys[1]  # a speed setting: stored scores are shared between both

@@ -97,7 +97,7 @@ def test_every_wiki_source_hashes_the_shipped_summaries(source) -> None:
 
 def test_threads_do_not_change_a_score_so_they_are_not_keyed() -> None:
     """``fidelity.torch_threads`` is left out of the key because 1 and 2 threads give bit-identical scores
-    (measured on SmolLM2-135M too; see contract._SCHEDULING_ONLY). Should a torch release break that, this
+    (measured on SmolLM2-135M too; see contract._RESULT_NEUTRAL). Should a torch release break that, this
     test fails and the setting must move into the key."""
     from planner.fidelity.sft import run_fidelity
     from planner.loading import load_meta_model

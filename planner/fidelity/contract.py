@@ -129,12 +129,13 @@ def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
 
 
 # ---------------------------------------------------------------------------------------------- recipe
-#: fidelity settings that decide *where/how* a run is scheduled, never what it measures; every other field of
-#: the section (today's and any added later) is part of the recipe, so a new setting cannot be forgotten.
-#: ``torch_threads`` is one: 1 and 2 threads gave bit-identical losses on tiny models and on SmolLM2-135M
-#: (HQQ 4-bit r16, 2 steps: 2.52870774269104 both), re-checked by tests/test_store_key.py
-_SCHEDULING_ONLY = frozenset(
-    {"low", "high", "seeds", "subprocess", "timeout_s", "workers", "layer_cache", "torch_threads"}
+#: fidelity settings that decide where, when or how fast a run goes, never what it measures; every other field
+#: of the section (today's and any added later) is part of the recipe, so a new setting cannot be forgotten.
+#: ``torch_threads``: 1 and 2 threads gave bit-identical losses on tiny models and on SmolLM2-135M (HQQ 4-bit
+#: r16, 2 steps: 2.52870774269104 both); ``reuse_dequantized``: the same matmul on the same tensor — both
+#: re-checked bit for bit by tests (test_store_key.py, test_fidelity.py)
+_RESULT_NEUTRAL = frozenset(
+    {"low", "high", "seeds", "subprocess", "timeout_s", "workers", "layer_cache", "torch_threads", "reuse_dequantized"}
 )
 #: packages whose code computes a fidelity score (training loop, tokenizer, quantizers, LoRA)
 LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", "datasets", "hqq", "bitsandbytes")
@@ -144,7 +145,7 @@ def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
     """Everything besides (plan, seed) that can change a fidelity run's result, as plain JSON."""
     lv = level_settings(config, level)
     fid = config.fidelity
-    fidelity = {k: v for k, v in fid.model_dump(mode="json").items() if k not in _SCHEDULING_ONLY}
+    fidelity = {k: v for k, v in fid.model_dump(mode="json").items() if k not in _RESULT_NEUTRAL}
     return {
         "fidelity_version": FIDELITY_VERSION,
         "level": lv.model_dump(mode="json")

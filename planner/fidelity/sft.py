@@ -199,6 +199,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
 
     from planner.fidelity.quantized import STATS, prequantize
     from qra_plugin import apply_plan
+    from qra_plugin.backends import reuse_dequantized_weights
     from qra_plugin.quantize import model_compute_dtype
     from qra_plugin.weight_memory import memory_report
 
@@ -211,6 +212,8 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         prequantize(model, task.plan, cfg.model.model_dump_json(), model_compute_dtype(model))
     transformers.set_seed(task.seed)  # LoRA init
     peft_model = apply_plan(model, task.plan)
+    if not on_cuda and cfg.fidelity.reuse_dequantized:
+        reuse_dequantized_weights(peft_model)
     if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -55,6 +55,10 @@ class Backend:
     picklable: bool = False
     #: ``restored(module)``: make a layer loaded by ``torch.load`` usable in a process that never built one
     restored: Callable[[nn.Module], None] = lambda module: None
+    #: ``reuse_dequantized(module)``: make a frozen layer compute with one dequantized copy of its weight for
+    #: the rest of its life instead of dequantizing at every forward — the same tensor each time, so the same
+    #: results bit for bit, for the memory of that copy (None: the backend has no such path)
+    reuse_dequantized: Callable[[nn.Module], None] | None = None
     #: every setting ``quantize`` passes the library besides the module plan's (a planner's layer cache keys
     #: stored layers by it: change a setting here and stored layers are quantized again)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +92,19 @@ def backend_bits() -> dict[str, frozenset[int]]:
 
 def quantizing_backends() -> list[Backend]:
     return [b for b in registry().values() if b.name != "none"]
+
+
+def reuse_dequantized_weights(model: nn.Module) -> int:
+    """Give every quantized layer of ``model`` whose backend can, one dequantized copy of its frozen weight
+    (CPU fidelity runs and finals: it trades the memory of a dequantized copy for not dequantizing each step).
+    Returns how many layers now reuse one."""
+    count = 0
+    for module in list(model.modules()):
+        backend = owner(module)
+        if backend is not None and backend.reuse_dequantized is not None:
+            backend.reuse_dequantized(module)
+            count += 1
+    return count
 
 
 def owner(module: nn.Module) -> Backend | None:

@@ -8,6 +8,7 @@ Axolotl's Triton LoRA kernels assume a bnb/plain base layer, so they are off for
 from __future__ import annotations
 
 import math
+import types
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,6 +69,19 @@ def restored(module: nn.Module) -> None:
     cls.set_backend(cls.backend)
 
 
+def reuse_dequantized(module: nn.Module) -> None:
+    """hqq's CPU forward (``HQQMatmulNoCacheMul``: saves only x, dequantizes again in backward) and its plain
+    forward both get the weight from ``dequantize()``; a frozen layer's dequantized weight never changes, so
+    the layer answers with one copy made now. Same tensors into the same ops: bit-identical losses and the
+    same tensors saved for backward (tests/test_fidelity.py). A deep copy carries its own (a bound method)."""
+    module.qra_dequantized = module.dequantize().detach()
+    module.dequantize = types.MethodType(_dequantized_once, module)
+
+
+def _dequantized_once(self: nn.Module) -> torch.Tensor:
+    return self.qra_dequantized
+
+
 def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The ``meta`` dict (scale, zero, shapes) and the bias HQQLinear keeps as a plain attribute."""
     tensors = tensors_in(getattr(module, "meta", None))
@@ -89,6 +103,7 @@ BACKEND = Backend(
     default_group=DEFAULT_GROUP,
     default_axis=0,
     settings=SETTINGS,
+    reuse_dequantized=reuse_dequantized,
     picklable=True,  # HQQLinear keeps W_q and a meta dict of plain tensors (tested round trip)
     restored=restored,
     summary="HQQ 2/3/4/8-bit, groups g16/g32/g64/g64, axis 0; calibration-free",
