@@ -150,3 +150,10 @@ def test_the_plugin_takes_over_quantization_only_with_a_plan(tmp_path, tiny_mode
         QRAPlugin().register(cfg)
         assert (cfg["adapter"], cfg["load_in_4bit"], cfg.get("quantize_moe_experts", False)) == ("lora", False, False)
         assert [cfg[k] for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")] == [False] * 3
+
+
+def test_an_optimizer_qra_does_not_price_is_one_line_naming_axolotls_key(tmp_path, tiny_model_dir, capsys):
+    config, _ = as_user_would(FIXTURES / "llama3-qlora-1b.yml", tmp_path, tiny_model_dir, optimizer="optimi_adamw")
+    code, _, err = qra_inprocess(capsys, "estimate", str(config))
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and f"{config}: optimizer: unknown optimizer 'optimi_adamw' (supported: adamw_torch," in line

@@ -115,12 +115,19 @@ def written_budget(raw: dict[str, Any]) -> str:
 def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -> QRAConfig:
     """The qra config of an Axolotl YAML: its ``qra:`` section plus what Axolotl's keys say; without a
     ``qra.budget`` the budget is the job as written (``written_budget``)."""
+    from planner.memory.optimizers import check_optimizer
+
     section = dict(raw.get("qra") or {})
     sizes = section.pop("data", None) or {}
+    train = _train_section(ax)
+    try:
+        check_optimizer(train["optimizer"])
+    except ValueError as exc:  # Axolotl's key, not the qra section's
+        raise QRAError(f"{path}: optimizer: {exc}") from None
     values = {
         "name": section.pop("name", path.stem),
         "model": {"path": str(raw["base_model"]), "dtype": _dtype_name(ax.torch_dtype)},
-        "train": _train_section(ax),
+        "train": train,
         "data": {**data, **sizes},
         "budget": section.pop("budget", None) or written_budget(raw),
         **section,
