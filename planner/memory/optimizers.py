@@ -90,7 +90,9 @@ class BnbAdamW(OptimizerStates):
     256 (the last block partial); tensors below ``min_8bit_size`` (4096) keep two float32 states, as 32-bit
     mode does. ``qmap1``/``qmap2`` (256 float32 each) are the optimizer's one ``name2qmap`` pair, the same
     tensors in every parameter's state: held once. ``step`` is a Python int. Paged states take the same
-    bytes (in CUDA managed memory; on CPU ``get_state_buffer`` falls back to ordinary tensors)."""
+    bytes; on CUDA those of tensors with >= 1e5 elements live in managed memory (``F.get_paged``), outside
+    PyTorch's allocator and so outside ``torch.cuda.max_memory_allocated``; on CPU ``get_state_buffer``
+    falls back to ordinary tensors."""
 
     bits: int = 8
 
