@@ -93,7 +93,9 @@ def test_an_optimizer_that_cannot_step_on_this_cpu_is_refused_not_substituted(mo
         run_fidelity(task(cfg, plan))
 
 
-@pytest.mark.parametrize("name", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+@pytest.mark.parametrize(
+    "name", ["adamw_bnb_8bit", "paged_adamw_8bit", pytest.param("adamw_torch_4bit", marks=pytest.mark.slow)]
+)
 def test_a_fidelity_run_trains_with_the_users_optimizer_and_its_plan_bytes_are_predicted(name):
     """The SFT run builds the named optimizer (HF ``optim``): the measured plan bytes (weights + LoRA + grads +
     real optimizer states) equal the ``plan:`` budget's prediction, and are below AdamW's."""
