@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
@@ -128,10 +128,18 @@ class TrainSection(_Section):
 
     batch: int = Field(4, ge=1)
     seq_len: int = Field(128, ge=8)
+    #: an HF ``optim`` name whose state layout ``planner.memory.optimizers`` prices (fidelity runs build it)
     optimizer: str = "adamw_torch"
     grad_checkpointing: bool = False
     lr: float = Field(5e-4, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _priced_optimizer(cls, name: str) -> str:
+        from planner.memory.optimizers import check_optimizer
+
+        return check_optimizer(name)
 
 
 class FidelityLevel(_Section):

@@ -100,8 +100,8 @@ def test_estimate_of_an_axolotl_yaml_equals_the_qra_native_estimate(tmp_path, ti
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"load_in_4bit": True}, "load_in_4bit: a qra plan quantizes each module itself"),
-        ({"adapter": "qlora"}, "adapter: a qra plan trains LoRA adapters"),
+        ({"gptq": True}, "gptq: the model is already quantized"),
+        ({"adapter": "ia3"}, "adapter: a qra plan trains LoRA adapters"),
         ({"qra": {**QRA_SECTION, "budgt": "1GiB"}}, "qra.budgt: unknown key"),
         ({"qra": {**QRA_SECTION, "data": {"path": "x.jsonl"}}}, "qra.data.path: unknown key"),
         ({"qra": {**QRA_SECTION, "space": {"bits": [5]}}}, "qra.space.bits"),
@@ -135,7 +135,7 @@ def test_the_qra_section_is_part_of_the_plugin_args():
         QRAArgs(qra={"serach": {}})
 
 
-@pytest.mark.parametrize("extra", ({"load_in_8bit": True}, {"adapter": "qlora"}))
+@pytest.mark.parametrize("extra", ({"gptq": True}, {"adapter": "ia3"}))
 def test_axolotl_train_and_qra_search_refuse_a_conflict_with_the_same_line(tmp_path, tiny_model_dir, capsys, extra):
     """The plugin's validator (what ``axolotl train`` runs) and the planner's reader share one check."""
     from pydantic import ValidationError

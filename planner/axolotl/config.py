@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from planner.config import QRAConfig
-from qra_plugin.axolotl.args import HOME_PATH_KEYS, expand_home
+from qra_plugin.axolotl.args import HOME_PATH_KEYS, KERNEL_KEYS, expand_home, take_over_quantization
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
 
@@ -69,6 +69,10 @@ def axolotl_settings(path: Path, raw: dict[str, Any]) -> Any:
     from axolotl.utils.dict import DictDefault
 
     config = {k: v for k, v in raw.items() if k != "qra_plan"}
+    take_over_quantization(config)  # validate the job the plugin will run: the plan quantizes, not Axolotl
+    for key in KERNEL_KEYS:  # no plan yet: keep Axolotl from auto-enabling kernels (and from printing so)
+        if config.get(key) is None:
+            config[key] = False
     try:
         return load_cfg(DictDefault(config))
     except ValidationError as exc:
@@ -96,15 +100,36 @@ def _train_section(ax: Any) -> dict[str, Any]:
     }
 
 
+def written_budget(raw: dict[str, Any]) -> str:
+    """The memory of the job as the YAML writes it, as a budget: every block at Axolotl's quantization
+    (QLoRA: bitsandbytes nf4 with double-quantized absmax, Axolotl's defaults; ``load_in_8bit``: LLM.int8;
+    else unquantized) and rank ``lora_r``, priced with the YAML's optimizer, batch and sequence length."""
+    rank = int(raw.get("lora_r") or 8)
+    if raw.get("load_in_4bit") or raw.get("adapter") == "qlora":
+        return f"uniform:4bit-bnb:r{rank}"
+    if raw.get("load_in_8bit"):
+        return f"uniform:8bit-bnb:r{rank}"
+    return f"uniform:16bit:r{rank}"
+
+
 def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -> QRAConfig:
-    """The qra config of an Axolotl YAML: its ``qra:`` section plus what Axolotl's keys say."""
+    """The qra config of an Axolotl YAML: its ``qra:`` section plus what Axolotl's keys say; without a
+    ``qra.budget`` the budget is the job as written (``written_budget``)."""
+    from planner.memory.optimizers import check_optimizer
+
     section = dict(raw.get("qra") or {})
     sizes = section.pop("data", None) or {}
+    train = _train_section(ax)
+    try:
+        check_optimizer(train["optimizer"])
+    except ValueError as exc:  # Axolotl's key, not the qra section's
+        raise QRAError(f"{path}: optimizer: {exc}") from None
     values = {
         "name": section.pop("name", path.stem),
         "model": {"path": str(raw["base_model"]), "dtype": _dtype_name(ax.torch_dtype)},
-        "train": _train_section(ax),
+        "train": train,
         "data": {**data, **sizes},
+        "budget": section.pop("budget", None) or written_budget(raw),
         **section,
     }
     try:

@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("hqq", help="backend of --uniform below 16 bits (hqq, bnb)"),
         batch: int = typer.Option(4, "--batch", min=1),
         seq_len: int = typer.Option(128, "--seq-len", min=1),
-        optimizer: str = typer.Option("adamw_torch", help="HF optim name"),
+        optimizer: str = typer.Option(
+            "adamw_torch", help="HF optim name (adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adamw_torch_4bit, ...)"
+        ),
         grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing"),
         dtype: str = typer.Option("float32", help="dtype the model is loaded and trained in"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object of integer byte fields"),

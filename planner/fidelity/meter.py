@@ -60,10 +60,22 @@ def state_bytes(model: torch.nn.Module, optimizer: Any = None) -> int:
     return weights + grads + (optimizer_state_bytes(optimizer) if optimizer is not None else 0)
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors holding ``t``'s memory: itself, or the inner tensors of a tensor subclass (torchao's
+    quantized optimizer states keep ``codes``, ``scale`` and ``qmap`` behind a wrapper with no storage)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None:
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in _plain_tensors(getattr(t, name))]
+
+
 def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor in ``optimizer.state``, each storage once (bitsandbytes shares its quantile maps
+    between parameters)."""
     states: list[torch.Tensor] = []
     for state in optimizer.state.values():
-        states += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        states += [p for v in state.values() if isinstance(v, torch.Tensor) for p in _plain_tensors(v)]
     return storage_bytes(states)
 
 

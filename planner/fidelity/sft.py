@@ -24,6 +24,8 @@ from planner.data.sources import examples, sft_rows
 from planner.fidelity.contract import EvalResult, EvalTask, Status, level_settings
 from planner.fidelity.meter import ActivationMeter, plan_scaled_bytes, state_bytes
 from planner.fidelity.metrics import answer_accuracy
+from planner.memory.optimizers import fidelity_refusal
+from qra_plugin.errors import QRAError
 
 
 # ---------------------------------------------------------------------------------------------- caches
@@ -204,6 +206,9 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     from qra_plugin.weight_memory import memory_report
 
     cfg = task.config
+    refusal = fidelity_refusal(cfg.train.optimizer)
+    if refusal:  # never substitute another optimizer: the score would not be the user's job
+        raise QRAError(refusal)
     started, layer_stats = time.perf_counter(), dict(STATS)
     tokenizer = cached_tokenizer(cfg.model)
     on_cuda = torch.cuda.is_available()

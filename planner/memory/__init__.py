@@ -1,4 +1,5 @@
-"""The memory model: ``weights`` (bytes per module, by backend), ``activations`` (traced once),
+"""The memory model: ``weights`` (bytes per module, by backend), ``optimizers`` (state bytes by HF ``optim``
+name), ``activations`` (traced once),
 ``breakdown`` (a plan's predicted peak, part by part) and ``budget`` (the budget language)."""
 
 from planner.memory.activations import ActivationTrace, trace_activations
@@ -12,7 +13,8 @@ from planner.memory.breakdown import (
     uniform_plan,
 )
 from planner.memory.budget import Budget, format_bytes, parse_size
-from planner.memory.weights import LORA_DTYPE, OPTIMIZERS, base_module_bytes, lora_numel, optimizer_bytes
+from planner.memory.optimizers import OPTIMIZERS, optimizer_bytes, optimizer_states
+from planner.memory.weights import LORA_DTYPE, base_module_bytes, lora_numel
 
 __all__ = [
     "BUDGET_KINDS",
@@ -28,6 +30,7 @@ __all__ = [
     "lora_numel",
     "min_plan_bytes",
     "optimizer_bytes",
+    "optimizer_states",
     "parse_size",
     "plan_bytes",
     "trace_activations",

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from planner.memory.activations import ActivationTrace, trace_activations
-from planner.memory.weights import LORA_DTYPE, base_module_bytes, elem, lora_numel, optimizer_bytes
+from planner.memory.optimizers import optimizer_states, optimizer_tensor_bytes
+from planner.memory.weights import LORA_DTYPE, base_module_bytes, elem, lora_numel
 from planner.model_info import ModelInfo, pruned_info
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec
@@ -108,7 +109,7 @@ def _module_cost(
     quantized = mp.bits < 16
     base = base_module_bytes(spec, mp, dtype)
     lora = lora_numel(spec, mp.rank)
-    optim = optimizer_bytes(optimizer, [(mp.rank, spec.in_features), (spec.out_features, mp.rank)]) if mp.rank else 0
+    optim = optimizer_tensor_bytes(optimizer, _lora_shapes(spec, mp.rank), elem(LORA_DTYPE))
     extra = 0
     saves_input = False
     if mp.rank > 0:
@@ -120,6 +121,11 @@ def _module_cost(
     cost = _ModuleCost(base, quantized, lora, optim, extra, saves_input)
     _COSTS[key] = cost
     return cost
+
+
+def _lora_shapes(spec: LinearSpec, rank: int) -> list[tuple[int, int]]:
+    """The trainable tensors of one adapter: ``lora_A`` (rank x in) and ``lora_B`` (out x rank); none at rank 0."""
+    return [(rank, spec.in_features), (spec.out_features, rank)] if rank else []
 
 
 def estimate(
@@ -188,6 +194,9 @@ def _estimate(
             if cost.saves_input and not trace.input_saved[spec.name]:
                 block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
     unquantized += info.other_bytes(dtype)
+    # buffers one optimizer shares between all its parameters (bitsandbytes' quantile maps), held once
+    numels = [r * c for spec in info.linears for r, c in _lora_shapes(spec, _rank(plan, spec))]
+    optim += optimizer_states(optimizer).shared_bytes(numels)
     lora_bytes = lora * elem(LORA_DTYPE)
     activations, logits, recompute = _activation_parts(info, trace, block_extra, block_inputs, grad_checkpointing)
     static = quantized + unquantized + lora_bytes + optim
@@ -219,6 +228,11 @@ def _estimate(
             "compute_dtype": str(dtype).removeprefix("torch."),
         },
     )
+
+
+def _rank(plan: Plan, spec: LinearSpec) -> int:
+    mp = plan.modules.get(spec.name)
+    return mp.rank if mp is not None else 0
 
 
 def _activation_parts(

@@ -1,4 +1,5 @@
-"""Bytes per planned module: the base layer as its backend stores it, the LoRA adapter, its optimizer states.
+"""Bytes per planned module: the base layer as its backend stores it and the LoRA adapter (optimizer states:
+``planner.memory.optimizers``).
 
 Backends declare their own byte counts (``qra_plugin.backends.*.stored_bytes``, checked against the real
 layers in ``tests/test_memory.py``); LoRA adapters are fp32 (PEFT upcasts bf16/fp16 adapters by
@@ -6,8 +7,6 @@ default) and their gradients match them.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 
@@ -18,9 +17,6 @@ from qra_plugin.plan import ModulePlan
 
 #: PEFT keeps adapters in fp32 (``autocast_adapter_dtype=True``), whatever the base dtype.
 LORA_DTYPE = torch.float32
-
-#: Optimizer state bytes per trainable parameter tensor, by HF ``optim`` name (see ``_optimizer_bytes``).
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
 
 
 def elem(dtype: torch.dtype) -> int:
@@ -39,18 +35,3 @@ def base_module_bytes(spec: LinearSpec, plan: ModulePlan, compute_dtype: torch.d
 
 def lora_numel(spec: LinearSpec, rank: int) -> int:
     return rank * (spec.in_features + spec.out_features)
-
-
-def optimizer_bytes(optimizer: str, shapes: Iterable[tuple[int, int]]) -> int:
-    """Optimizer state bytes for fp32 trainable tensors of the given 2-D shapes, as torch/HF store them."""
-    total = 0
-    for rows, cols in shapes:
-        if optimizer in ("adamw_torch", "adamw_torch_fused"):
-            total += 2 * rows * cols * 4 + 4  # exp_avg, exp_avg_sq, fp32 ``step`` tensor
-        elif optimizer == "adafactor":
-            total += (rows + cols) * 4 + 4  # factored second moment + 0-dim RMS tensor (HF, beta1=None)
-        elif optimizer == "sgd":
-            total += 0
-        else:
-            raise QRAError(f"unknown optimizer {optimizer!r} (supported: {', '.join(OPTIMIZERS)})")
-    return total

@@ -134,6 +134,7 @@ class SearchSetup:
 
         info = load_model_info(cfg.model)
         budget = Budget.parse(cfg.budget)
+        _refuse_optimizer_here(cfg)
         from planner.priors.pruning import fixed_pruning, searched_channels
 
         space = SearchSpace.from_config(cfg, info, fixed_pruning(cfg), searched_channels(cfg))
@@ -157,6 +158,15 @@ class SearchSetup:
             return None
         config = space.uniform(bits, rank)
         return config if self.fits(config) else None
+
+
+def _refuse_optimizer_here(cfg: QRAConfig) -> None:
+    """Local evaluations train with the user's optimizer on this machine: refuse up front where it cannot run."""
+    from planner.memory.optimizers import fidelity_refusal
+
+    refusal = fidelity_refusal(cfg.train.optimizer) if cfg.search.executor == "local" else None
+    if refusal:
+        raise QRAError(refusal)
 
 
 def open_executor(cfg: QRAConfig, store: Any, *, kind: str | None = None, **extra: Any) -> Any:

@@ -92,12 +92,32 @@ class QRAArgs(BaseModel):
         return data
 
 
+#: what a QLoRA / 8-bit LoRA YAML says that a qra plan replaces: Axolotl loads the model unquantized, the plan
+#: quantizes each module, PEFT adds plain LoRA adapters (``take_over_quantization``)
+WHOLE_MODEL_QUANTIZATION = {"load_in_4bit": False, "load_in_8bit": False, "quantize_moe_experts": False}
+#: keys naming a model that is already quantized (a plan cannot re-quantize it)
+PREQUANTIZED_KEYS = ("gptq", "model_quantization_config")
+
+
+def take_over_quantization(config: dict) -> list[str]:
+    """Make Axolotl load the model unquantized so the plan's per-module quantization is the only one:
+    ``load_in_4bit``/``load_in_8bit`` off and ``adapter: qlora`` trained as ``lora``. In place, on the raw
+    config (``register`` runs before Axolotl validates it); returns the keys it changed."""
+    changed = [k for k, v in WHOLE_MODEL_QUANTIZATION.items() if k in config and bool(config[k]) != v]
+    config.update({k: v for k, v in WHOLE_MODEL_QUANTIZATION.items() if k in config})
+    if config.get("adapter") == "qlora":
+        config["adapter"] = "lora"
+        changed.append("adapter")
+    return changed
+
+
 def plan_conflict(config: dict) -> str | None:
     """The one line naming an Axolotl setting a qra plan cannot train with (None: no conflict); shared by this
-    validator (``axolotl train``) and the planner's reader of the same YAML (``qra search``)."""
-    for key in ("load_in_4bit", "load_in_8bit"):
+    validator (``axolotl train``) and the planner's reader of the same YAML (``qra search``). QLoRA's
+    ``load_in_4bit`` / ``adapter: qlora`` (and 8-bit LoRA) are no conflict: the plan takes over quantization."""
+    for key in PREQUANTIZED_KEYS:
         if config.get(key):
-            return f"{key}: a qra plan quantizes each module itself; remove {key} (keep adapter: lora)"
-    if config.get("adapter") not in (None, "lora"):
-        return f"adapter: a qra plan trains LoRA adapters; set adapter: lora (got {config.get('adapter')!r})"
+            return f"{key}: the model is already quantized; a qra plan quantizes an unquantized model per module"
+    if config.get("adapter") not in (None, "lora", "qlora"):
+        return f"adapter: a qra plan trains LoRA adapters; set adapter: lora or qlora (got {config.get('adapter')!r})"
     return None

@@ -12,8 +12,9 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from qra_plugin.axolotl.args import KERNEL_KEYS, expand_home, kernels_blocked_by
+from qra_plugin.axolotl.args import KERNEL_KEYS, expand_home, kernels_blocked_by, take_over_quantization
 from qra_plugin.distributed import check_sharding, deepspeed_stage
+from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
 from qra_plugin.plan import Plan, fingerprint
@@ -43,9 +44,22 @@ class QRAPlugin(BasePlugin):
 
     def register(self, cfg: dict) -> None:
         """Axolotl hands the raw config here before validating it: expand ``~`` in the paths a qra user
-        types (``base_model: ~/.cache/qra/...`` would otherwise be taken for a hub repo id)."""
-        if cfg.get("qra_plan"):
-            expand_home(cfg)
+        types (``base_model: ~/.cache/qra/...`` would otherwise be taken for a hub repo id), and let the plan
+        take over a QLoRA YAML's quantization (no double quantization: Axolotl loads the model unquantized)."""
+        if not cfg.get("qra_plan"):
+            return
+        expand_home(cfg)
+        changed = take_over_quantization(cfg)
+        if changed:
+            log.info("qra: the plan quantizes each module; Axolotl loads the model unquantized (%s)", ",".join(changed))
+        try:
+            blocked = kernels_blocked_by(self._plan(cfg))
+        except QRAError:
+            return  # the args validator names the broken plan in one line
+        if blocked:  # before Axolotl's validation auto-enables the Triton LoRA kernels for a (Q)LoRA YAML
+            for key in KERNEL_KEYS:
+                if cfg.get(key) is None:
+                    cfg[key] = False
 
     def get_input_args(self) -> str:
         return "qra_plugin.axolotl.args.QRAArgs"
