@@ -55,6 +55,9 @@ class Backend:
     picklable: bool = False
     #: ``restored(module)``: make a layer loaded by ``torch.load`` usable in a process that never built one
     restored: Callable[[nn.Module], None] = lambda module: None
+    #: ``dequantize(module) -> Tensor``: the (out, in) weight the layer computes with (None: it cannot say);
+    #: the planner's error-aware adapter init reads the quantization error W - dequantize(Q(W)) through it
+    dequantize: Callable[[nn.Module], torch.Tensor] | None = None
     #: one line for docs and errors
     summary: str = ""
 
