@@ -153,6 +153,12 @@ class Plan(BaseModel):
     #: the directory the plan was loaded from (resolves a relative ``init_file``); not part of the plan
     _source_dir: Path | None = PrivateAttr(default=None)
 
+    def __eq__(self, other: object) -> bool:
+        """Plans are equal when their fields are: where a plan was loaded from is not part of it."""
+        return isinstance(other, Plan) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every non-frozen pydantic model
+
     @model_validator(mode="after")
     def _init_file_named(self) -> Plan:
         wants = any(m.init == "error" for m in self.modules.values())

@@ -1,0 +1,187 @@
+"""Error-aware adapter init (issue 23): the closed form, its error table, the plan's init file, the runtime.
+
+Real HQQ / bitsandbytes layers and real PEFT adapters on tiny Llama and Qwen2 models built in code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+
+from planner.fidelity.quantized import quantized_layer
+from planner.priors.adapter_init import adapter_pair, module_error_svd, plan_with_error_init, quantization_error
+from planner.priors.moments import MOMENTS_FILE, cached_second_moments, second_moments
+from planner.scale import module_alpha, with_alpha_rule
+from planner.tiny import build_tiny_model
+from qra_plugin import apply_plan, load_for_inference
+from qra_plugin.errors import QRAError
+from qra_plugin.plan import ModulePlan, Plan
+
+#: Plan.uniform(tiny llama seed 0, 4 bits, r16).content_hash() before ``init`` existed (main 03b0d71)
+UNIFORM4_R16_HASH = "478e220036b1b09b836a"
+
+
+def _tokens(n: int = 8, seq: int = 48, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 512, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=tokens).logits
+
+
+def _init_plan(model, plan: Plan, tokens: torch.Tensor, tmp_path) -> Plan:
+    init = plan_with_error_init(model, plan, tokens, tmp_path / "plan.init.safetensors", plan_dir=tmp_path)
+    init.save(tmp_path / "plan.yaml")
+    return Plan.load(tmp_path / "plan.yaml")
+
+
+# ---------------------------------------------------------------- the plan and its hash
+
+
+def test_plan_without_init_hashes_as_before():
+    model = build_tiny_model("llama", seed=0)
+    plan = Plan.uniform(model, bits=4, rank=16)
+    assert plan.content_hash() == UNIFORM4_R16_HASH
+    explicit = Plan.parse(yaml.safe_load(yaml.safe_dump(plan.to_dict())))
+    assert "init" not in yaml.safe_dump(plan.to_dict())
+    zero = {n: {**m.model_dump(), "init": "zero"} for n, m in plan.modules.items()}
+    assert Plan.parse({**plan.to_dict(), "modules": zero}).content_hash() == UNIFORM4_R16_HASH
+    assert explicit.content_hash() == UNIFORM4_R16_HASH
+
+
+def test_init_fields_enter_the_hash_but_the_file_location_does_not(tmp_path):
+    model = build_tiny_model("llama", seed=0)
+    plan = _init_plan(model, Plan.uniform(model, bits=4, rank=4), _tokens(), tmp_path)
+    assert plan.content_hash() != UNIFORM4_R16_HASH
+    assert all(m.init == "error" for m in plan.modules.values())
+    moved = plan.model_copy(update={"init_file": "/elsewhere/x.safetensors"})
+    other = plan.model_copy(update={"init_hash": "0" * 64})
+    assert moved.content_hash() == plan.content_hash() != other.content_hash()
+    with pytest.raises(QRAError, match="init_file and init_hash"):
+        Plan.parse({k: v for k, v in plan.to_dict().items() if k not in ("init_file", "init_hash")})
+
+
+# ---------------------------------------------------------------- the closed form
+
+
+def test_leftover_is_the_measured_output_error_and_falls_with_rank():
+    model = build_tiny_model("llama", seed=0).eval()
+    name = "model.layers.1.mlp.down_proj"
+    tokens = _tokens()
+    inputs: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    moments = second_moments(model, tokens, [name])[name]
+    handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).double()
+    linear = model.get_submodule(name)
+    mp = ModulePlan(bits=3, rank=8)
+    svd, white = module_error_svd(linear, mp, moments, damping=0.01)
+    leftover = svd.leftover()
+    error = quantization_error(linear, quantized_layer(linear, mp, torch.float32, keep=False))
+    scale = 2.0
+    measured = []
+    for rank in (1, 2, 4, 8, 16):
+        a, b = adapter_pair(svd, white, rank, scale)
+        residual = error - scale * b @ a
+        measured.append(float((x @ residual.T).square().sum(dim=1).mean()))
+        assert measured[-1] == pytest.approx(float(leftover[rank]), rel=1e-6)
+    assert float((x @ error.T).square().sum(dim=1).mean()) == pytest.approx(float(leftover[0]), rel=1e-6)
+    assert all(later < earlier for earlier, later in zip(measured, measured[1:], strict=False))
+    assert measured[-1] < 0.5 * float(leftover[0])
+    damped = svd.damped_leftover()
+    assert torch.all(damped >= leftover - 1e-9) and torch.all(damped[:-1] > damped[1:])
+
+
+def test_moments_share_inputs_and_are_cached(tmp_path):
+    model = build_tiny_model("llama", seed=0).eval()
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + ["model.layers.0.mlp.gate_proj"]
+    tokens = _tokens(4)
+    moments = cached_second_moments(model, tokens, names, tmp_path)
+    q, k, v, o, gate = (moments[n] for n in names)
+    assert q is k is v and o is not q and gate is not q
+    assert torch.allclose(q, q.T) and torch.linalg.eigvalsh(q).min() > -1e-9
+    stamp = (tmp_path / MOMENTS_FILE).stat().st_mtime_ns
+    again = cached_second_moments(model, tokens, names, tmp_path)
+    assert (tmp_path / MOMENTS_FILE).stat().st_mtime_ns == stamp
+    assert torch.allclose(again[names[0]], q, rtol=1e-6) and again[names[0]] is again[names[1]]
+    cached_second_moments(model, _tokens(4, seed=1), names, tmp_path)
+    assert (tmp_path / MOMENTS_FILE).stat().st_mtime_ns != stamp  # other calibration rows: recomputed
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+@pytest.mark.parametrize(
+    ("arch", "bits", "backend"), [("llama", 4, "hqq"), ("qwen2", 3, "hqq"), ("llama", 4, "bnb"), ("qwen2", 4, "bnb")]
+)
+def test_error_init_starts_closer_to_the_unquantized_model(tmp_path, arch, bits, backend):
+    model = build_tiny_model(arch, seed=0).eval()
+    tokens = _tokens()
+    reference = _logits(model, tokens)
+    zero_plan = Plan.uniform(model, bits=bits, rank=8, backend=backend)
+    init_plan = _init_plan(model, zero_plan, tokens, tmp_path)
+    zero = (_logits(apply_plan(copy.deepcopy(model), zero_plan), tokens) - reference).square().mean()
+    init = (_logits(apply_plan(copy.deepcopy(model), init_plan), tokens) - reference).square().mean()
+    assert init < 0.6 * zero, (float(init), float(zero))
+
+
+def test_tampered_or_missing_init_file_is_refused(tmp_path):
+    model = build_tiny_model("llama", seed=0)
+    plan = _init_plan(model, Plan.uniform(model, bits=4, rank=4), _tokens(), tmp_path)
+    path = tmp_path / "plan.init.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(QRAError, match="does not match the plan"):
+        apply_plan(copy.deepcopy(model), plan)
+    path.unlink()
+    with pytest.raises(QRAError, match="not found"):
+        apply_plan(copy.deepcopy(model), plan)
+
+
+def test_relative_init_file_resolves_against_the_plan_directory(tmp_path, monkeypatch):
+    model = build_tiny_model("llama", seed=0)
+    plan = _init_plan(model, Plan.uniform(model, bits=4, rank=4), _tokens(), tmp_path)
+    assert plan.init_file == "plan.init.safetensors"
+    monkeypatch.chdir(tmp_path.parent)
+    peft_model = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.yaml"))
+    module = peft_model.get_base_model().get_submodule("model.layers.0.mlp.up_proj")
+    assert module.lora_B["default"].weight.abs().sum() > 0
+
+
+def test_train_step_then_save_and_reload_reproduces_logits(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokens = _tokens(4)
+    plan = _init_plan(base, Plan.uniform(base, bits=4, rank=4), tokens, tmp_path)
+    model = apply_plan(AutoModelForCausalLM.from_pretrained(tiny_model_dir), plan).train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    optimizer.step()
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "adapter")
+    trained = _logits(model, tokens)
+    reloaded = load_for_inference(tiny_model_dir, plan, tmp_path / "adapter")
+    assert torch.allclose(_logits(reloaded, tokens), trained, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the LoRA scale rule
+
+
+def test_alpha_rules_keep_the_users_setting():
+    assert module_alpha(16, "rank") is None and module_alpha(4, "rank", 8, 32) == 16.0
+    assert module_alpha(4, "sqrt") == pytest.approx(16.0) and module_alpha(64, "sqrt") == pytest.approx(64.0)
+    assert module_alpha(4, "fixed") == 32.0 and module_alpha(0, "fixed") is None
+    model = build_tiny_model("llama", seed=0)
+    plan = Plan.uniform(model, bits=4, rank=4)
+    assert with_alpha_rule(plan, "rank").content_hash() == plan.content_hash()
+    sqrt = with_alpha_rule(plan, "sqrt")
+    assert {m.lora_alpha / m.rank for m in sqrt.modules.values()} == {4.0}  # 32·√(4/16)/4: twice rank's scale
