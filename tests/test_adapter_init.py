@@ -185,3 +185,54 @@ def test_alpha_rules_keep_the_users_setting():
     assert with_alpha_rule(plan, "rank").content_hash() == plan.content_hash()
     sqrt = with_alpha_rule(plan, "sqrt")
     assert {m.lora_alpha / m.rank for m in sqrt.modules.values()} == {4.0}  # 32·√(4/16)/4: twice rank's scale
+
+
+def test_save_plan_writes_the_init_file_beside_each_plan(tmp_path):
+    from planner.config import QRAConfig
+    from planner.loading import load_model
+    from planner.priors.adapter_init import save_plan
+
+    cfg = QRAConfig.model_validate(
+        {
+            "model": {"tiny": {"layers": 2}},
+            "adapter": {"init": "error"},
+            "profile": {"calibration_examples": 4, "seq_len": 32},
+        }
+    )
+    model = load_model(cfg.model)
+    paths = [tmp_path / "out" / "plan.yaml", tmp_path / "axolotl" / "qra_plan.yaml"]
+    save_plan(cfg, Plan.uniform(model, bits=4, rank=4), paths, tmp_path / "out")
+    assert (tmp_path / "out" / MOMENTS_FILE).is_file()
+    plans = [Plan.load(p) for p in paths]
+    assert [p.init_file for p in plans] == ["plan.init.safetensors", "qra_plan.init.safetensors"]
+    assert plans[0].content_hash() == plans[1].content_hash()
+    for plan in plans:
+        assert apply_plan(copy.deepcopy(model), plan) is not None
+
+
+def test_error_table_allocation_fits_and_prices_bits_with_rank():
+    from planner.allocation import table_allocation
+    from planner.config import QRAConfig
+    from planner.memory import Budget, plan_bytes
+    from planner.model_info import load_model_info
+    from planner.priors.adapter_init import error_table
+    from planner.search.space import BudgetCost, SearchSpace
+
+    cfg = QRAConfig.model_validate(
+        {"model": {"tiny": {"layers": 2}}, "budget": "uniform:4bit:r8", "space": {"bits": [3, 4, 8], "ranks": [4, 16]}}
+    )
+    info = load_model_info(cfg.model)
+    budget = Budget.parse(cfg.budget)
+    space = SearchSpace.from_config(cfg, info)
+    budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+    model = build_tiny_model("llama", layers=2, seed=0).eval()
+    moments = second_moments(model, _tokens(4), [s.name for s in space.specs])
+    table = error_table(model, space, moments)
+    for u in range(space.n_units):
+        assert table[(u, 3, 4)] > table[(u, 4, 4)] > table[(u, 8, 4)] > 0  # fewer bits: more error
+        assert table[(u, 4, 16)] < table[(u, 4, 4)]  # more rank repairs more of it
+    config = table_allocation(space, cost, budget_bytes, table)
+    assert cost(config) <= budget_bytes
+    total = sum(table[(u, *c)] for u, c in enumerate(config))
+    assert total <= sum(table[(u, 4, 4)] for u in range(space.n_units))  # no worse than uniform 4-bit r4

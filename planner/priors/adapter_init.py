@@ -195,3 +195,64 @@ def plan_with_error_init(
     if not tensors:
         raise QRAError("the plan has no quantized module with a rank: nothing to initialise")
     return attach_init_file(plan, tensors, Path(init_path), Path(plan_dir) if plan_dir else None)
+
+
+def save_plan(cfg, plan: Plan, paths: list[Path], out_dir: str | Path) -> None:
+    """Save ``plan`` at each path; with ``adapter.init: error`` each gets its init file beside it
+    (``<stem>.init.safetensors``, named relative to the plan), computed once from the profile's calibration
+    rows and the second moments cached in ``out_dir`` next to the priors."""
+    with_init: Plan | None = None
+    for path in map(Path, paths):
+        if cfg.adapter.init != "error":
+            plan.save(path)
+            continue
+        init_path = path.with_name(f"{path.stem}.init.safetensors")
+        if with_init is None:
+            with_init = plan_for_config(cfg, plan, init_path, out_dir)
+        else:
+            write_bytes_atomic(init_path, with_init.init_path().read_bytes())
+        with_init.model_copy(update={"init_file": init_path.name}).save(path)
+
+
+def plan_for_config(cfg, plan: Plan, init_path: Path, out_dir: str | Path) -> Plan:
+    """``plan_with_error_init`` with the model, calibration rows and damping a ``QRAConfig`` names."""
+    from planner.loading import load_model, load_tokenizer
+    from planner.priors.calibration import calibration_batch
+    from planner.priors.moments import cached_second_moments
+    from qra_plugin.modules import quantizable_linears
+
+    p = cfg.profile
+    model = load_model(cfg.model).eval()
+    tokens = calibration_batch(
+        load_tokenizer(cfg.model), cfg.data, p.calibration_examples, p.seq_len, p.calibration_offset, cfg.seed
+    )
+    names = [s.name for s in quantizable_linears(model)]
+    moments = None if plan.pruning else cached_second_moments(model, tokens, names, out_dir, p.batch)
+    return plan_with_error_init(
+        model, plan, tokens, init_path, plan_dir=init_path.parent, damping=cfg.adapter.damping, moments=moments
+    )
+
+
+# ---------------------------------------------------------------- the error table
+
+
+def error_table(
+    model: nn.Module, space, moments: dict[str, torch.Tensor], damping: float = 0.01, backend: str | None = None
+) -> dict[tuple[int, int, int], float]:
+    """(unit index, bits, rank) -> the unit's summed starting output error on the calibration inputs with an
+    error-aware rank-``rank`` init: one SVD per (module, bits) gives every rank. 16 bits: no error. Units are
+    the space's (a block sums its modules); output errors of different modules are summed as they are."""
+    table: dict[tuple[int, int, int], float] = {}
+    for i, spec in enumerate(space.specs):
+        unit = i if space.unit == "module" else spec.block
+        linear = model.get_submodule(spec.name)
+        for bits in space.bits:
+            if bits >= 16:
+                leftover = torch.zeros(max(space.ranks) + 1, dtype=torch.float64)
+            else:
+                mp = ModulePlan(bits=bits, backend=backend or space.backend)
+                leftover = module_error_svd(linear, mp, moments[spec.name], damping)[0].leftover()
+            for rank in space.ranks:
+                key = (unit, bits, rank)
+                table[key] = table.get(key, 0.0) + float(leftover[min(rank, leftover.numel() - 1)])
+    return table
