@@ -17,6 +17,7 @@ from planner.priors.moments import MOMENTS_FILE, cached_second_moments, second_m
 from planner.scale import module_alpha, with_alpha_rule
 from planner.tiny import build_tiny_model
 from qra_plugin import apply_plan, load_for_inference
+from qra_plugin.adapter_init import read_init_tensors
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import ModulePlan, Plan
 
@@ -236,3 +237,42 @@ def test_error_table_allocation_fits_and_prices_bits_with_rank():
     assert cost(config) <= budget_bytes
     total = sum(table[(u, *c)] for u, c in enumerate(config))
     assert total <= sum(table[(u, 4, 4)] for u in range(space.n_units))  # no worse than uniform 4-bit r4
+
+
+def test_axolotl_post_lora_load_starts_the_adapters_from_the_init_file(tmp_path):
+    from axolotl.utils.dict import DictDefault
+    from peft import get_peft_model
+
+    from qra_plugin.axolotl.plugin import QRAPlugin
+    from qra_plugin.lora import lora_config
+    from qra_plugin.quantize import quantize_model
+
+    model = build_tiny_model("llama", seed=0)
+    plan = _init_plan(model, Plan.uniform(model, bits=4, rank=4), _tokens(), tmp_path)
+    name = "model.layers.1.self_attn.v_proj"
+    expected = read_init_tensors(plan)[f"{name}.lora_B"]
+    for lora_model_dir, starts_from_file in ((None, True), (str(tmp_path), False)):
+        quantized = copy.deepcopy(model)
+        quantize_model(quantized, plan)
+        peft_model = get_peft_model(quantized, lora_config(plan))
+        cfg = DictDefault({"qra_plan": str(tmp_path / "plan.yaml"), "lora_model_dir": lora_model_dir})
+        QRAPlugin().post_lora_load(cfg, peft_model)
+        b = peft_model.get_base_model().get_submodule(name).lora_B["default"].weight
+        assert torch.equal(b, expected) is starts_from_file  # a trained adapter being loaded is kept
+
+
+def test_search_space_applies_the_alpha_rule():
+    from planner.config import QRAConfig
+    from planner.model_info import load_model_info
+    from planner.search.space import SearchSpace
+
+    def plan_for(adapter: dict) -> Plan:
+        cfg = QRAConfig.model_validate({"model": {"tiny": {"layers": 2}}, "adapter": adapter})
+        space = SearchSpace.from_config(cfg, load_model_info(cfg.model))
+        return space.to_plan(((4, 4), (8, 16)))
+
+    default = plan_for({})
+    assert all(m.alpha is None for m in default.modules.values())
+    sqrt = plan_for({"alpha_rule": "sqrt"})
+    assert {m.rank: m.lora_alpha for m in sqrt.modules.values()} == {4: 16.0, 16: 32.0}
+    assert sqrt.content_hash() != default.content_hash()
