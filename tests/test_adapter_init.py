@@ -117,7 +117,23 @@ def test_moments_share_inputs_and_are_cached(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("arch", "bits", "backend"), [("llama", 4, "hqq"), ("qwen2", 3, "hqq"), ("llama", 4, "bnb"), ("qwen2", 4, "bnb")]
+    "mp", [ModulePlan(bits=3), ModulePlan(bits=4, backend="bnb"), ModulePlan(bits=8, backend="bnb")]
+)
+def test_dequantize_is_the_weight_the_layer_computes_with(mp):
+    from planner.priors.adapter_init import dequantized
+    from qra_plugin.backends import get_backend
+
+    linear = torch.nn.Linear(64, 96, bias=False)
+    layer = get_backend(mp.backend).quantize(copy.deepcopy(linear), mp, torch.float32)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ dequantized(layer).float().T, atol=1e-5)
+    assert not torch.allclose(dequantized(layer).float(), linear.weight, atol=1e-5)  # it is quantized
+
+
+@pytest.mark.parametrize(
+    ("arch", "bits", "backend"),
+    [("llama", 4, "hqq"), ("qwen2", 3, "hqq"), ("llama", 4, "bnb"), ("qwen2", 4, "bnb"), ("llama", 8, "bnb")],
 )
 def test_error_init_starts_closer_to_the_unquantized_model(tmp_path, arch, bits, backend):
     model = build_tiny_model(arch, seed=0).eval()
