@@ -82,7 +82,25 @@ def apply_adapter_init(model: nn.Module, plan: Plan, adapter: str = "default") -
     return len(wanted)
 
 
+def _gathered(params: list[torch.Tensor]):
+    """DeepSpeed ZeRO-3 partitions parameters as they are created: gather them to write the full tensors
+    (every rank loaded the same file, so rank 0's copy is everyone's). Elsewhere: nothing to do."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def _copy_pair(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, scale: float, name: str) -> None:
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    with _gathered([lora_a, lora_b]):
+        _copy_checked(layer, adapter, a, b, scale, name)
+
+
+def _copy_checked(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor, scale: float, name: str) -> None:
     lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if tuple(a.shape) != tuple(lora_a.shape) or tuple(b.shape) != tuple(lora_b.shape):
         raise QRAError(
