@@ -292,3 +292,45 @@ def test_search_space_applies_the_alpha_rule():
     sqrt = plan_for({"alpha_rule": "sqrt"})
     assert {m.rank: m.lora_alpha for m in sqrt.modules.values()} == {4: 16.0, 16: 32.0}
     assert sqrt.content_hash() != default.content_hash()
+
+
+@pytest.mark.distributed
+def test_two_ddp_ranks_start_from_the_init_file(tmp_path):
+    """``accelerate launch`` (2 CPU processes) of the TRL example: each rank's ``apply_plan`` reads the init
+    file named relative to the plan (the launch runs elsewhere), both train with the same losses, and the first
+    loss is the init's, not the zero start's."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from planner.data.wiki import write_jsonl
+    from planner.tiny import save_tiny_model
+
+    root = Path(__file__).resolve().parents[1]
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    model_dir = save_tiny_model(tmp_path / "model", seed=0)
+    data = write_jsonl(tmp_path / "train.jsonl", "train", 16, fmt="prompt-completion")
+    model = build_tiny_model("llama", seed=0)
+    (tmp_path / "zero").mkdir()
+    Plan.uniform(model, bits=3, rank=4).save(tmp_path / "zero" / "plan.yaml")
+    _init_plan(model, Plan.uniform(model, bits=3, rank=4), _tokens(), tmp_path / "init")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    first = {}
+    for kind in ("zero", "init"):
+        out = tmp_path / f"out_{kind}"
+        cmd = [
+            accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "example_configs" / "train_trl.py"),
+            "--model", str(model_dir), "--plan", str(tmp_path / kind / "plan.yaml"), "--data", str(data),
+            "--batch", "2", "--out", str(out), "--steps", "2",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0]["losses"] == pytest.approx(ranks[1]["losses"], abs=1e-6)
+        first[kind] = ranks[0]["losses"][0]
+    assert first["init"] != pytest.approx(first["zero"], abs=1e-4)
