@@ -334,3 +334,26 @@ def test_two_ddp_ranks_start_from_the_init_file(tmp_path):
         assert ranks[0]["losses"] == pytest.approx(ranks[1]["losses"], abs=1e-6)
         first[kind] = ranks[0]["losses"][0]
     assert first["init"] != pytest.approx(first["zero"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_error_init_lowers_the_starting_loss(tmp_path):
+    """The real model, its first four blocks at HQQ 3-bit r16 (the rest unquantized, to stay cheap): the init
+    removes a real share of the starting loss the quantization adds on held-out wiki rows."""
+    from benchmarks.adapter_init_probe import eval_loss, packed_rows
+    from planner.config import DataSection, ModelSection
+    from planner.loading import load_model, load_tokenizer
+    from planner.priors.calibration import calibration_batch
+
+    section = ModelSection(path="demo")
+    model = load_model(section).eval()
+    tokenizer = load_tokenizer(section)
+    calib = calibration_batch(tokenizer, DataSection(), 8, 128)
+    held_out = packed_rows(tokenizer, "selection", 8, 128)
+    plan = Plan.from_blocks(model, [(3, 16)] * 4 + [(16, 16)] * 26)
+    init_plan = _init_plan(model, plan, calib, tmp_path)
+    unquantized = eval_loss(model, held_out)
+    zero = eval_loss(apply_plan(copy.deepcopy(model), plan), held_out)
+    init = eval_loss(apply_plan(copy.deepcopy(model), init_plan), held_out)
+    assert zero - unquantized > 0.02, (unquantized, zero)
+    assert init < zero - 0.3 * (zero - unquantized), (unquantized, zero, init)
