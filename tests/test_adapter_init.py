@@ -357,3 +357,15 @@ def test_smollm2_error_init_lowers_the_starting_loss(tmp_path):
     init = eval_loss(apply_plan(copy.deepcopy(model), init_plan), held_out)
     assert zero - unquantized > 0.02, (unquantized, zero)
     assert init < zero - 0.3 * (zero - unquantized), (unquantized, zero, init)
+
+
+def test_a_scale_override_keeps_the_starting_delta(tmp_path):
+    """``use_rslora`` changes PEFT's scale to alpha/√r: B is rescaled so scale·B·A is the planner's delta."""
+    model = build_tiny_model("llama", seed=0)
+    tokens = _tokens()
+    plan = _init_plan(model, Plan.uniform(model, bits=4, rank=4), tokens, tmp_path)
+    plain = _logits(apply_plan(copy.deepcopy(model), plan), tokens)
+    rslora = apply_plan(copy.deepcopy(model), plan, use_rslora=True)
+    module = rslora.get_base_model().get_submodule("model.layers.0.self_attn.q_proj")
+    assert module.scaling["default"] == pytest.approx(8 / 2)  # alpha 8 / √4, not 8 / 4
+    assert torch.allclose(_logits(rslora, tokens), plain, atol=1e-5)
