@@ -369,3 +369,28 @@ def test_a_scale_override_keeps_the_starting_delta(tmp_path):
     module = rslora.get_base_model().get_submodule("model.layers.0.self_attn.q_proj")
     assert module.scaling["default"] == pytest.approx(8 / 2)  # alpha 8 / √4, not 8 / 4
     assert torch.allclose(_logits(rslora, tokens), plain, atol=1e-5)
+
+
+@pytest.mark.axolotl
+def test_axolotl_train_starts_from_the_init_file(tmp_path, tiny_model_dir):
+    """A real ``axolotl train`` with an init plan and a learning rate too small to move anything: the adapter
+    it saves is the init file's (so the plugin's hook ran before training), and its plan copy still loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_axolotl import _config, _run
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    (tmp_path / "plan").mkdir()
+    plan = _init_plan(model, Plan.uniform(model, bits=3, rank=4), _tokens(), tmp_path / "plan")
+    config = _config(tmp_path, tiny_model_dir, qra_plan=str(tmp_path / "plan" / "plan.yaml"), max_steps=1)
+    config.write_text(config.read_text().replace("learning_rate: 0.001", "learning_rate: 1.0e-12"))
+    proc = _run(config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    expected = read_init_tensors(plan)
+    name = "model.layers.1.mlp.down_proj"
+    assert expected[f"{name}.lora_B"].abs().max() > 1e-3  # zero init would not pass the next line
+    assert torch.allclose(saved[f"base_model.model.{name}.lora_B.weight"], expected[f"{name}.lora_B"], atol=1e-6)
+    copied = Plan.load(tmp_path / "out" / "qra_plan.yaml")
+    assert copied.content_hash() == plan.content_hash() and copied.init_path().is_file()
