@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['setup_s']}, train {r['train_s']}, eval {r['eval_s']}); {shares}"
         )
     write_text_atomic(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines[-len(runs):]))
+    print("\n".join(lines[-len(runs) :]))
     return 0
 
 

@@ -77,8 +77,10 @@ def measure(bits_list: list[int], steps: int, repeats: int, threads: int, model:
             "before": round(before, 3),
             "after": round(after, 3),
             "ratio": round(after / before, 3),
-            "eval_s": {"before": round(statistics.median(r["eval_s"] for r in runs[False]), 2),
-                       "after": round(statistics.median(r["eval_s"] for r in runs[True]), 2)},  # fmt: skip
+            "eval_s": {
+                "before": round(statistics.median(r["eval_s"] for r in runs[False]), 2),
+                "after": round(statistics.median(r["eval_s"] for r in runs[True]), 2),
+            },  # fmt: skip
             "losses_identical": losses[False] == losses[True],
             "losses": [list(x) for x in losses[True][:1]],
         }
@@ -100,9 +102,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for bits, row in result["step_s"].items():
-        lines.append(
-            f"| {bits} | {row['before']} | {row['after']} | {row['ratio']} | {row['losses_identical']} |"
-        )
+        lines.append(f"| {bits} | {row['before']} | {row['after']} | {row['ratio']} | {row['losses_identical']} |")
     if result.get("final_s"):
         f = result["final_s"]
         lines += ["", f"One 40-step final (HQQ 4-bit r16, estimated from the 4-bit step time + eval): "

@@ -328,3 +328,34 @@ def named_prior_allocations(
     with contextlib.suppress(QRAError):
         found["ilp"] = ilp(space, cost, budget, importance, rank)
     return found
+
+
+def table_allocation(
+    space: SearchSpace, cost: BudgetCost, budget: int, table: dict[tuple[int, int, int], float]
+) -> Config:
+    """Zero-evaluation allocation from the error table (``planner.priors.adapter_init.error_table``): start from
+    the richest config and take, one step at a time, the downgrade (a unit's bits or rank) that adds the least
+    starting output error per byte saved, until the config fits. Bits and rank are priced together: a rank
+    step's cost depends on the unit's bits (an 8-bit unit's adapter repairs almost nothing at the start)."""
+    if space.prune:
+        raise QRAError("the error-table allocation does not search pruning")
+    current = space.richest()
+    while cost(current) > budget:
+        best: tuple[float, int, Config] | None = None
+        for u, choice in enumerate(current):
+            for axis, values in enumerate(space.axes):
+                i = values.index(choice[axis])
+                if i == 0:
+                    continue
+                moved = choice[:axis] + (values[i - 1],) + choice[axis + 1 :]
+                saved = cost.saving(u, choice, moved)
+                if saved <= 0:
+                    continue
+                added = table[(u, *moved[:2])] - table[(u, *choice[:2])]
+                key = (max(added, 0.0) / saved, 2 * u + axis)
+                if best is None or key < best[:2]:
+                    best = (*key, current[:u] + (moved,) + current[u + 1 :])
+        if best is None:
+            raise QRAError("the budget is below the cheapest config of the search space")
+        current = best[2]
+    return current

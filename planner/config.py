@@ -241,6 +241,25 @@ class SearchSection(_Section):
     gpus_per_eval: float = Field(0.0, ge=0)
 
 
+class AdapterSection(_Section):
+    """The LoRA scale each planned module gets and how its adapter starts (issue 23; a section of its own).
+
+    ``lora_r`` / ``lora_alpha`` are the setting the user tuned a learning rate for. ``alpha_rule`` says what a
+    module given another rank keeps: ``rank`` (default, today's plans): the scale alpha/rank stays
+    lora_alpha/lora_r; ``sqrt`` (rsLoRA-style): alpha = lora_alpha·sqrt(rank/lora_r), so the size of an Adam
+    update of scale·B·A (which grows with scale·sqrt(rank)) stays what lora_r gave; ``fixed``: alpha =
+    lora_alpha at every rank (PEFT's behaviour when only ``r`` changes). ``init: error`` starts each quantized
+    module's adapter from its quantization error (``planner.priors.adapter_init``); ``damping`` is λ's share
+    of the mean diagonal of the input second moments.
+    """
+
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    alpha_rule: Literal["rank", "sqrt", "fixed"] = "rank"
+    init: Literal["zero", "error"] = "zero"
+    damping: float = Field(0.01, ge=0)
+
+
 class QRAConfig(_Section):
     name: str = "qra"
     seed: int = 0
@@ -252,6 +271,7 @@ class QRAConfig(_Section):
     fidelity: FidelitySection = FidelitySection()
     profile: ProfileSection = ProfileSection()
     search: SearchSection = SearchSection()
+    adapter: AdapterSection = AdapterSection()
 
     @model_validator(mode="after")
     def _profile_prices_searched_ratios(self) -> QRAConfig:

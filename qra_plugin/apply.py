@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from qra_plugin.adapter_init import apply_adapter_init
 from qra_plugin.errors import QRAError
 from qra_plugin.lora import lora_config
 from qra_plugin.plan import Plan
@@ -22,7 +23,7 @@ def _as_plan(plan: Plan | str | Path) -> Plan:
 
 def apply_plan(model: nn.Module, plan: Plan | str | Path, **lora_overrides: Any) -> PeftModel:
     """Prune (if the plan says so), quantize the planned modules in place on their device, then attach the
-    planned LoRA adapters.
+    planned LoRA adapters (started from the plan's init file for modules with ``init: error``).
 
     The base model's own parameters are frozen by PEFT; only LoRA weights train. Gradient
     checkpointing users should call ``model.enable_input_require_grads()`` (TRL/Axolotl do).
@@ -31,6 +32,7 @@ def apply_plan(model: nn.Module, plan: Plan | str | Path, **lora_overrides: Any)
     prune_model(model, plan)
     quantize_model(model, plan)
     peft_model = get_peft_model(model, lora_config(plan, **lora_overrides))
+    apply_adapter_init(peft_model, plan)
     peft_model.qra_plan = plan
     return peft_model
 

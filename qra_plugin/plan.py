@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from torch import nn
 
 from qra_plugin.backends import registry
@@ -40,6 +40,9 @@ class ModulePlan(BaseModel):
     axis: Literal[0, 1] = 0
     rank: int = Field(default=16, ge=0)
     alpha: float | None = Field(default=None, gt=0)
+    #: how the adapter starts: "zero" (PEFT's B = 0) or "error" (A/B from the plan's init file, computed by the
+    #: planner so that the adapter cancels most of this module's quantization error on calibration inputs)
+    init: Literal["zero", "error"] = "zero"
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +71,11 @@ class ModulePlan(BaseModel):
         if problem:
             raise ValueError(problem)
         return self
+
+    def hash_body(self) -> dict[str, Any]:
+        """What the plan hash sees: a default ``init`` is left out, so plans made before it existed keep
+        their hash (and their stored evaluations)."""
+        return self.model_dump(exclude={"init"} if self.init == "zero" else None)
 
     @property
     def lora_alpha(self) -> float:
@@ -138,6 +146,27 @@ class Plan(BaseModel):
     #: structured pruning per block index, applied before quantization (``qra_plugin.prune``); empty: none
     pruning: dict[int, BlockPruning] = Field(default_factory=dict)
     meta: dict[str, Any] = Field(default_factory=dict)
+    #: the safetensors file with the initial ``<module>.lora_A`` / ``.lora_B`` of modules with ``init: error``
+    #: (relative paths resolve against the plan file's directory) and its sha256: an edited file is refused
+    init_file: str | None = None
+    init_hash: str | None = None
+    #: the directory the plan was loaded from (resolves a relative ``init_file``); not part of the plan
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        """Plans are equal when their fields are: where a plan was loaded from is not part of it."""
+        return isinstance(other, Plan) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every non-frozen pydantic model
+
+    @model_validator(mode="after")
+    def _init_file_named(self) -> Plan:
+        wants = any(m.init == "error" for m in self.modules.values())
+        if wants and not (self.init_file and self.init_hash):
+            raise ValueError("modules with init 'error' need init_file and init_hash at the plan's top level")
+        if bool(self.init_file) != bool(self.init_hash):
+            raise ValueError("init_file and init_hash go together")
+        return self
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -225,8 +254,10 @@ class Plan(BaseModel):
 
     def content_hash(self) -> str:
         """Hash of what the plan does (not its metadata): the key of an evaluation in the planner's store."""
-        body = {n: m.model_dump() for n, m in sorted(self.modules.items())}
+        body = {n: m.hash_body() for n, m in sorted(self.modules.items())}
         content: dict[str, Any] = {"fp": self.fingerprint.model_dump(), "m": body, "d": self.lora_dropout}
+        if self.init_hash is not None:  # the init's content, not where its file lies
+            content["i"] = self.init_hash
         if self.pruning:  # an unpruned plan hashes as before pruning existed: stored evaluations stay valid
             content["p"] = {str(i): p.model_dump(exclude_none=True) for i, p in sorted(self.pruning.items())}
         payload = json.dumps(content, sort_keys=True)
@@ -252,6 +283,9 @@ class Plan(BaseModel):
         data = self.model_dump(mode="json", exclude_none=True)
         if not self.pruning:
             data.pop("pruning")
+        for module in data["modules"].values():
+            if module.get("init") == "zero":
+                module.pop("init")
         return data
 
     def save(self, path: str | Path) -> Path:
@@ -273,7 +307,17 @@ class Plan(BaseModel):
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
             first = str(exc).strip().splitlines()[0]
             raise QRAError(f"{path}: malformed plan file ({first})") from None
-        return cls.parse(data, source=str(path))
+        plan = cls.parse(data, source=str(path))
+        plan._source_dir = path.resolve().parent
+        return plan
+
+    def init_path(self) -> Path | None:
+        """Where the init file lies: an absolute ``init_file`` as is, a relative one next to the plan file
+        (the current directory for a plan that was never loaded from a file)."""
+        if not self.init_file:
+            return None
+        path = Path(self.init_file).expanduser()
+        return path if path.is_absolute() else (self._source_dir or Path.cwd()) / path
 
     @classmethod
     def parse(cls, data: Any, source: str = "plan") -> Plan:

@@ -112,6 +112,14 @@ def written_budget(raw: dict[str, Any]) -> str:
     return f"uniform:16bit:r{rank}"
 
 
+def _adapter_section(ax: Any, section: dict[str, Any]) -> dict[str, Any]:
+    """The user's ``lora_r`` / ``lora_alpha`` are what the LoRA scale rule keeps (``qra.adapter`` overrides)."""
+    tuned = {}
+    if ax.get("lora_r") and ax.get("lora_alpha"):
+        tuned = {"lora_r": int(ax.lora_r), "lora_alpha": float(ax.lora_alpha)}
+    return {**tuned, **(section.pop("adapter", None) or {})}
+
+
 def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -> QRAConfig:
     """The qra config of an Axolotl YAML: its ``qra:`` section plus what Axolotl's keys say; without a
     ``qra.budget`` the budget is the job as written (``written_budget``)."""
@@ -125,6 +133,7 @@ def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -
     except ValueError as exc:  # Axolotl's key, not the qra section's
         raise QRAError(f"{path}: optimizer: {exc}") from None
     values = {
+        "adapter": _adapter_section(ax, section),
         "name": section.pop("name", path.stem),
         "model": {"path": str(raw["base_model"]), "dtype": _dtype_name(ax.torch_dtype)},
         "train": train,

@@ -262,9 +262,10 @@ def _write_outputs(
         "budget_kind": s.budget.kind,
     }
     plan = s.space.to_plan(best.config, meta={"qra_search": search_meta})
-    plan.save(out / PLAN_FILE)
-    if run.plan_target is not None:  # where the Axolotl YAML's qra_plan reads it
-        plan.save(run.plan_target)
+    from planner.priors.adapter_init import save_plan  # adapter.init: error writes the init file beside it
+
+    # the Axolotl YAML's qra_plan reads it at plan_target
+    save_plan(cfg, plan, [out / PLAN_FILE] + ([run.plan_target] if run.plan_target is not None else []), out)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
     summary["within_noise_of_free"] = set_aside
     summary.update(_next_facts(run, best.config, summary))

@@ -42,6 +42,10 @@ class SearchSpace:
     prune: tuple[float, ...] = ()
     #: per-channel importance that turns a block's ratio into its kept indices (with ``prune``)
     channels: Any = None
+    #: the LoRA scale each module gets (``planner.scale``): rule and the user's lora_r / lora_alpha
+    alpha_rule: str = "rank"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "module"):
@@ -65,11 +69,15 @@ class SearchSpace:
         ``ChannelImportance``) is needed when ``space.prune`` offers several ratios."""
         space = cls.from_parts(cfg.space, info.fingerprint, info.linears)
         searched = tuple(sorted(cfg.space.searched_prune, reverse=True))
+        adapter = cfg.adapter
         return replace(
             space,
             pruning=tuple(sorted((pruning or {}).items())),
             prune=searched,
             channels=channels if searched else None,
+            alpha_rule=adapter.alpha_rule,
+            lora_r=adapter.lora_r,
+            lora_alpha=adapter.lora_alpha,
         )
 
     @classmethod
@@ -216,6 +224,10 @@ class SearchSpace:
             plan = Plan.from_block_pairs(self.fingerprint, self.specs, pairs, self.backend)
         else:
             plan = Plan.from_module_pairs(self.fingerprint, self.specs, pairs, self.backend)
+        if (self.alpha_rule, self.lora_alpha / self.lora_r) != ("rank", 2.0):
+            from planner.scale import with_alpha_rule
+
+            plan = with_alpha_rule(plan, self.alpha_rule, self.lora_r, self.lora_alpha)
         pruning = dict(self.pruning) or self._searched_pruning(config)
         if pruning:
             plan = plan.model_copy(update={"pruning": pruning})

@@ -12,6 +12,7 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
+from qra_plugin.adapter_init import apply_adapter_init
 from qra_plugin.axolotl.args import KERNEL_KEYS, expand_home, kernels_blocked_by, take_over_quantization
 from qra_plugin.distributed import check_sharding, deepspeed_stage
 from qra_plugin.errors import QRAError
@@ -101,6 +102,13 @@ class QRAPlugin(BasePlugin):
         prune_model(model, plan)  # prune, then quantize; LoRA comes next, on the pruned shapes
         quantize_model(model, plan)
 
+    def post_lora_load(self, cfg: Any, model: Any) -> None:
+        """PEFT has made the adapters: start the ones the plan initialises from its init file (every rank).
+        A run that loads a trained adapter (``lora_model_dir``) keeps it."""
+        plan = self._plan(cfg)
+        if plan is not None and not cfg.get("lora_model_dir"):
+            apply_adapter_init(model, plan)
+
     def post_model_load(self, cfg: Any, model: Any) -> None:
         plan = self._plan(cfg)
         if plan is None:
@@ -109,7 +117,9 @@ class QRAPlugin(BasePlugin):
         log.info("qra: measured weights: %s", report.summary())
         out = cfg.get("output_dir")
         if out and _is_main_process():
-            plan.save(Path(out) / "qra_plan.yaml")
+            # the copy names its init file absolutely: a relative name would resolve against output_dir
+            record = plan.model_copy(update={"init_file": str(plan.init_path())}) if plan.init_file else plan
+            record.save(Path(out) / "qra_plan.yaml")
             write_json_atomic(Path(out) / "qra_memory.json", report.to_dict())
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:

@@ -62,6 +62,9 @@ class Backend:
     #: every setting ``quantize`` passes the library besides the module plan's (a planner's layer cache keys
     #: stored layers by it: change a setting here and stored layers are quantized again)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: ``dequantize(module) -> Tensor``: the (out, in) weight the layer computes with (None: it cannot say);
+    #: the planner's error-aware adapter init reads the quantization error W - dequantize(Q(W)) through it
+    dequantize: Callable[[nn.Module], torch.Tensor] | None = None
     #: one line for docs and errors
     summary: str = ""
 

@@ -108,6 +108,25 @@ def check(plan: ModulePlan) -> str | None:
     return None
 
 
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """nf4 through ``dequantize_4bit``; int8 as codes x row scale / 127 (LLM.int8's outlier columns are
+    computed from these same codes, so this is the weight it multiplies by, up to activation rounding)."""
+    import bitsandbytes.functional as F
+
+    weight = module.weight
+    with torch.no_grad():
+        if getattr(weight, "quant_state", None) is not None:
+            return F.dequantize_4bit(weight.data, weight.quant_state)
+        state = getattr(module, "state", None)
+        codes = getattr(weight, "CB", None)
+        codes = codes if codes is not None else getattr(state, "CB", None)
+        scales = getattr(weight, "SCB", None)
+        scales = scales if scales is not None else getattr(state, "SCB", None)
+        if codes is None:
+            codes = weight.data
+        return codes.float() * scales.float().unsqueeze(1) / 127.0
+
+
 BACKEND = Backend(
     name="bnb",
     bits=frozenset({4, 8}),
@@ -121,6 +140,7 @@ BACKEND = Backend(
     check=check,
     model_flags={4: "is_loaded_in_4bit", 8: "is_loaded_in_8bit"},
     settings=SETTINGS,
+    dequantize=dequantize,
     picklable=False,  # a reloaded Params4bit comes back as a plain Parameter (no quant_state attributes)
     summary="bitsandbytes nf4 (blocks of 64, double quant) and LLM.int8",
 )

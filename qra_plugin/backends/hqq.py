@@ -91,6 +91,12 @@ def hidden_tensors(module: nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """HQQ's own dequantization (the weight its forward multiplies by), shaped (out, in)."""
+    with torch.no_grad():
+        return module.dequantize().reshape(module.out_features, module.in_features)
+
+
 BACKEND = Backend(
     name="hqq",
     bits=frozenset({2, 3, 4, 8}),
@@ -106,5 +112,6 @@ BACKEND = Backend(
     reuse_dequantized=reuse_dequantized,
     picklable=True,  # HQQLinear keeps W_q and a meta dict of plain tensors (tested round trip)
     restored=restored,
+    dequantize=dequantize,
     summary="HQQ 2/3/4/8-bit, groups g16/g32/g64/g64, axis 0; calibration-free",
 )
