@@ -62,8 +62,11 @@ def _lora_layer(model: nn.Module, name: str) -> nn.Module:
     return layer
 
 
-def apply_adapter_init(model: nn.Module, plan: Plan, adapter: str = "default") -> int:
-    """Copy the init file's A/B into the PEFT adapter of every module whose plan says ``init: error``.
+def apply_adapter_init(
+    model: nn.Module, plan: Plan, adapter: str = "default", tensors: dict[str, torch.Tensor] | None = None
+) -> int:
+    """Copy the init file's A/B (or the given ``tensors``, named the same: a planner's fidelity run computes
+    them itself) into the PEFT adapter of every module whose plan says ``init: error``.
 
     B is rescaled when PEFT's scale differs from the plan's alpha/rank (e.g. a user override), so the
     starting delta scale·B·A is the one the planner computed. Returns how many modules were initialised.
@@ -71,7 +74,12 @@ def apply_adapter_init(model: nn.Module, plan: Plan, adapter: str = "default") -
     wanted = [name for name, m in plan.modules.items() if m.init == "error" and m.rank > 0]
     if not wanted:
         return 0
-    tensors = read_init_tensors(plan)
+    if tensors is None and plan.init_path() is None:
+        raise QRAError(
+            f"{len(wanted)} modules start from an error-aware init (init: error) but the plan names no init_file "
+            "(a search candidate: qra search writes the file beside the plan it saves)"
+        )
+    tensors = read_init_tensors(plan) if tensors is None else tensors
     for name in wanted:
         a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
         if a is None or b is None:

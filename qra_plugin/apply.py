@@ -21,9 +21,16 @@ def _as_plan(plan: Plan | str | Path) -> Plan:
     return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
-def apply_plan(model: nn.Module, plan: Plan | str | Path, **lora_overrides: Any) -> PeftModel:
+def apply_plan(
+    model: nn.Module,
+    plan: Plan | str | Path,
+    *,
+    init_tensors: dict[str, torch.Tensor] | None = None,
+    **lora_overrides: Any,
+) -> PeftModel:
     """Prune (if the plan says so), quantize the planned modules in place on their device, then attach the
-    planned LoRA adapters (started from the plan's init file for modules with ``init: error``).
+    planned LoRA adapters (started from the plan's init file for modules with ``init: error``, or from
+    ``init_tensors`` named like the file's: a planner's fidelity run computes them for each candidate).
 
     The base model's own parameters are frozen by PEFT; only LoRA weights train. Gradient
     checkpointing users should call ``model.enable_input_require_grads()`` (TRL/Axolotl do).
@@ -32,7 +39,7 @@ def apply_plan(model: nn.Module, plan: Plan | str | Path, **lora_overrides: Any)
     prune_model(model, plan)
     quantize_model(model, plan)
     peft_model = get_peft_model(model, lora_config(plan, **lora_overrides))
-    apply_adapter_init(peft_model, plan)
+    apply_adapter_init(peft_model, plan, tensors=init_tensors)
     peft_model.qra_plan = plan
     return peft_model
 

@@ -161,9 +161,8 @@ class Plan(BaseModel):
 
     @model_validator(mode="after")
     def _init_file_named(self) -> Plan:
-        wants = any(m.init == "error" for m in self.modules.values())
-        if wants and not (self.init_file and self.init_hash):
-            raise ValueError("modules with init 'error' need init_file and init_hash at the plan's top level")
+        """A file comes with its hash. ``init: error`` modules without a file are a planner's candidate (its
+        fidelity runs compute the init): ``apply_plan`` refuses them unless given the tensors."""
         if bool(self.init_file) != bool(self.init_hash):
             raise ValueError("init_file and init_hash go together")
         return self

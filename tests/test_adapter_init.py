@@ -63,7 +63,10 @@ def test_init_fields_enter_the_hash_but_the_file_location_does_not(tmp_path):
     other = plan.model_copy(update={"init_hash": "0" * 64})
     assert moved.content_hash() == plan.content_hash() != other.content_hash()
     with pytest.raises(QRAError, match="init_file and init_hash"):
-        Plan.parse({k: v for k, v in plan.to_dict().items() if k not in ("init_file", "init_hash")})
+        Plan.parse({k: v for k, v in plan.to_dict().items() if k != "init_hash"})
+    candidate = Plan.parse({k: v for k, v in plan.to_dict().items() if k not in ("init_file", "init_hash")})
+    with pytest.raises(QRAError, match="names no init_file"):  # a search candidate: only the planner applies it
+        apply_plan(build_tiny_model("llama", seed=0), candidate)
 
 
 # ---------------------------------------------------------------- the closed form

@@ -7,6 +7,7 @@ import math
 import pickle
 
 import pytest
+import torch
 from torch import nn
 
 from planner.config import QRAConfig
@@ -377,3 +378,45 @@ def test_reusing_dequantized_weights_gives_bit_identical_runs(arch):
         keys.append(recipe_hash(cfg, "low"))
     assert runs[0] == runs[1]
     assert keys[0] == keys[1]  # a speed setting: stored scores are shared between both
+
+
+def test_fidelity_runs_start_error_init_plans_from_the_quantization_error(tmp_path):
+    """``adapter.init: error``: a candidate's fidelity run starts its adapters from the same closed form the
+    search writes to the final plan's init file, so the search scores plans as they will train."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from planner.fidelity.adapter_start import error_init_for
+    from planner.fidelity.sft import _base_model_cached
+    from planner.priors.adapter_init import plan_for_config
+    from qra_plugin import apply_plan
+
+    cfg = tiny_config(adapter={"init": "error"}, profile={"calibration_examples": 4, "seq_len": 64})
+    meta_model = load_meta_model(cfg.model)
+    zero = Plan.uniform(meta_model, bits=3, rank=8)
+    error = zero.model_copy(
+        update={"modules": {n: m.model_copy(update={"init": "error"}) for n, m in zero.modules.items()}}
+    )
+    assert error.content_hash() != zero.content_hash()  # never one stored score for both
+    start = {name: run_fidelity(task(cfg, p, "high")).eval_loss for name, p in (("zero", zero), ("error", error))}
+    assert start["error"] != start["zero"]  # 0 steps: the starting loss, and the run applied the init
+
+    model_json = cfg.model.model_dump_json()
+    base = _base_model_cached(model_json)
+    in_run = error_init_for(cfg, error, base, model_json)
+    # what the run trains from: logits closer to the unquantized model's than zero init's (a random tiny model's
+    # loss hardly moves with 3-bit error, its logits do)
+    tokens = torch.randint(4, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = base(tokens).logits
+        gaps = {}
+        for name, plan, tensors in (("zero", zero, None), ("error", error, in_run)):
+            model = apply_plan(copy.deepcopy(base), plan, init_tensors=tensors).eval()
+            gaps[name] = float((model(tokens).logits - reference).norm())
+    assert gaps["error"] < 0.8 * gaps["zero"]
+    written = plan_for_config(cfg, zero, tmp_path / "plan.init.safetensors", tmp_path)
+    from_file = load_file(str(written.init_path()))
+    assert set(in_run) == set(from_file)
+    for name, tensor in in_run.items():  # the file's moments went through float32 on disk
+        assert torch.allclose(tensor, from_file[name], rtol=1e-3, atol=1e-5), name

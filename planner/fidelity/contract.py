@@ -25,6 +25,8 @@ from qra_plugin.plan import Plan
 
 #: Bump when the fidelity run itself changes what it measures (training loop, loss, eval, metric).
 FIDELITY_VERSION = 3
+#: Bump when the error-aware adapter init's math changes (planner.priors.adapter_init, fidelity.adapter_start).
+ADAPTER_INIT_VERSION = 1
 
 Status = Literal["ok", "failed", "stopped"]
 #: transient failures (timeout, OOM, a killed worker) are retried once on resume; deterministic ones are kept
@@ -156,6 +158,8 @@ def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
         },
         "train": config.train.model_dump(mode="json"),
         "fidelity": fidelity,
+        # how ``init: error`` adapters are computed (the plan says which modules use it and their alphas)
+        "adapter_init": {"version": ADAPTER_INIT_VERSION, "damping": config.adapter.damping},
         "device": device_identity(),
         "libraries": library_versions(),
         "model": config.model.model_dump(mode="json") | {"weights": model_identity(config.model.model_dump_json())},

@@ -199,6 +199,7 @@ def _outcome(stop_reason: str | None, eval_loss: float, steps: int) -> tuple[Sta
 def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalResult:
     import transformers
 
+    from planner.fidelity.adapter_start import error_init_for, wants_error_init
     from planner.fidelity.quantized import STATS, prequantize
     from qra_plugin import apply_plan
     from qra_plugin.backends import reuse_dequantized_weights
@@ -212,11 +213,15 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     started, layer_stats = time.perf_counter(), dict(STATS)
     tokenizer = cached_tokenizer(cfg.model)
     on_cuda = torch.cuda.is_available()
+    model_json = cfg.model.model_dump_json()
+    init_tensors = None
+    if wants_error_init(task.plan):  # the candidate trains from the start its final plan's init file gives
+        init_tensors = error_init_for(cfg, task.plan, _base_model_cached(model_json), model_json)
     model = fresh_model(cfg.model).to("cuda" if on_cuda else "cpu")
     if not on_cuda:
-        prequantize(model, task.plan, cfg.model.model_dump_json(), model_compute_dtype(model))
+        prequantize(model, task.plan, model_json, model_compute_dtype(model))
     transformers.set_seed(task.seed)  # LoRA init
-    peft_model = apply_plan(model, task.plan)
+    peft_model = apply_plan(model, task.plan, init_tensors=init_tensors)
     if not on_cuda and cfg.fidelity.reuse_dequantized:
         reuse_dequantized_weights(peft_model)
     if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs

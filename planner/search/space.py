@@ -46,6 +46,9 @@ class SearchSpace:
     alpha_rule: str = "rank"
     lora_r: int = 16
     lora_alpha: float = 32.0
+    #: how each quantized module's adapter starts (``adapter.init``): "error" plans carry ``init: error``, so
+    #: their fidelity runs start from the quantization error, as the final plan's init file will
+    init: str = "zero"
 
     def __post_init__(self) -> None:
         if self.unit not in ("block", "module"):
@@ -78,6 +81,7 @@ class SearchSpace:
             alpha_rule=adapter.alpha_rule,
             lora_r=adapter.lora_r,
             lora_alpha=adapter.lora_alpha,
+            init=adapter.init,
         )
 
     @classmethod
@@ -228,6 +232,12 @@ class SearchSpace:
             from planner.scale import with_alpha_rule
 
             plan = with_alpha_rule(plan, self.alpha_rule, self.lora_r, self.lora_alpha)
+        if self.init == "error":  # quantized modules with an adapter start from their quantization error
+            modules = {
+                n: m.model_copy(update={"init": "error"}) if m.rank > 0 and m.bits < 16 else m
+                for n, m in plan.modules.items()
+            }
+            plan = plan.model_copy(update={"modules": modules})
         pruning = dict(self.pruning) or self._searched_pruning(config)
         if pruning:
             plan = plan.model_copy(update={"pruning": pruning})
