@@ -35,7 +35,7 @@ PARTS = (
 )
 
 
-def profile_run(bits: int, steps: int, reuse: bool, threads: int) -> dict[str, Any]:
+def profile_run(bits: int, steps: int, reuse: bool, threads: int, model: str = "demo") -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     from planner.fidelity.contract import EvalTask
@@ -43,7 +43,7 @@ def profile_run(bits: int, steps: int, reuse: bool, threads: int) -> dict[str, A
     from planner.loading import load_meta_model
     from qra_plugin import Plan
 
-    cfg = _config(steps, reuse, threads, "demo")
+    cfg = _config(steps, reuse, threads, model)
     plan = Plan.uniform(load_meta_model(cfg.model), bits=bits, rank=16, backend=None if bits < 16 else "none")
     run_fidelity(EvalTask(plan=plan, level="low", seed=1, config=cfg))  # warm caches (model, data) first
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -70,12 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", default="3,4")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="demo", help="demo (SmolLM2-135M) or tiny (a check of this script)")
+    parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
+    out = Path(args.out)
     runs = [
-        profile_run(int(b), args.steps, reuse, args.threads) for b in args.bits.split(",") for reuse in (False, True)
+        profile_run(int(b), args.steps, reuse, args.threads, args.model)
+        for b in args.bits.split(",")
+        for reuse in (False, True)
     ]
     command = "python " + shlex.join(["benchmarks/profile_fidelity.py", *(argv if argv is not None else sys.argv[1:])])
-    write_json_atomic(OUT, {"command": command, "steps": args.steps, "runs": runs})
+    write_json_atomic(out, {"command": command, "steps": args.steps, "runs": runs})
     lines = ["# Where a fidelity run's time goes", "", f"Command: `{command}`", "",
              "Self CPU time of the profiled ops by part (shares of all op time; the machine was shared, so shares "
              "within a run are the reading, not seconds across runs).", ""]  # fmt: skip
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- HQQ {r['bits']}-bit, reuse_dequantized={r['reuse_dequantized']}: wall {r['wall_s']} s (setup "
             f"{r['setup_s']}, train {r['train_s']}, eval {r['eval_s']}); {shares}"
         )
-    write_text_atomic(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines[-len(runs) :]))
     return 0
 
