@@ -25,9 +25,10 @@ log = logging.getLogger("axolotl.integrations.qra")
 
 
 def sharding_of(cfg: Any) -> str | None:
-    """The weight-sharding mode an Axolotl config asks for: zero3, fsdp, zero2 or None."""
+    """The weight-sharding mode an Axolotl config asks for: zero3, fsdp (FSDP2), fsdp1, zero2 or None."""
     if cfg.get("fsdp") or cfg.get("fsdp_config"):
-        return "fsdp"
+        version = cfg.get("fsdp_version") or (cfg.get("fsdp_config") or {}).get("fsdp_version")
+        return "fsdp" if str(version) == "2" else "fsdp1"
     stage = deepspeed_stage(cfg.get("deepspeed"))
     if stage is None:
         return None
