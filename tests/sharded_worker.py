@@ -37,10 +37,18 @@ def probe_ids(vocab: int) -> torch.Tensor:
     return torch.randint(VOCAB_FLOOR, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
+def device() -> torch.device:
+    """This rank's GPU on a machine with 2 GPUs or more (HQQ quantizes on the layer's device), else the CPU;
+    the single-process reference follows the same rule, so both sides use the same kernels."""
+    if torch.cuda.device_count() >= 2:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def build(model_dir: str, plan_path: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device())
     model.config.use_cache = False
     return apply_plan(model, Plan.load(plan_path))
 
@@ -54,7 +62,7 @@ def hqq_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, layer in hqq_layers(model).items():
         for tensor in (layer.W_q, layer.meta["scale"], layer.meta["zero"]):
-            digest.update(name.encode() + tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -85,7 +93,7 @@ def lora_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("single", "fsdp2", "zero2", "zero3"), required=True)
+    parser.add_argument("--mode", choices=("single", "fsdp2", "zero2", "zero3", "accelerate-fsdp2"), required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--plan", required=True)
     parser.add_argument("--out", required=True)
@@ -104,17 +112,19 @@ def main() -> None:
     model = shard_fsdp2(peft_model) if args.mode == "fsdp2" else peft_model
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2: this rank's LoRA shards
     optimizer, backward = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0), None
-    if args.mode in ("zero2", "zero3"):  # DeepSpeed wraps this torch AdamW (no compiled DeepSpeed ops needed)
+    distributed_type = None
+    if args.mode in ("zero2", "zero3", "accelerate-fsdp2"):  # DeepSpeed wraps this torch AdamW (no built ops)
         from accelerate import Accelerator
 
         accelerator = Accelerator()
+        distributed_type = str(accelerator.distributed_type)
         model, optimizer = accelerator.prepare(peft_model, optimizer)
         backward = accelerator.backward
 
     per_rank = args.global_batch // world
     losses, started = [], time.perf_counter()
     for batch in global_batches(args.steps, args.global_batch, args.seq, vocab):
-        ids = batch[rank * per_rank : (rank + 1) * per_rank]
+        ids = batch[rank * per_rank : (rank + 1) * per_rank].to(device())
         loss = model(input_ids=ids, labels=ids).loss
         (backward or torch.Tensor.backward)(loss)
         optimizer.step()
@@ -124,14 +134,15 @@ def main() -> None:
     seconds = time.perf_counter() - started
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=probe_ids(vocab)).logits
+        logits = model(input_ids=probe_ids(vocab).to(device())).logits.cpu()
     state = lora_state(peft_model, args.mode)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"rank": rank, "world_size": world, "losses": losses, "hqq_shards": hqq_shards(peft_model)}
     summary["hqq_digest"] = quantized
     summary["step_s"] = seconds / args.steps
-    summary["engine"] = type(model).__name__
+    summary["engine"], summary["distributed_type"] = type(model).__name__, distributed_type
+    summary["device"] = str(device())
     if hasattr(model, "zero_optimization_stage"):
         summary["zero_stage"] = model.zero_optimization_stage()
     (out / f"rank{rank}.json").write_text(json.dumps(summary))
@@ -156,7 +167,7 @@ def shard_fsdp2(peft_model: nn.Module) -> nn.Module:
     """Each decoder layer its own FSDP2 unit, the rest (embeddings, norm) in the root unit, on a gloo group."""
     from torch.distributed.fsdp import fully_shard
 
-    torch.distributed.init_process_group("gloo")
+    torch.distributed.init_process_group("nccl" if device().type == "cuda" else "gloo")
     for layer in peft_model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(peft_model)

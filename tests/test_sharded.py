@@ -34,6 +34,15 @@ BIN = Path(sys.executable).parent
 #: every HQQ bit-width, rank 0 (no adapter) and a 16-bit module, cycled over the modules
 CHOICES = [ModulePlan(bits=b, rank=r) for b, r in ((2, 4), (3, 0), (4, 12), (8, 4), (16, 8))]
 LOSS_TOL = 1e-5
+GPUS = torch.cuda.device_count() >= 2  # the worker puts each rank on its own GPU when there are enough
+#: accelerate/state.py (1.13) turns FSDP on only inside ``elif self.distributed_type in [DistributedType.MULTI_GPU,
+#: ..., DistributedType.MULTI_NEURON]:``; on CPU the type is MULTI_CPU (ACCELERATE_USE_CPU) or NO, so
+#: ``accelerate launch --use_fsdp`` runs unsharded there (measured: DistributedType.NO, each rank training alone)
+ACCELERATE_FSDP_ON_CPU = (
+    "accelerate enables FSDP only for GPU-like distributed types (accelerate/state.py: `elif self.distributed_type "
+    "in [DistributedType.MULTI_GPU, ...]`); on CPU it is DistributedType.NO/MULTI_CPU and runs unsharded — "
+    "test_fsdp2_shards_hqq_and_matches_one_process runs the same fully_shard calls via torchrun instead"
+)
 
 
 def sharded_plan(model) -> Plan:
@@ -44,7 +53,9 @@ def sharded_plan(model) -> Plan:
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if not GPUS:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator: gloo collectives
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("ACCELERATE_USE_CPU", None)  # with it accelerate drops DeepSpeed: `elif ...USE_DEEPSPEED... and not cpu`
@@ -73,7 +84,13 @@ def job(tmp_path_factory):
 def _launch(job, mode: str, port: int) -> tuple[Path, list[dict], dict]:
     root, args = job
     out = root / mode
-    if mode == "fsdp2":
+    if mode == "accelerate-fsdp2":
+        accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
+        launcher = [accelerate, "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+                    "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+                    "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
+                    "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    elif mode == "fsdp2":
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
     else:
         config = {
@@ -110,11 +127,12 @@ def _check_run(job, out: Path, ranks: list[dict], single: dict) -> None:
         a, b = (tensors.get(f"base_model.model.{name}.lora_{x}.weight") for x in "AB")
         assert (a is None) == (b is None) == (module.rank == 0), name  # every trained tensor gathered whole
         assert a is None or (a.shape[0] == b.shape[1] == module.rank and b.abs().sum() > 0), name
-    reloaded = load_for_inference(root / "model", plan, out / "adapter")
+    run_device = ranks[0]["device"]  # reload where rank 0 ran, so the same kernels give the same logits
+    reloaded = load_for_inference(root / "model", plan, out / "adapter", device=run_device)
     from tests.sharded_worker import probe_ids
 
     with torch.no_grad():
-        logits = reloaded(input_ids=probe_ids(reloaded.config.vocab_size)).logits
+        logits = reloaded(input_ids=probe_ids(reloaded.config.vocab_size).to(run_device)).logits.cpu()
     assert torch.equal(logits, torch.load(out / "probe_logits.pt"))  # the sharded model's own logits
     assert torch.allclose(logits, torch.load(root / "single" / "probe_logits.pt"), atol=1e-4)
 
@@ -145,4 +163,14 @@ def test_deepspeed_zero2_replicates_hqq_and_matches_one_process(job):
     out, ranks, single = _launch(job, "zero2", 29633)
     assert [r["engine"] for r in ranks] == ["DeepSpeedEngine"] * 2 and ranks[0]["zero_stage"] == 2
     _assert_sharded(ranks, sharded=False)
+    _check_run(job, out, ranks, single)
+
+
+@pytest.mark.skipif(not GPUS, reason=ACCELERATE_FSDP_ON_CPU)
+def test_accelerate_fsdp2_shards_hqq_and_matches_one_process(job):
+    """``accelerate launch --use_fsdp --fsdp_version 2`` (accelerate's fsdp2_prepare_model: fully_shard per
+    decoder layer + root) with the same plan; needs 2 GPUs, see ACCELERATE_FSDP_ON_CPU."""
+    out, ranks, single = _launch(job, "accelerate-fsdp2", 29634)
+    assert ranks[0]["distributed_type"] == "DistributedType.FSDP"
+    _assert_sharded(ranks, sharded=True)
     _check_run(job, out, ranks, single)
