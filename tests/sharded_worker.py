@@ -2,6 +2,7 @@
 
     python tests/sharded_worker.py --mode single ...                     # the whole global batch in one process
     torchrun --nproc-per-node 2 tests/sharded_worker.py --mode fsdp2 ...   # torch fully_shard on gloo
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 tests/sharded_worker.py --mode ddp ...
     accelerate launch --use_deepspeed --deepspeed_config_file ds.json tests/sharded_worker.py --mode zero3 ...
 
 Every rank gets an equal slice of the same global batch of full-length rows (no padding), so the mean of the
@@ -25,6 +26,8 @@ from torch import nn
 
 from qra_plugin import Plan, apply_plan
 
+#: modes the launcher configures and ``Accelerator.prepare`` applies
+ACCELERATE_MODES = ("ddp", "zero1", "zero2", "zero3", "accelerate-fsdp2")
 VOCAB_FLOOR = 4  # token ids below this are bos/eos/pad in planner.tiny's vocabulary
 
 
@@ -93,7 +96,7 @@ def lora_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("single", "fsdp2", "zero2", "zero3", "accelerate-fsdp2"), required=True)
+    parser.add_argument("--mode", choices=("single", "fsdp2", *ACCELERATE_MODES), required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--plan", required=True)
     parser.add_argument("--out", required=True)
@@ -113,7 +116,7 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2: this rank's LoRA shards
     optimizer, backward = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0), None
     distributed_type = None
-    if args.mode in ("zero2", "zero3", "accelerate-fsdp2"):  # DeepSpeed wraps this torch AdamW (no built ops)
+    if args.mode in ACCELERATE_MODES:  # DeepSpeed wraps this torch AdamW (no compiled DeepSpeed op needed)
         from accelerate import Accelerator
 
         accelerator = Accelerator()

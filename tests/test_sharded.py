@@ -1,6 +1,7 @@
-"""Sharded training for real on 2 CPU processes over gloo: FSDP2 (torch ``fully_shard``) and DeepSpeed ZeRO-2/3
-through ``accelerate launch``, each with a mixed HQQ 2/3/4/8 + 16-bit plan (ranks incl. 0, a pruned block) applied
-by ``qra_plugin.apply_plan``, against one process running the same global batch (tests/sharded_worker.py).
+"""Sharded training for real on 2 CPU processes over gloo: DDP and DeepSpeed ZeRO-1/2/3 through ``accelerate
+launch``, FSDP2 (torch ``fully_shard`` under torchrun), each with a mixed HQQ 2/3/4/8 + 16-bit plan (ranks
+incl. 0, a pruned block) applied by ``qra_plugin.apply_plan``, against one process running the same global
+batch (tests/sharded_worker.py).
 
 Loss tolerance 1e-5 absolute: a sharded step does the same arithmetic as one process except the order of the
 sums that average gradients across ranks (and DeepSpeed's flattened Adam), fp32 rounding of ~1e-7 per step;
@@ -62,8 +63,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=cwd)
+def _run(cmd: list[str], cwd: Path, **env: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **env}, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -84,8 +85,13 @@ def job(tmp_path_factory):
 def _launch(job, mode: str, port: int) -> tuple[Path, list[dict], dict]:
     root, args = job
     out = root / mode
-    if mode == "accelerate-fsdp2":
-        accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
+    accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
+    env = {}
+    if mode == "ddp":
+        launcher = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+        env = {} if GPUS else {"ACCELERATE_USE_CPU": "true"}  # without it each CPU rank trains alone
+    elif mode == "accelerate-fsdp2":
         launcher = [accelerate, "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
                     "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
                     "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
@@ -102,11 +108,10 @@ def _launch(job, mode: str, port: int) -> tuple[Path, list[dict], dict]:
             "steps_per_print": 10**9,
         }
         (root / f"{mode}.json").write_text(json.dumps(config))
-        accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
         launcher = [accelerate, "launch", "--use_deepspeed", "--deepspeed_config_file", str(root / f"{mode}.json"),
                     "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(port),
                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    _run([*launcher, str(WORKER), "--mode", mode, *args, "--out", str(out)], root)
+    _run([*launcher, str(WORKER), "--mode", mode, *args, "--out", str(out)], root, **env)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((root / "single" / "rank0.json").read_text())
     return out, ranks, single
@@ -145,6 +150,13 @@ def _assert_sharded(ranks: list[dict], sharded: bool) -> None:
             assert shard["held"] == (math.ceil(shard["full"] / 2) if sharded else shard["full"]), (name, shard)
 
 
+def test_ddp_replicates_hqq_and_matches_one_process(job):
+    out, ranks, single = _launch(job, "ddp", 29630)
+    assert ranks[0]["distributed_type"] == ("DistributedType.MULTI_GPU" if GPUS else "DistributedType.MULTI_CPU")
+    _assert_sharded(ranks, sharded=False)
+    _check_run(job, out, ranks, single)
+
+
 def test_fsdp2_shards_hqq_and_matches_one_process(job):
     out, ranks, single = _launch(job, "fsdp2", 29631)
     assert ranks[0]["engine"].startswith("FSDP")  # fully_shard swapped in its FSDP class
@@ -159,9 +171,10 @@ def test_deepspeed_zero3_shards_hqq_and_matches_one_process(job):
     _check_run(job, out, ranks, single)
 
 
-def test_deepspeed_zero2_replicates_hqq_and_matches_one_process(job):
-    out, ranks, single = _launch(job, "zero2", 29633)
-    assert [r["engine"] for r in ranks] == ["DeepSpeedEngine"] * 2 and ranks[0]["zero_stage"] == 2
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero1_zero2_replicate_hqq_and_match_one_process(job, stage):
+    out, ranks, single = _launch(job, f"zero{stage}", 29635 + stage)
+    assert [r["engine"] for r in ranks] == ["DeepSpeedEngine"] * 2 and ranks[0]["zero_stage"] == stage
     _assert_sharded(ranks, sharded=False)
     _check_run(job, out, ranks, single)
 
