@@ -7,10 +7,15 @@
     zero3     / N       / N           / N          / N                per-rank batch
     fsdp2     / N       / N           / N          / N                per-rank batch
 
-Under zero3/fsdp2 what the sharding cannot see stays whole on every rank: HQQ's scale/zero (a plain dict on the
-layer) and buffers. Before a block runs its weights are gathered: the peak adds the gathered block and the
-next one being prefetched (FSDP2's default; ZeRO-3's prefetch bucket is of the same order), each less the
-rank's own shard. ``batch`` in the breakdown is the per-rank micro batch, so activations are per rank already.
+DeepSpeed ZeRO-1/2 also steps its own fp32 copy of this rank's partition of the trainable parameters
+(``single_partition_of_fp32_groups``), even when training in fp32: ``master_params`` = LoRA params / N; ZeRO-3
+makes that copy (``fp32_partitioned_groups_flat``) only when its partitions are not fp32 already (bf16/fp16).
+
+Under zero3/fsdp2 what the sharding cannot see stays whole on every rank: HQQ's scale/zero (a plain dict
+on the layer) and buffers. Before a block runs its weights are gathered: the peak adds the gathered block
+and the next one being prefetched (FSDP2's default; ZeRO-3's prefetch bucket is of the same order), each
+less the rank's own shard. ``batch`` in the breakdown is the
+per-rank micro batch, so activations are per rank already.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ def replicated_metadata(info: ModelInfo, plan: Plan, dtype: torch.dtype) -> int:
     return total
 
 
+def _fp32_copy(sharding: str, dtype: torch.dtype) -> bool:
+    """Whether DeepSpeed keeps a separate fp32 partition of the trainable parameters to step."""
+    return sharding in ("zero1", "zero2") or (sharding == "zero3" and dtype != torch.float32)
+
+
 def _block_bytes(info: ModelInfo, plan: Plan, dtype: torch.dtype) -> list[int]:
     blocks = [0] * info.n_blocks
     for spec in info.linears:
@@ -70,6 +80,7 @@ def per_rank(
         "weights": math.ceil((weights - replicated) / n) + replicated if shards_weights else weights,
         "replicated_weights": replicated if shards_weights else weights,
         "lora_params": math.ceil(b.lora_params / n) if shards_weights else b.lora_params,
+        "master_params": math.ceil(b.lora_params / n) if _fp32_copy(sharding, dtype) else 0,
         "lora_grads": b.lora_grads if sharding in ("ddp", "zero1") else math.ceil(b.lora_grads / n),
         "grad_buckets": b.lora_grads if sharding == "ddp" and n > 1 else 0,
         "optimizer_states": b.optimizer_states if sharding == "ddp" else math.ceil(b.optimizer_states / n),
@@ -80,7 +91,7 @@ def per_rank(
     blocks = sorted(_block_bytes(info, plan, dtype), reverse=True)[:GATHERED_BLOCKS]
     gathered = sum(math.ceil(x * (n - 1) / n) for x in blocks) if shards_weights and n > 1 else 0
     parts["all_gather_peak"] = gathered
-    static = parts["weights"] + parts["lora_params"] + parts["optimizer_states"] + parts["grad_buckets"]
+    static = sum(parts[k] for k in ("weights", "lora_params", "master_params", "optimizer_states", "grad_buckets"))
     phases = {
         "loss": parts["activations"] + parts["logits_loss"] + gathered,
         "recompute": parts["activations"] + parts["recompute"] + parts["lora_grads"] + gathered,

@@ -20,6 +20,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +84,38 @@ def hqq_shards(model: nn.Module) -> dict[str, dict]:
     return found
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this rank stores: ZeRO-3's partition, a DTensor's local shard, or the tensor."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def held_bytes(peft_model: nn.Module, optimizer: Any) -> dict[str, int]:
+    """What this rank stores after a step, from the real tensors (CPU has no allocator peak): weights
+    (parameters' local shards, HQQ's hidden scale/zero, buffers), LoRA parameters, and optimizer states."""
+    from planner.fidelity.meter import storage_bytes
+    from qra_plugin.backends import owner
+
+    frozen = [_local(p) for p in peft_model.parameters() if not p.requires_grad]
+    hidden = [t for m in peft_model.modules() if (b := owner(m)) is not None for t in b.hidden_tensors(m)]
+    lora = [_local(p) for p in peft_model.parameters() if p.requires_grad]
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's wrapper, then DeepSpeed's ZeRO optimizer, then torch's
+        inner = inner.optimizer
+    states = [_local(t) for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    buffers = list(peft_model.buffers())
+    # the tensors the optimizer steps: the LoRA shards themselves, or DeepSpeed's own fp32 partition copies
+    own = {t.untyped_storage().data_ptr() for t in lora}
+    stepped = [_local(p) for g in inner.param_groups for p in g["params"]]
+    return {
+        "weights": storage_bytes(frozen + hidden + buffers),
+        "lora_params": storage_bytes(lora),
+        "master_params": storage_bytes([t for t in stepped if t.untyped_storage().data_ptr() not in own]),
+        "optimizer_states": storage_bytes(states),
+    }
+
+
 def lora_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """The full LoRA tensors (gathered from their shards), by the PEFT model's own names."""
     named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
@@ -135,6 +168,7 @@ def main() -> None:
         losses.append(mean_over_ranks(loss.detach(), world))
 
     seconds = time.perf_counter() - started
+    held = held_bytes(peft_model, optimizer)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=probe_ids(vocab).to(device())).logits.cpu()
@@ -142,7 +176,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"rank": rank, "world_size": world, "losses": losses, "hqq_shards": hqq_shards(peft_model)}
-    summary["hqq_digest"] = quantized
+    summary["hqq_digest"], summary["held"] = quantized, held
     summary["step_s"] = seconds / args.steps
     summary["engine"], summary["distributed_type"] = type(model).__name__, distributed_type
     summary["device"] = str(device())

@@ -35,10 +35,12 @@ def priced():
     return model, plan, info, estimate(info, plan, batch=2, seq_len=32)
 
 
-def test_one_rank_is_the_single_device_breakdown_whatever_the_sharding(priced):
+def test_one_rank_is_the_single_device_breakdown_plus_deepspeeds_fp32_copy(priced):
     _, plan, info, breakdown = priced
     for sharding in SHARDINGS:
-        assert per_rank(info, plan, breakdown, world_size=1, sharding=sharding)["total"] == breakdown.total
+        rank = per_rank(info, plan, breakdown, world_size=1, sharding=sharding)
+        copy = breakdown.lora_params if sharding in ("zero1", "zero2") else 0  # ZeRO-1/2 step their own fp32 copy
+        assert rank["master_params"] == copy and rank["total"] == breakdown.total + copy
 
 
 def test_each_sharding_divides_what_it_shards(priced):
