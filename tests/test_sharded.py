@@ -142,6 +142,21 @@ def _check_run(job, out: Path, ranks: list[dict], single: dict) -> None:
     assert torch.allclose(logits, torch.load(root / "single" / "probe_logits.pt"), atol=1e-4)
 
 
+def _assert_priced(job, ranks: list[dict], sharding: str) -> None:
+    """What each rank stores after training is what ``qra estimate --world-size 2 --sharding`` predicts (1%:
+    optimizer step counters and DeepSpeed's alignment padding are not priced; measured gaps are <= 88 B)."""
+    from planner.memory import estimate
+    from planner.model_info import load_model_info
+    from planner.sharding import per_rank
+
+    root, _ = job
+    info, plan = load_model_info(str(root / "model")), Plan.load(root / "plan.yaml")
+    rank = per_rank(info, plan, estimate(info, plan, batch=2, seq_len=32), world_size=2, sharding=sharding)
+    for r in ranks:
+        for part, held in r["held"].items():
+            assert held == pytest.approx(rank[part], rel=0.01, abs=256), (sharding, part)
+
+
 def _assert_sharded(ranks: list[dict], sharded: bool) -> None:
     for r in ranks:
         for name, shard in r["hqq_shards"].items():
@@ -154,6 +169,7 @@ def test_ddp_replicates_hqq_and_matches_one_process(job):
     out, ranks, single = _launch(job, "ddp", 29630)
     assert ranks[0]["distributed_type"] == ("DistributedType.MULTI_GPU" if GPUS else "DistributedType.MULTI_CPU")
     _assert_sharded(ranks, sharded=False)
+    _assert_priced(job, ranks, "ddp")
     _check_run(job, out, ranks, single)
 
 
@@ -161,6 +177,7 @@ def test_fsdp2_shards_hqq_and_matches_one_process(job):
     out, ranks, single = _launch(job, "fsdp2", 29631)
     assert ranks[0]["engine"].startswith("FSDP")  # fully_shard swapped in its FSDP class
     _assert_sharded(ranks, sharded=True)
+    _assert_priced(job, ranks, "fsdp2")
     _check_run(job, out, ranks, single)
 
 
@@ -168,6 +185,7 @@ def test_deepspeed_zero3_shards_hqq_and_matches_one_process(job):
     out, ranks, single = _launch(job, "zero3", 29632)
     assert [r["engine"] for r in ranks] == ["DeepSpeedEngine"] * 2 and ranks[0]["zero_stage"] == 3
     _assert_sharded(ranks, sharded=True)
+    _assert_priced(job, ranks, "zero3")
     _check_run(job, out, ranks, single)
 
 
@@ -176,6 +194,7 @@ def test_deepspeed_zero1_zero2_replicate_hqq_and_match_one_process(job, stage):
     out, ranks, single = _launch(job, f"zero{stage}", 29635 + stage)
     assert [r["engine"] for r in ranks] == ["DeepSpeedEngine"] * 2 and ranks[0]["zero_stage"] == stage
     _assert_sharded(ranks, sharded=False)
+    _assert_priced(job, ranks, f"zero{stage}")
     _check_run(job, out, ranks, single)
 
 
