@@ -142,17 +142,19 @@ def test_sharded_backends_take_hqq_and_refuse_int8(tiny_model, tmp_path):
         check_sharding(nf4, sharding="zero3", half_precision=False)
 
 
-def test_plugin_refuses_hqq_plan_under_deepspeed_zero3(tiny_model, tmp_path):
+def test_plugin_refuses_an_int8_plan_under_deepspeed_zero3_and_takes_hqq(tiny_model, tmp_path):
     from axolotl.utils.dict import DictDefault
 
-    from qra_plugin import QRAError, QRAPlugin
+    from qra_plugin import Plan, QRAError, QRAPlugin
 
-    mixed_plan(tiny_model).save(tmp_path / "plan.yaml")
+    mixed_plan(tiny_model).save(tmp_path / "plan.yaml")  # includes bitsandbytes int8
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     cfg = DictDefault({"qra_plan": str(tmp_path / "plan.yaml"), "deepspeed": str(ds), "bf16": True})
-    with pytest.raises(QRAError, match="zero3 cannot shard"):
+    with pytest.raises(QRAError, match="zero3 cannot shard 8-bit bnb"):
         QRAPlugin().pre_model_load(cfg)
+    Plan.uniform(tiny_model, bits=3, rank=8).save(tmp_path / "hqq.yaml")
+    QRAPlugin().pre_model_load(DictDefault({**cfg, "qra_plan": str(tmp_path / "hqq.yaml"), "bf16": False}))
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     QRAPlugin().pre_model_load(cfg)  # ZeRO-2 replicates weights: accepted
     assert cfg["lora_target_linear"] is False and "model.layers.0.self_attn.k_proj" not in cfg["lora_target_modules"]
