@@ -13,6 +13,8 @@ DDP and ZeRO-0/1/2 replicate weights, so every plan works there (each rank quant
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,22 @@ def check_sharding(plan: Plan, *, sharding: str | None, half_precision: bool) ->
     if needs_half:
         shown = ", ".join(f"{b}-bit {k}" for b, k in needs_half)
         raise QRAError(f"{sharding} with {shown} needs bf16 or fp16 training so it is stored in the compute dtype")
+
+
+@contextmanager
+def gathered(model: Any) -> Iterator[None]:
+    """Whole weights on every rank for a while, even under ZeRO-3's ``zero.Init``.
+
+    transformers builds the model under ``zero.Init`` when a stage-3 DeepSpeed config is active (Axolotl's
+    ``deepspeed:``): each parameter is then empty but for this rank's partition, and pruning or quantizing it
+    would read nothing. Gathered here with ``modifier_rank=None``: every rank changes its own copy in the same
+    deterministic way; the layers that replace them are plain parameters that the engine partitions later.
+    """
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

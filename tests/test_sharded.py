@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,3 +207,39 @@ def test_accelerate_fsdp2_shards_hqq_and_matches_one_process(job):
     assert ranks[0]["distributed_type"] == "DistributedType.FSDP"
     _assert_sharded(ranks, sharded=True)
     _check_run(job, out, ranks, single)
+
+
+def test_axolotl_train_under_deepspeed_zero3_with_an_hqq_plan(job):
+    """``axolotl train`` with a ``deepspeed:`` stage-3 config: transformers builds the model under ``zero.Init``
+    (every parameter a partition), so the plugin gathers the weights to prune and quantize them
+    (``qra_plugin.distributed.gathered``; without it the pruning probe stops at "Padding_idx must be within
+    num_embeddings"). Axolotl's data pipeline is its own, so ranks are compared with each other, not with
+    tests/sharded_worker.py's single run."""
+    from tests.test_axolotl import _config
+
+    root, _ = job
+    ds = root / "axolotl_zero3.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": False}))  # fmt: skip
+    work = root / "axolotl"
+    work.mkdir()
+    config = _config(work, root / "model", qra_plan=str(root / "plan.yaml"), deepspeed=str(ds))
+    accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
+    cmd = [accelerate, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds), "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", "29639", "-m", "axolotl.cli.train", str(config)]  # fmt: skip
+    env = {**_env(), "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    finals = re.findall(r"'train_loss': '([0-9.]+)'", log)
+    assert len(finals) == 2 and finals[0] == finals[1]  # both ranks trained the same synchronised model
+    plan, out = Plan.load(root / "plan.yaml"), work / "out"
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    for name, module in plan.modules.items():
+        a, b = (tensors.get(f"base_model.model.{name}.lora_{x}.weight") for x in "AB")
+        assert (a is None) == (module.rank == 0), name  # gathered whole at save, not ZeRO-3's empty partitions
+        assert a is None or (a.shape[0] == b.shape[1] == module.rank and b.abs().sum() > 0), name
+    reloaded = load_for_inference(root / "model", plan, out)
+    assert torch.isfinite(reloaded(input_ids=torch.tensor([[5, 9, 17, 33]])).logits).all()

@@ -13,7 +13,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 
 from qra_plugin.axolotl.args import KERNEL_KEYS, expand_home, kernels_blocked_by
-from qra_plugin.distributed import check_sharding, deepspeed_stage
+from qra_plugin.distributed import check_sharding, deepspeed_stage, gathered
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
 from qra_plugin.plan import Plan, fingerprint
@@ -85,8 +85,9 @@ class QRAPlugin(BasePlugin):
             return
         if not cfg.get("qra_check_fingerprint", True):
             plan = plan.model_copy(update={"fingerprint": fingerprint(model)})
-        prune_model(model, plan)  # prune, then quantize; LoRA comes next, on the pruned shapes
-        quantize_model(model, plan)
+        with gathered(model):  # ZeRO-3's zero.Init left only partitions: prune/quantize the whole weights
+            prune_model(model, plan)  # prune, then quantize; LoRA comes next, on the pruned shapes
+            quantize_model(model, plan)
 
     def post_model_load(self, cfg: Any, model: Any) -> None:
         plan = self._plan(cfg)
