@@ -112,33 +112,49 @@ def test_plugin_hooks_do_nothing_without_qra_plan(tiny_model):
     assert type(tiny_model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
 
 
-def test_sharded_backends_refuse_hqq_and_int8(tiny_model, tmp_path):
-    from qra_plugin import Plan, QRAError
+def test_sharded_backends_take_hqq_and_refuse_int8(tiny_model, tmp_path):
+    from qra_plugin import ModulePlan, Plan, QRAError
+    from qra_plugin.axolotl.plugin import sharding_of
     from qra_plugin.distributed import check_sharding
 
-    mixed = mixed_plan(tiny_model)
-    with pytest.raises(QRAError, match="zero3 cannot shard 2-bit hqq"):
+    mixed = mixed_plan(tiny_model)  # includes bnb int8, whose row scales a sharded parameter drops
+    with pytest.raises(QRAError, match="zero3 cannot shard 8-bit bnb modules"):
         check_sharding(mixed, sharding="zero3", half_precision=True)
-    with pytest.raises(QRAError, match="fsdp cannot shard"):
+    with pytest.raises(QRAError, match="fsdp cannot shard 8-bit bnb"):
         check_sharding(mixed, sharding="fsdp", half_precision=True)
     check_sharding(mixed, sharding="zero2", half_precision=False)  # replicated weights: anything goes
+    hqq = Plan.uniform(tiny_model, bits=4, rank=8)
+    choices = [ModulePlan(bits=b, rank=r) for b, r in ((2, 4), (3, 0), (4, 8), (8, 16), (16, 8))]
+    hqq = hqq.model_copy(update={"modules": {n: choices[i % 5] for i, n in enumerate(hqq.modules)}})
+    for sharding in ("zero3", "fsdp", "fsdp2"):  # FSDP2 / ZeRO-3 shard HQQ (tests/test_sharded.py)
+        check_sharding(hqq, sharding=sharding, half_precision=True)
+        check_sharding(hqq, sharding=sharding, half_precision=False)
+    with pytest.raises(QRAError, match="fsdp1 cannot shard 2-bit hqq, 3-bit hqq, 4-bit hqq, 8-bit hqq"):
+        check_sharding(hqq, sharding="fsdp1", half_precision=True)
+    with pytest.raises(QRAError, match="unknown sharding 'zero4'"):
+        check_sharding(hqq, sharding="zero4", half_precision=True)
+    assert sharding_of({"fsdp_config": {"fsdp_version": 2}}) == "fsdp"
+    assert sharding_of({"fsdp": ["full_shard"], "fsdp_config": {}}) == "fsdp1"
     nf4 = Plan.uniform(tiny_model, bits=4, rank=8, backend="bnb")
     check_sharding(nf4, sharding="fsdp", half_precision=True)
+    check_sharding(nf4, sharding="fsdp1", half_precision=True)
     with pytest.raises(QRAError, match="needs bf16 or fp16"):
         check_sharding(nf4, sharding="zero3", half_precision=False)
 
 
-def test_plugin_refuses_hqq_plan_under_deepspeed_zero3(tiny_model, tmp_path):
+def test_plugin_refuses_an_int8_plan_under_deepspeed_zero3_and_takes_hqq(tiny_model, tmp_path):
     from axolotl.utils.dict import DictDefault
 
-    from qra_plugin import QRAError, QRAPlugin
+    from qra_plugin import Plan, QRAError, QRAPlugin
 
-    mixed_plan(tiny_model).save(tmp_path / "plan.yaml")
+    mixed_plan(tiny_model).save(tmp_path / "plan.yaml")  # includes bitsandbytes int8
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     cfg = DictDefault({"qra_plan": str(tmp_path / "plan.yaml"), "deepspeed": str(ds), "bf16": True})
-    with pytest.raises(QRAError, match="zero3 cannot shard"):
+    with pytest.raises(QRAError, match="zero3 cannot shard 8-bit bnb"):
         QRAPlugin().pre_model_load(cfg)
+    Plan.uniform(tiny_model, bits=3, rank=8).save(tmp_path / "hqq.yaml")
+    QRAPlugin().pre_model_load(DictDefault({**cfg, "qra_plan": str(tmp_path / "hqq.yaml"), "bf16": False}))
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     QRAPlugin().pre_model_load(cfg)  # ZeRO-2 replicates weights: accepted
     assert cfg["lora_target_linear"] is False and "model.layers.0.self_attn.k_proj" not in cfg["lora_target_modules"]

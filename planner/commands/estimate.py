@@ -36,6 +36,12 @@ def register(app: typer.Typer) -> None:
         grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing"),
         dtype: str = typer.Option("float32", help="dtype the model is loaded and trained in"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object of integer byte fields"),
+        world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the job trains on (per-rank bytes)"),
+        sharding: str | None = typer.Option(
+            None,
+            "--sharding",
+            help="ddp, zero1, zero2, zero3 or fsdp2 (default: a CONFIG's deepspeed/fsdp keys, else ddp)",
+        ),
     ) -> None:
         """Predict peak training memory of a plan, part by part (no weights are loaded).
 
@@ -60,11 +66,19 @@ def register(app: typer.Typer) -> None:
                      "grad_checkpointing": grad_checkpointing}  # fmt: skip
             info, the_plan = _from_options(model, dtype, plan, uniform, backend)
         result = estimate(info, the_plan, **train, compute_dtype=info.dtype)
+        sharding = sharding or (_sharding_of_config(config) if config is not None else None)
+        rank_bytes = None
+        if sharding is not None or world_size > 1:
+            from planner.sharding import per_rank
+
+            rank_bytes = per_rank(info, the_plan, result, world_size=world_size, sharding=sharding or "ddp")
         if as_json:
-            typer.echo(json.dumps(result.to_dict()))
+            typer.echo(json.dumps({**result.to_dict(), **({"per_rank": rank_bytes} if rank_bytes else {})}))
             return
         setting = f"batch {train['batch']}, seq {train['seq_len']}"
         _print_table(result, f"{info.architecture}, {the_plan.summary()}, {setting}")
+        if rank_bytes:
+            _print_rank_table(rank_bytes)
 
 
 def _plan_of(info, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN001, ANN202
@@ -106,6 +120,38 @@ def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: 
         raise QRAError(f"{config}: no plan yet (qra_plan) and budget {cfg.budget!r} names no uniform plan: give --plan")
     bits, rank, uniform_backend = budget.uniform
     return info, uniform_plan(info, bits, rank, uniform_backend), train
+
+
+def _sharding_of_config(config: Path) -> str | None:
+    """The sharding an Axolotl YAML's ``deepspeed``/``fsdp`` keys ask for (None: neither key)."""
+    import yaml
+
+    from qra_plugin.axolotl.plugin import sharding_of
+    from qra_plugin.distributed import deepspeed_stage
+
+    raw = yaml.safe_load(config.read_text()) or {}
+    found = sharding_of(raw)
+    if found in ("fsdp1",):
+        raise QRAError(f"{config}: FSDP1 is not priced per rank; set fsdp_version: 2")
+    if found == "zero2":
+        return "zero1" if deepspeed_stage(raw.get("deepspeed")) == 1 else "zero2"
+    return {"fsdp": "fsdp2"}.get(found, found)
+
+
+def _print_rank_table(rank_bytes: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from planner.memory import format_bytes
+
+    table = Table(title=f"one of {rank_bytes['world_size']} ranks under {rank_bytes['sharding']}")
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    table.add_column("size", justify="right")
+    for key, value in rank_bytes.items():
+        if isinstance(value, int) and key != "world_size":
+            table.add_row(key.replace("_", " "), str(value), format_bytes(value))
+    Console().print(table)
 
 
 def _print_table(result, title: str) -> None:  # noqa: ANN001 - MemoryBreakdown

@@ -14,7 +14,7 @@ from axolotl.integrations.base import BasePlugin
 
 from qra_plugin.adapter_init import apply_adapter_init
 from qra_plugin.axolotl.args import KERNEL_KEYS, expand_home, kernels_blocked_by, take_over_quantization
-from qra_plugin.distributed import check_sharding, deepspeed_stage
+from qra_plugin.distributed import check_sharding, deepspeed_stage, gathered
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
 from qra_plugin.lora import rank_alpha_patterns
@@ -27,9 +27,10 @@ log = logging.getLogger("axolotl.integrations.qra")
 
 
 def sharding_of(cfg: Any) -> str | None:
-    """The weight-sharding mode an Axolotl config asks for: zero3, fsdp, zero2 or None."""
+    """The weight-sharding mode an Axolotl config asks for: zero3, fsdp (FSDP2), fsdp1, zero2 or None."""
     if cfg.get("fsdp") or cfg.get("fsdp_config"):
-        return "fsdp"
+        version = cfg.get("fsdp_version") or (cfg.get("fsdp_config") or {}).get("fsdp_version")
+        return "fsdp" if str(version) == "2" else "fsdp1"
     stage = deepspeed_stage(cfg.get("deepspeed"))
     if stage is None:
         return None
@@ -99,8 +100,9 @@ class QRAPlugin(BasePlugin):
             return
         if not cfg.get("qra_check_fingerprint", True):
             plan = plan.model_copy(update={"fingerprint": fingerprint(model)})
-        prune_model(model, plan)  # prune, then quantize; LoRA comes next, on the pruned shapes
-        quantize_model(model, plan)
+        with gathered(model):  # ZeRO-3's zero.Init left only partitions: prune/quantize the whole weights
+            prune_model(model, plan)  # prune, then quantize; LoRA comes next, on the pruned shapes
+            quantize_model(model, plan)
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
         """PEFT has made the adapters: start the ones the plan initialises from its init file (every rank).

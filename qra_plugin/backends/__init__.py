@@ -3,7 +3,7 @@
 A backend file declares everything about its backend as one :class:`Backend` named ``BACKEND``: the
 bits it stores, its default group size and axis, ``quantize``, the bytes a quantized layer holds
 (``stored_bytes``, which the planner's memory model uses), how to recognise its layer (``owns``), the
-tensors it hides outside parameters and buffers (for the weight meter), whether ZeRO-3/FSDP can shard it
+tensors it hides outside parameters and buffers (for the weight meter), whether ZeRO-3/FSDP2/FSDP1 can shard it
 and whether Axolotl's Triton LoRA kernels accept it. Every module in this package that defines
 ``BACKEND`` is registered, so adding a backend (torchao int4, GPTQ) is one new file plus its test; the
 plan schema, config checks, budget parser, memory model, weight meter, sharding rules and the Axolotl
@@ -40,8 +40,12 @@ class Backend:
     owns: Callable[[nn.Module], bool]
     #: ``hidden_tensors(module) -> list[Tensor]``: tensors kept outside parameters/buffers (scales, codes)
     hidden_tensors: Callable[[nn.Module], list[Any]] = lambda module: []
-    #: ``shardable(bits, half_precision) -> bool``: can ZeRO-3/FSDP shard this layer
+    #: ``shardable(bits, half_precision) -> bool``: can ZeRO-3/FSDP2 shard this layer (each parameter sharded
+    #: on its own, in its own dtype)
     shardable: Callable[[int, bool], bool] = lambda bits, half: False
+    #: ``flat_shardable(bits, half_precision) -> bool``: can FSDP1 shard it (FSDP1 flattens a unit's
+    #: parameters into one flat parameter of one float dtype)
+    flat_shardable: Callable[[int, bool], bool] = lambda bits, half: False
     #: whether Axolotl's Triton LoRA kernels (lora_mlp/qkv/o_kernel) handle this base layer
     axolotl_kernels: bool = False
     #: default group size per bits (None: the backend has no group size)

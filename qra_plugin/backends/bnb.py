@@ -1,8 +1,9 @@
 """bitsandbytes: nf4 (4-bit, blocks of 64, double-quantized absmax) and LLM.int8 (8-bit, per-row scales).
 
 With a bf16/fp16 compute dtype the packed nf4 bytes are stored in that dtype (``quant_storage``), the
-layout FSDP and ZeRO-3 can shard (the QLoRA-FSDP layout); with fp32 they stay uint8. FSDP1 rejects int8
-weights inside a wrapped unit, so int8 is never shardable.
+layout FSDP and ZeRO-3 can shard (the QLoRA-FSDP layout); with fp32 they stay uint8. int8 is never sharded:
+``Int8Params`` keeps its row scales (``SCB``) as attributes of the parameter object, which a sharded copy
+(FSDP2's DTensor, ZeRO-3's partitioned tensor) does not carry, and FSDP1 rejects int8 weights in a unit.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ BACKEND = Backend(
     owns=owns,
     hidden_tensors=hidden_tensors,
     shardable=lambda bits, half_precision: bits == 4 and half_precision,
+    flat_shardable=lambda bits, half_precision: bits == 4 and half_precision,
     axolotl_kernels=True,
     default_group={4: NF4_BLOCK},
     check=check,

@@ -1,8 +1,19 @@
 """HQQ (half-quadratic quantization): 2/3/4/8 bits with a group size and axis, calibration-free.
 
 HQQ keeps scale/zero in a plain dict (``meta``), not in registered buffers, so ``.to()``, DDP and FSDP do
-not move them: we always quantize on the layer's final device, and sharded runs cannot hold HQQ layers.
-Axolotl's Triton LoRA kernels assume a bnb/plain base layer, so they are off for HQQ.
+not move them: we always quantize on the layer's final device. Axolotl's Triton LoRA kernels assume a
+bnb/plain base layer, so they are off for HQQ.
+
+Sharded (ZeRO-3, FSDP2): every rank quantizes the same full weights with the same deterministic
+optimisation, so ranks hold the same layer without a broadcast (tests/test_sharded.py compares their
+digests). The packed weight ``W_q`` is the layer's one parameter, frozen and integer (uint8; int32 at 3
+bits): FSDP2 shards it along dim 0 as it shards any parameter (its mixed-precision policy never casts a
+non-float one) and ZeRO-3 partitions it, and both gather it back before the layer runs. ``meta`` (scale and
+zero, one each per group in the compute dtype) is invisible to them, so every rank keeps all of it:
+2·itemsize/group bytes per weight (bf16: 2-bit g16 0.25 B, 3-bit g32 0.125 B, 4/8-bit g64 0.0625 B) against
+the packed weight's bits/8 B (3-bit: 0.4 B) divided by the number of ranks. FSDP1 cannot hold HQQ: it
+flattens a unit's parameters into one float flat parameter (hqq's own FSDP1 route views W_q as float,
+``view_as_float``, which qra does not use).
 """
 
 from __future__ import annotations
@@ -104,7 +115,7 @@ BACKEND = Backend(
     stored_bytes=stored_bytes,
     owns=owns,
     hidden_tensors=hidden_tensors,
-    shardable=lambda bits, half_precision: False,
+    shardable=lambda bits, half_precision: True,  # FSDP2 and ZeRO-3: tests/test_sharded.py
     axolotl_kernels=False,
     default_group=DEFAULT_GROUP,
     default_axis=0,

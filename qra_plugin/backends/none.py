@@ -1,5 +1,5 @@
 """16 bits: the original ``nn.Linear``, kept in the model's dtype. The reference every backend is measured
-against, and the one layer every sharding mode (ZeRO-3, FSDP) and Axolotl's LoRA kernels accept."""
+against, and the one layer every sharding mode (ZeRO-3, FSDP1/2) and Axolotl's LoRA kernels accept."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ BACKEND = Backend(
     stored_bytes=stored_bytes,
     owns=lambda module: False,
     shardable=lambda bits, half_precision: True,
+    flat_shardable=lambda bits, half_precision: True,
     axolotl_kernels=True,
     summary="unquantized Linear in the model dtype",
 )

@@ -1,0 +1,95 @@
+"""Bytes per rank, predicted (``planner.sharding.per_rank``) vs held by the real run, and step time vs one process.
+
+    PYTHONPATH=$PWD python benchmarks/sharded_memory.py   # ~4 min on 2 CPU cores
+
+Runs tests/sharded_worker.py on the tiny Llama with the mixed HQQ 2/3/4/8 + 16-bit plan of tests/test_sharded.py
+(ranks 0/4/8/12, a pruned block; global batch 4 x 32 tokens, 3 steps) in one process and on 2 CPU ranks under
+DDP, ZeRO-2, ZeRO-3 and FSDP2. Measured = what each rank stores after the last step, from its real tensors
+(CPU has no allocator peak): frozen weights' local shards + HQQ scale/zero + buffers, LoRA parameters'
+local shards, DeepSpeed's fp32 copies of the rank's partition it steps, optimizer states' local shards.
+Predicted = the same four parts of ``per_rank``. Activations and gradients are not counted on either side
+(they live inside the step, which only a GPU allocator sees).
+Writes benchmarks/results/sharded_memory.json and .md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PARTS = ("weights", "lora_params", "master_params", "optimizer_states")
+MODES = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp2": "fsdp2"}
+
+
+def predicted(model_dir: Path, plan_path: Path, sharding: str, world_size: int) -> dict[str, int]:
+    from planner.memory import estimate
+    from planner.model_info import load_model_info
+    from planner.sharding import per_rank
+    from qra_plugin import Plan
+
+    info, plan = load_model_info(str(model_dir)), Plan.load(plan_path)
+    breakdown = estimate(info, plan, batch=4 // world_size, seq_len=32)
+    rank = per_rank(info, plan, breakdown, world_size=world_size, sharding=sharding)
+    return {part: rank[part] for part in PARTS}
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from planner.tiny import build_tiny_model, save_tiny_model
+    from tests.test_sharded import WORKER, _launch, _run, sharded_plan
+
+    root = Path(tempfile.mkdtemp(prefix="sharded_memory_"))
+    model_dir = save_tiny_model(root / "model", seed=0)
+    sharded_plan(build_tiny_model("llama", seed=0)).save(root / "plan.yaml")
+    args = ["--model", str(model_dir), "--plan", str(root / "plan.yaml")]
+    _run([sys.executable, str(WORKER), "--mode", "single", *args, "--out", str(root / "single")], root)
+    single = json.loads((root / "single" / "rank0.json").read_text())
+    runs = [_row("ddp", 1, 0, single, predicted(model_dir, root / "plan.yaml", "ddp", 1), single["step_s"])]
+    for port, (sharding, mode) in enumerate(MODES.items(), start=29660):
+        _, ranks, _ = _launch((root, args), mode, port)
+        guess = predicted(model_dir, root / "plan.yaml", sharding, 2)
+        runs += [_row(sharding, 2, r["rank"], r, guess, single["step_s"]) for r in ranks]
+    command = "PYTHONPATH=$PWD python benchmarks/sharded_memory.py"
+    (RESULTS / "sharded_memory.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1) + "\n")
+    (RESULTS / "sharded_memory.md").write_text(_markdown(command, runs))
+    print(_markdown(command, runs))
+
+
+def _row(sharding: str, world: int, rank: int, run: dict, guess: dict[str, int], single_s: float) -> dict:
+    held = run["held"]
+    return {
+        "sharding": sharding,
+        "world_size": world,
+        "rank": rank,
+        "predicted": sum(guess.values()),
+        "measured": sum(held[p] for p in PARTS),
+        "step_s": round(run["step_s"], 3),
+        "step_s_single": round(single_s, 3),
+        "parts": {p: {"predicted": guess[p], "measured": held[p]} for p in PARTS},
+    }
+
+
+def _markdown(command: str, runs: list[dict]) -> str:
+    lines = [
+        "# Bytes per rank: predicted vs held (tiny Llama, mixed HQQ 2/3/4/8 + 16-bit plan, 2 CPU ranks, gloo)",
+        "",
+        f"`{command}` — per rank after the last step: weights, LoRA, DeepSpeed's fp32 partition copy, optimizer.",
+        "",
+        "| sharding | ranks | rank | predicted | measured | weights p/m | LoRA p/m | master p/m | optim p/m | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        parts = " | ".join(f"{r['parts'][p]['predicted']}/{r['parts'][p]['measured']}" for p in PARTS)
+        lines.append(
+            f"| {r['sharding']} | {r['world_size']} | {r['rank']} | {r['predicted']} | {r['measured']} | {parts} | "
+            f"{r['step_s']} ({r['step_s_single']}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Training memory per rank on N ranks: which parts of a single-device breakdown each sharding divides by N.
+
+              weights   LoRA params   LoRA grads   optimizer states   activations/logits
+    ddp       whole     whole         whole + DDP's bucket copy        whole              per-rank batch
+    zero1     whole     whole         whole        / N                per-rank batch
+    zero2     whole     whole         / N          / N                per-rank batch
+    zero3     / N       / N           / N          / N                per-rank batch
+    fsdp2     / N       / N           / N          / N                per-rank batch
+
+DeepSpeed ZeRO-1/2 also steps its own fp32 copy of this rank's partition of the trainable parameters
+(``single_partition_of_fp32_groups``), even when training in fp32: ``master_params`` = LoRA params / N; ZeRO-3
+makes that copy (``fp32_partitioned_groups_flat``) only when its partitions are not fp32 already (bf16/fp16).
+
+Under zero3/fsdp2 what the sharding cannot see stays whole on every rank: HQQ's scale/zero (a plain dict
+on the layer) and buffers. Before a block runs its weights are gathered: the peak adds the gathered block
+and the next one being prefetched (FSDP2's default; ZeRO-3's prefetch bucket is of the same order), each
+less the rank's own shard. ``batch`` in the breakdown is the
+per-rank micro batch, so activations are per rank already.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from planner.memory import MemoryBreakdown, base_module_bytes
+from planner.model_info import ModelInfo, pruned_info
+from qra_plugin.errors import QRAError
+from qra_plugin.plan import ModulePlan, Plan
+
+SHARDINGS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
+#: the layers gathered whole at once under zero3/fsdp2: the running block and the prefetched next one
+GATHERED_BLOCKS = 2
+
+
+def replicated_metadata(info: ModelInfo, plan: Plan, dtype: torch.dtype) -> int:
+    """HQQ scale + zero (one each per group, compute dtype) of every planned module: not a parameter, so
+    every rank keeps all of it (qra_plugin/backends/hqq.py)."""
+    from qra_plugin.backends.hqq import DEFAULT_GROUP
+
+    total = 0
+    for spec in info.linears:
+        mp = plan.modules.get(spec.name)
+        if mp is not None and mp.backend == "hqq" and mp.bits < 16:
+            total += 2 * (spec.numel // (mp.group_size or DEFAULT_GROUP[mp.bits])) * dtype.itemsize
+    return total
+
+
+def _fp32_copy(sharding: str, dtype: torch.dtype) -> bool:
+    """Whether DeepSpeed keeps a separate fp32 partition of the trainable parameters to step."""
+    return sharding in ("zero1", "zero2") or (sharding == "zero3" and dtype != torch.float32)
+
+
+def _block_bytes(info: ModelInfo, plan: Plan, dtype: torch.dtype) -> list[int]:
+    blocks = [0] * info.n_blocks
+    for spec in info.linears:
+        blocks[spec.block] += base_module_bytes(spec, plan.modules.get(spec.name) or ModulePlan(bits=16), dtype)
+    return blocks
+
+
+def per_rank(
+    info: ModelInfo, plan: Plan, breakdown: MemoryBreakdown, *, world_size: int, sharding: str
+) -> dict[str, Any]:
+    """The bytes one of ``world_size`` ranks holds under ``sharding``, part by part, and its peak."""
+    if sharding not in SHARDINGS:
+        raise QRAError(f"--sharding must be one of {', '.join(SHARDINGS)}, not {sharding!r}")
+    if world_size < 1:
+        raise QRAError(f"--world-size must be >= 1 (got {world_size})")
+    n, b = world_size, breakdown
+    dtype = getattr(torch, b.settings.get("compute_dtype", "float32"))
+    info = pruned_info(info, plan)
+    weights = b.quantized_weights + b.unquantized_weights
+    replicated = replicated_metadata(info, plan, dtype) + sum(
+        t.numel * t.dtype.itemsize for t in info.others if t.is_buffer
+    )
+    shards_weights = sharding in ("zero3", "fsdp2")
+    parts = {
+        "weights": math.ceil((weights - replicated) / n) + replicated if shards_weights else weights,
+        "replicated_weights": replicated if shards_weights else weights,
+        "lora_params": math.ceil(b.lora_params / n) if shards_weights else b.lora_params,
+        "master_params": math.ceil(b.lora_params / n) if _fp32_copy(sharding, dtype) else 0,
+        "lora_grads": b.lora_grads if sharding in ("ddp", "zero1") else math.ceil(b.lora_grads / n),
+        "grad_buckets": b.lora_grads if sharding == "ddp" and n > 1 else 0,
+        "optimizer_states": b.optimizer_states if sharding == "ddp" else math.ceil(b.optimizer_states / n),
+        "activations": b.activations,
+        "logits_loss": b.logits_loss,
+        "recompute": b.recompute,
+    }
+    blocks = sorted(_block_bytes(info, plan, dtype), reverse=True)[:GATHERED_BLOCKS]
+    gathered = sum(math.ceil(x * (n - 1) / n) for x in blocks) if shards_weights and n > 1 else 0
+    parts["all_gather_peak"] = gathered
+    static = sum(parts[k] for k in ("weights", "lora_params", "master_params", "optimizer_states", "grad_buckets"))
+    phases = {
+        "loss": parts["activations"] + parts["logits_loss"] + gathered,
+        "recompute": parts["activations"] + parts["recompute"] + parts["lora_grads"] + gathered,
+        "optimizer": parts["lora_grads"],
+    }
+    phase = max(phases, key=lambda k: phases[k])
+    return {"sharding": sharding, "world_size": n, **parts, "peak_phase": phase, "total": static + phases[phase]}
