@@ -391,7 +391,8 @@ def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, A
 
     s, train = run.setup, run.cfg.train
     kwargs = {"batch": train.batch, "seq_len": train.seq_len, "optimizer": train.optimizer,
-              "grad_checkpointing": train.grad_checkpointing}  # fmt: skip
+              "grad_checkpointing": train.grad_checkpointing, "loss_path": train.loss_path,
+              "grad_accum": train.gradient_accumulation_steps}  # fmt: skip
     comparison = {
         "setting": f"batch {train.batch} x {train.seq_len} tokens, {train.optimizer}, gradient checkpointing "
         f"{'on' if train.grad_checkpointing else 'off'}, {s.info.dtype}".replace("torch.", ""),
