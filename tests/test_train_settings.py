@@ -142,3 +142,22 @@ def test_an_axolotl_yamls_training_keys_arrive_in_the_train_section(extra, loss_
     assert (train.batch, train.gradient_accumulation_steps, train.lr_scheduler) == (2, 4, "cosine")
     assert (train.warmup_steps, train.weight_decay, train.lora_dropout) == (7, 0.02, 0.05)
     assert train.packing is True and train.loss_path == loss_path
+
+
+@pytest.mark.axolotl
+def test_the_plugin_warns_when_offline_with_axolotl_telemetry_on(monkeypatch, caplog) -> None:
+    """Axolotl queues its telemetry upload before plugins load, so the plugin can only say what to set."""
+    pytest.importorskip("axolotl")
+    from qra_plugin.axolotl.plugin import warn_offline_telemetry
+
+    for name in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("WARNING", logger="axolotl.integrations.qra"):
+        assert warn_offline_telemetry()
+    assert "AXOLOTL_DO_NOT_TRACK=1" in caplog.text
+    monkeypatch.setenv("AXOLOTL_DO_NOT_TRACK", "1")
+    assert not warn_offline_telemetry()
+    monkeypatch.delenv("AXOLOTL_DO_NOT_TRACK")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not warn_offline_telemetry()  # online: the upload goes through
