@@ -70,8 +70,12 @@ def configs(n_blocks: int, grid: str = "loss") -> list[dict[str, Any]]:
             for loss in ("trl_chunked", "hf_full")
         ]
         # what a fidelity run of an hf_full job runs: TRL's nll also copies the shifted logits for its metrics
-        extra = {**rows[1], "name": "hqq4-r16/adamw_torch/hf_full/sft", "trainer": "sft"}
-        return [*rows, extra]
+        extra = [{**rows[1], "name": "hqq4-r16/adamw_torch/hf_full/sft", "trainer": "sft"}]
+        # 1020 labelled tokens: four 256-token chunks, the regime of the GPU runs (8 x 256: eight chunks)
+        longer = {**plans[0], "name": "hqq4-r16-4x256", "batch": 4, "seq": 256, "optimizer": "adamw_torch"}
+        extra += [{**longer, "name": f"hqq4-r16-4x256/adamw_torch/{loss}", "loss_path": loss, "trainer": TRAINER[loss]}
+                  for loss in ("trl_chunked", "hf_full")]  # fmt: skip
+        return [*rows, *extra]
     mixed = [(8, 8)] * 6 + [(4, 8)] * (n_blocks - 6)
     alternating = [(3, 8) if i % 2 else (8, 8) for i in range(n_blocks)]
     ladder = [((2, 3, 4, 8, 16)[i % 5], 16) for i in range(n_blocks)]
