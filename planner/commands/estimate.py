@@ -96,16 +96,14 @@ def _from_options(model: str, dtype: str, plan: Path | None, uniform: str | None
 
 def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN202
     """Model info, plan and training settings of a qra or Axolotl config (Axolotl validates its YAML)."""
-    from planner.memory import Budget, uniform_plan
+    from planner.memory import Budget, estimate_settings, uniform_plan
     from planner.model_info import load_model_info
     from planner.run_config import load_run_config
 
     run = load_run_config(config, prepare_data=False)
     cfg = run.config
     info = load_model_info(cfg.model)
-    train = {"batch": cfg.train.batch, "seq_len": cfg.train.seq_len, "optimizer": cfg.train.optimizer,
-             "grad_checkpointing": cfg.train.grad_checkpointing, "loss_path": cfg.train.loss_path,
-             "grad_accum": cfg.train.gradient_accumulation_steps}  # fmt: skip
+    train = estimate_settings(cfg.train)
     if plan is not None or uniform is not None:
         return info, _plan_of(info, plan, uniform, backend), train
     if run.plan_target is not None and run.plan_target.is_file():

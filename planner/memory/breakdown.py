@@ -244,6 +244,18 @@ def _estimate(
     )
 
 
+def estimate_settings(train: Any) -> dict[str, Any]:
+    """The ``estimate`` keyword arguments a ``planner.config.TrainSection`` says (the job as it trains)."""
+    return {
+        "batch": train.batch,
+        "seq_len": train.seq_len,
+        "optimizer": train.optimizer,
+        "grad_checkpointing": train.grad_checkpointing,
+        "loss_path": train.loss_path,
+        "grad_accum": train.gradient_accumulation_steps,
+    }
+
+
 def _rank(plan: Plan, spec: LinearSpec) -> int:
     mp = plan.modules.get(spec.name)
     return mp.rank if mp is not None else 0
