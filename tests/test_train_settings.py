@@ -161,3 +161,16 @@ def test_the_plugin_warns_when_offline_with_axolotl_telemetry_on(monkeypatch, ca
     monkeypatch.delenv("AXOLOTL_DO_NOT_TRACK")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert not warn_offline_telemetry()  # online: the upload goes through
+
+
+def test_a_search_refuses_packing_up_front_where_rows_would_mix(monkeypatch) -> None:
+    import transformers.masking_utils as masking
+
+    from planner.search.setup import _refuse_optimizer_here
+    from qra_plugin.errors import QRAError
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    cfg = tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}, train={"packing": True})
+    with pytest.raises(QRAError, match="^train.packing: packed rows attend to each other"):
+        _refuse_optimizer_here(cfg)
+    _refuse_optimizer_here(tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}))  # unpacked
