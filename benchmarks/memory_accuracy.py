@@ -1,8 +1,9 @@
 """Predicted vs measured training memory (planner.memory.estimate) on real quantized models.
 
-For each configuration: load the model, ``apply_plan`` (real HQQ / bitsandbytes layers + PEFT LoRA), build
-the optimizer the HF Trainer would build, run one warm-up training step (so optimizer states exist, as in
-every later step), then measure a second step.
+For each configuration: load the model, ``apply_plan`` (real HQQ / bitsandbytes layers + PEFT LoRA), and train
+two steps with TRL's ``SFTTrainer`` — the trainer fidelity runs use — with the configuration's optimizer and loss
+path (TRL's default chunked NLL, or the model's full-logits loss as Axolotl's trainer runs it); the first step
+creates the optimizer states, the second is measured.
 
 How peak memory is measured on CPU: ``torch.profiler`` with ``profile_memory=True`` records every
 allocation and free that goes through PyTorch's CPU allocator (c10), with its size, in order. The running
@@ -13,7 +14,7 @@ held by tensors at every moment; its maximum is the peak. That is the same quant
 caching or fragmentation, which depend on the allocator rather than on the plan).
 
 Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --model demo \
-          --out benchmarks/results/memory_accuracy.json
+          --out benchmarks/results/memory_accuracy.json     (--grid plans: the bits / backend / checkpointing mix)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from planner.config import ModelSection  # noqa: E402
 from planner.data.wiki import as_plain_text, wiki_split  # noqa: E402
 from planner.loading import load_model, load_tokenizer  # noqa: E402
-from planner.memory import estimate, trace_activations  # noqa: E402
+from planner.memory import estimate  # noqa: E402
 from planner.model_info import load_model_info  # noqa: E402
 from qra_plugin import apply_plan  # noqa: E402
 from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
@@ -42,20 +43,43 @@ from qra_plugin.plan import Plan  # noqa: E402
 from qra_plugin.weight_memory import memory_report, storage_bytes  # noqa: E402
 
 METHOD = (
-    "torch.profiler(profile_memory=True) records every allocation/free through PyTorch's CPU allocator; "
-    "peak = bytes held by tensors when the step starts (distinct storages of weights, quantized state, LoRA, "
-    "optimizer states) + max running sum of the step's allocation events. This is the CPU analogue of "
-    "torch.cuda.max_memory_allocated (live tensor bytes, no allocator caching/fragmentation). Activations "
-    "measured = bytes still held right after the forward (outputs dropped, loss kept) = what autograd saved."
+    "Two optimizer steps on full rows of trl.SFTTrainer (the trainer fidelity runs use; loss_type chunked_nll "
+    "for trl_chunked) or, for hf_full, transformers.Trainer (the base of Axolotl's AxolotlTrainer: the model's "
+    "full-logits loss); the row marked /sft is hf_full through SFTTrainer(loss_type=nll). The second step is "
+    "measured: "
+    "torch.profiler(profile_memory=True) records every allocation/free through PyTorch's CPU allocator from "
+    "on_step_begin to on_step_end (forward, backward, optimizer step); peak = bytes held by tensors when the "
+    "step begins (distinct storages of weights, quantized state, LoRA, optimizer states) + max running sum of the "
+    "step's allocation events. This is the CPU analogue of torch.cuda.max_memory_allocated (live tensor bytes, "
+    "no allocator caching/fragmentation)."
 )
 
 
-def configs(n_blocks: int) -> list[dict[str, Any]]:
-    """Bits mixes, ranks, backends, batch, seq-len and gradient checkpointing on/off."""
+def configs(n_blocks: int, grid: str = "loss") -> list[dict[str, Any]]:
+    """``loss`` (default): two plans x two optimizers x TRL's chunked NLL / transformers' full-logits loss, all
+    through SFTTrainer; ``plans``: the earlier bits / rank / backend / checkpointing mix, chunked loss, AdamW."""
+    if grid == "loss":
+        plans = [
+            {"name": "hqq4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 128, "gc": False},
+            {"name": "nf4-r8-gc", "blocks": [(4, 8)] * n_blocks, "backend": "bnb", "batch": 2, "seq": 128, "gc": True},
+        ]
+        rows = [
+            {**p, "name": f"{p['name']}/{opt}/{loss}", "optimizer": opt, "loss_path": loss, "trainer": TRAINER[loss]}
+            for p in plans
+            for opt in ("adamw_torch", "adamw_bnb_8bit")
+            for loss in ("trl_chunked", "hf_full")
+        ]
+        # what a fidelity run of an hf_full job runs: TRL's nll also copies the shifted logits for its metrics
+        extra = [{**rows[1], "name": "hqq4-r16/adamw_torch/hf_full/sft", "trainer": "sft"}]
+        # 1020 labelled tokens: four 256-token chunks, the regime of the GPU runs (8 x 256: eight chunks)
+        longer = {**plans[0], "name": "hqq4-r16-4x256", "batch": 4, "seq": 256, "optimizer": "adamw_torch"}
+        extra += [{**longer, "name": f"hqq4-r16-4x256/adamw_torch/{loss}", "loss_path": loss, "trainer": TRAINER[loss]}
+                  for loss in ("trl_chunked", "hf_full")]  # fmt: skip
+        return [*rows, *extra]
     mixed = [(8, 8)] * 6 + [(4, 8)] * (n_blocks - 6)
     alternating = [(3, 8) if i % 2 else (8, 8) for i in range(n_blocks)]
     ladder = [((2, 3, 4, 8, 16)[i % 5], 16) for i in range(n_blocks)]
-    return [
+    rows = [
         {"name": "hqq4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 128, "gc": False},
         {"name": "hqq4-r16-gc", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 4, "seq": 128, "gc": True},
         {"name": "nf4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "bnb", "batch": 1, "seq": 64, "gc": False},
@@ -65,6 +89,7 @@ def configs(n_blocks: int) -> list[dict[str, Any]]:
         {"name": "hqq2-r32-gc", "blocks": [(2, 32)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 64, "gc": True},
         {"name": "ladder2..16-r16-gc", "blocks": ladder, "backend": "hqq", "batch": 1, "seq": 512, "gc": True},
     ]
+    return [{**r, "optimizer": "adamw_torch", "loss_path": "trl_chunked", "trainer": "sft"} for r in rows]
 
 
 def _events(prof: Any) -> list[int]:
@@ -99,56 +124,88 @@ def batch_ids(tokenizer: Any, batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.tensor(ids[: batch * seq]).view(batch, seq)
 
 
+#: how SFTTrainer runs each loss path here (Liger / cut cross-entropy kernels need CUDA: not measured on CPU)
+TRL_LOSS_TYPE = {"trl_chunked": "chunked_nll", "hf_full": "nll"}
+#: the trainer each loss path runs in: TRL's SFTTrainer (fidelity runs), or transformers' Trainer, which Axolotl's
+#: AxolotlTrainer subclasses (the model's own loss, no extra metrics on the logits)
+TRAINER = {"trl_chunked": "sft", "hf_full": "hf"}
+
+
+class _StepProbe:
+    """A TrainerCallback that profiles the second optimizer step (the first creates the optimizer states):
+    static bytes when it begins, then every allocation until it ends (forward, backward, optimizer step)."""
+
+    def __init__(self) -> None:
+        self.prof: Any = None
+        self.static = self.rise = 0
+        self.wall = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kw: Any):
+        if state.global_step == 1:
+            self.static = held_bytes(model, optimizer)
+            self.wall = time.perf_counter()
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any):
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            self.rise, _ = _run_max(_events(self.prof))
+            self.wall = time.perf_counter() - self.wall
+            self.prof = None
+
+
 def measure(section: ModelSection, cfg: dict[str, Any], info: Any, seed: int) -> dict[str, Any]:
-    from transformers import Trainer, TrainingArguments
+    """Two optimizer steps of TRL's SFTTrainer (the fidelity runs' trainer) on the planned model; the second
+    is measured at the allocator level."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(seed)
     model = load_model(section)
     plan = Plan.from_block_pairs(info.fingerprint, info.linears, cfg["blocks"], cfg["backend"])
     peft_model = apply_plan(model, plan)
-    if cfg["gc"]:
-        peft_model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-        peft_model.base_model.model.enable_input_require_grads()
-    peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    tokenizer = load_tokenizer(section)
+    rows = batch_ids(tokenizer, 2 * cfg["batch"], cfg["seq"], seed)  # full rows: every position has a label
+    probe = type("StepProbe", (_StepProbe, TrainerCallback), {})()
     with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(output_dir=tmp, optim="adamw_torch", use_cpu=True, report_to=[])
-        opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(targs)
-    opt = opt_cls(params, lr=1e-4)
-    ids = batch_ids(load_tokenizer(section), cfg["batch"], cfg["seq"], seed)
-
-    def step(profiled: bool) -> tuple[int, int, float]:
-        t0 = time.perf_counter()
-        acts = [ProfilerActivity.CPU]
-        if not profiled:
-            loss = peft_model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return 0, 0, time.perf_counter() - t0
-        with profile(activities=acts, profile_memory=True) as fwd:
-            out = peft_model(input_ids=ids, labels=ids)
-            loss = out.loss
-            del out
-        with profile(activities=acts, profile_memory=True) as bwd:
-            loss.backward()
-            del loss
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        f_peak, f_end = _run_max(_events(fwd))
-        b_peak, _ = _run_max(_events(bwd))
-        return max(f_peak, f_end + b_peak), f_end, time.perf_counter() - t0
-
-    step(False)  # warm-up: optimizer states now exist, as in every later step
-    base = held_bytes(peft_model, opt)
-    rise, fwd_end, wall = step(True)
+        common = dict(
+            output_dir=tmp,
+            max_steps=2,
+            per_device_train_batch_size=cfg["batch"],
+            learning_rate=1e-4,
+            optim=cfg["optimizer"],
+            gradient_checkpointing=cfg["gc"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        if cfg["trainer"] == "sft":
+            args = SFTConfig(
+                **common, loss_type=TRL_LOSS_TYPE[cfg["loss_path"]], max_length=cfg["seq"], shuffle_dataset=False
+            )
+            dataset = Dataset.from_list([{"input_ids": row.tolist()} for row in rows])
+            trainer = SFTTrainer(model=peft_model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        else:
+            full = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r), "labels": r.tolist()} for r in rows]
+            trainer = Trainer(
+                model=peft_model,
+                args=TrainingArguments(**common),
+                train_dataset=Dataset.from_list(full),
+                data_collator=default_data_collator,
+            )
+        trainer.add_callback(probe)
+        trainer.train()
     return {
-        "static_bytes": base,
-        "activations_after_forward": fwd_end,
-        "peak": base + rise,
-        "step_wall_s": round(wall, 2),
+        "static_bytes": probe.static,
+        "peak": probe.static + probe.rise,
+        "step_wall_s": round(probe.wall, 2),
         "plan_summary": plan.summary(),
     }
 
@@ -156,14 +213,19 @@ def measure(section: ModelSection, cfg: dict[str, Any], info: Any, seed: int) ->
 def predict(info: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     plan = Plan.from_block_pairs(info.fingerprint, info.linears, cfg["blocks"], cfg["backend"])
     t0 = time.perf_counter()
-    est = estimate(info, plan, batch=cfg["batch"], seq_len=cfg["seq"], grad_checkpointing=cfg["gc"])
-    trace = trace_activations(info, cfg["batch"], cfg["seq"], info.dtype)
+    est = estimate(
+        info,
+        plan,
+        batch=cfg["batch"],
+        seq_len=cfg["seq"],
+        grad_checkpointing=cfg["gc"],
+        optimizer=cfg["optimizer"],
+        loss_path=cfg["loss_path"],
+    )
     static = est.quantized_weights + est.unquantized_weights + est.lora_params + est.optimizer_states
     return {
         "breakdown": est.to_dict(),
         "static_bytes": static,
-        # held after the forward: saved activations + the loss's saved fp32 log-softmax
-        "activations_after_forward": est.activations + trace.head_saved,
         "peak": est.total,
         "estimate_s": round(time.perf_counter() - t0, 3),
     }
@@ -175,12 +237,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/memory_accuracy.json")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", choices=("loss", "plans"), default="loss", help="which configs (see configs())")
     args = parser.parse_args()
     torch.set_num_threads(1)
     section = ModelSection(path=args.model)
     info = load_model_info(section)
     rows = []
-    for cfg in configs(info.n_blocks):
+    for cfg in configs(info.n_blocks, args.grid):
         if args.only and cfg["name"] not in args.only:
             continue
         pred = predict(info, cfg)
@@ -191,12 +254,12 @@ def main() -> None:
             "batch": cfg["batch"],
             "seq_len": cfg["seq"],
             "grad_checkpointing": cfg["gc"],
+            "optimizer": cfg["optimizer"],
+            "loss_path": cfg["loss_path"],
+            "trainer": {"sft": "trl.SFTTrainer", "hf": "transformers.Trainer"}[cfg["trainer"]],
             "predicted": pred,
             "measured": meas,
-            "error_pct": {
-                k: round(100 * (pred[k] - meas[k]) / meas[k], 2)
-                for k in ("static_bytes", "activations_after_forward", "peak")
-            },
+            "error_pct": {k: round(100 * (pred[k] - meas[k]) / meas[k], 2) for k in ("static_bytes", "peak")},
         }
         rows.append(row)
         print(
@@ -206,19 +269,16 @@ def main() -> None:
         )
     result = {
         "command": "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --model "
-        f"{args.model} --out {args.out}",
+        f"{args.model} --grid {args.grid} --out {args.out}",
         "model": args.model,
         "architecture": info.architecture,
         "n_blocks": info.n_blocks,
         "dtype": str(info.dtype),
-        "optimizer": "adamw_torch",
         "device": "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "method": METHOD,
-        "max_abs_error_pct": {
-            k: max(abs(r["error_pct"][k]) for r in rows) for k in ("static_bytes", "activations_after_forward", "peak")
-        }
+        "max_abs_error_pct": {k: max(abs(r["error_pct"][k]) for r in rows) for k in ("static_bytes", "peak")}
         if rows
         else {},
         "rows": rows,
@@ -231,26 +291,28 @@ def main() -> None:
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# planner.memory accuracy: {result['model']} ({result['architecture']}, {result['n_blocks']} blocks, "
-        f"{result['dtype']}, {result['optimizer']}, {result['device']})",
+        f"{result['dtype']}, {result['device']})",
         "",
         f"Command: `{result['command']}`",
         "",
         f"Method: {result['method']}",
         "",
-        "| config | batch | seq | gc | static pred/meas MiB | act. pred/meas MiB | peak pred/meas MiB | peak err % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | trainer | optimizer | loss path | batch | seq | gc | static pred/meas MiB | loss buffers pred MiB "
+        "| peak pred/meas MiB | peak err % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = 2**20
     for r in result["rows"]:
         p, m = r["predicted"], r["measured"]
         lines.append(
-            f"| {r['name']} | {r['batch']} | {r['seq_len']} | {r['grad_checkpointing']} | "
-            f"{p['static_bytes'] / mib:.1f} / {m['static_bytes'] / mib:.1f} | "
-            f"{p['activations_after_forward'] / mib:.1f} / {m['activations_after_forward'] / mib:.1f} | "
+            f"| {r['name']} | {r['trainer']} | {r['optimizer']} | {r['loss_path']} | {r['batch']} | {r['seq_len']} | "
+            f"{r['grad_checkpointing']} | {p['static_bytes'] / mib:.1f} / {m['static_bytes'] / mib:.1f} | "
+            f"{p['breakdown']['logits_loss'] / mib:.1f} | "
             f"{p['peak'] / mib:.1f} / {m['peak'] / mib:.1f} | {r['error_pct']['peak']:+.2f} |"
         )
     lines += ["", f"Max |error| %: {result['max_abs_error_pct']}", ""]
-    return "\n".join(lines)
+    lines += [f"{line}" for line in result.get("notes", [])]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

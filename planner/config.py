@@ -123,6 +123,15 @@ class SpaceSection(_Section):
         return self.prune if len(self.prune) > 1 else []
 
 
+#: HF schedulers a fidelity run builds from the train section alone (others need arguments qra does not carry)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")  # fmt: skip
+#: the loss a trainer runs: TRL SFTTrainer's default chunked NLL (never builds batch x seq x vocab logits),
+#: transformers' model loss (full fp32 logits; Axolotl's trainer without a loss plugin), Liger's fused
+#: linear cross-entropy, Apple's cut cross-entropy (Axolotl plugins)
+LOSS_PATHS = ("trl_chunked", "hf_full", "liger", "cce")
+
+
 class TrainSection(_Section):
     """Training settings shared by the memory model, the fidelity runs and the final fine-tune."""
 
@@ -133,6 +142,26 @@ class TrainSection(_Section):
     grad_checkpointing: bool = False
     lr: float = Field(5e-4, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    #: warmup in optimizer steps; when > 0 it wins over ``warmup_ratio`` (as in HF's TrainingArguments)
+    warmup_steps: int = Field(0, ge=0)
+    #: micro-batches per optimizer step: a fidelity step is one optimizer step of ``batch x accumulation`` rows
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    #: an HF ``lr_scheduler_type`` that needs no extra arguments (``LR_SCHEDULERS``)
+    lr_scheduler: str = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    #: TRL's best-fit-decreasing packing (Axolotl's ``sample_packing``): rows concatenated to ``seq_len``,
+    #: kept apart by position ids (``planner.fidelity.sft.packing_refusal`` checks the model does so)
+    packing: bool = False
+    #: the loss the trainer runs (``LOSS_PATHS``); the memory model prices its buffers
+    loss_path: Literal["trl_chunked", "hf_full", "liger", "cce"] = "trl_chunked"
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, not {name!r}")
+        return name
 
     @field_validator("optimizer")
     @classmethod

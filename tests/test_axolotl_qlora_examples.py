@@ -72,6 +72,8 @@ def test_qra_estimate_prices_the_job_as_written(example, tmp_path, tiny_model_di
         seq_len=int(raw["sequence_len"]),
         optimizer=raw["optimizer"],
         grad_checkpointing=bool(raw.get("gradient_checkpointing")),
+        loss_path="cce" if any("CutCrossEntropy" in p for p in raw["plugins"]) else "hf_full",  # plugin default: on
+        grad_accum=int(raw.get("gradient_accumulation_steps") or 1),
     )
     assert got["total"] == job.total and got["optimizer_states"] == job.optimizer_states
 

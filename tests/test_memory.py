@@ -256,9 +256,8 @@ def test_peak_matches_profiler_measurement(gc: bool, tmp_path) -> None:
     model_dir = save_tiny_model(tmp_path / "m", "llama", layers=4, hidden=128, vocab_size=512)
     section = ModelSection(path=str(model_dir))
     info = load_model_info(section)
-    cfg = {"blocks": [(4, 16), (8, 8), (3, 8), (2, 32)], "backend": "hqq", "batch": 2, "seq": 64, "gc": gc}
-    pred, meas = bench.predict(info, cfg), bench.measure(section, cfg, info, seed=0)
+    cfg = {"blocks": [(4, 16), (8, 8), (3, 8), (2, 32)], "backend": "hqq", "batch": 2, "seq": 64, "gc": gc,
+           "optimizer": "adamw_torch", "loss_path": "trl_chunked", "trainer": "sft"}  # fmt: skip
+    pred, meas = bench.predict(info, cfg), bench.measure(section, cfg, info, seed=0)  # through TRL's SFTTrainer
     assert pred["static_bytes"] == pytest.approx(meas["static_bytes"], rel=0.01)
-    assert pred["peak"] == pytest.approx(meas["peak"], rel=0.10)
-    if not gc:
-        assert pred["activations_after_forward"] == pytest.approx(meas["activations_after_forward"], rel=0.05)
+    assert pred["peak"] == pytest.approx(meas["peak"], rel=0.05)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from planner.config import QRAConfig
+from planner.config import LR_SCHEDULERS, QRAConfig
 from qra_plugin.axolotl.args import HOME_PATH_KEYS, KERNEL_KEYS, expand_home, take_over_quantization
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
@@ -87,16 +87,39 @@ def _dtype_name(torch_dtype: Any) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
+def _value(setting: Any) -> Any:
+    return getattr(setting, "value", setting)  # Axolotl normalises some keys to enums
+
+
+def loss_path(ax: Any) -> str:
+    """The loss Axolotl's trainer runs: a loss plugin's kernel when the YAML enables one, else transformers'
+    model loss on the full logits (``AxolotlTrainer`` subclasses ``transformers.Trainer``). Liger's plain
+    ``liger_cross_entropy`` still builds the full logits, so only its fused linear variant changes the path."""
+    plugins = " ".join(str(p) for p in (ax.get("plugins") or [])).lower()
+    if "cut_cross_entropy" in plugins and ax.get("cut_cross_entropy"):
+        return "cce"
+    if "liger" in plugins and ax.get("liger_fused_linear_cross_entropy"):
+        return "liger"
+    return "hf_full"
+
+
 def _train_section(ax: Any) -> dict[str, Any]:
-    """The training job as Axolotl will run it (micro batch, not the accumulated batch: memory is per step)."""
-    optimizer = ax.optimizer
+    """The training job as Axolotl will run it (micro batch, not the accumulated batch: memory is per step;
+    a fidelity step is one optimizer step of ``micro_batch_size x gradient_accumulation_steps`` rows)."""
     return {
         "batch": int(ax.micro_batch_size),
         "seq_len": int(ax.sequence_len),
-        "optimizer": str(getattr(optimizer, "value", optimizer) or "adamw_torch"),
+        "optimizer": str(_value(ax.optimizer) or "adamw_torch"),
         "grad_checkpointing": bool(ax.gradient_checkpointing),
         "lr": float(ax.learning_rate),
         "warmup_ratio": float(ax.warmup_ratio or 0.0),
+        "warmup_steps": int(ax.warmup_steps or 0),
+        "gradient_accumulation_steps": int(ax.gradient_accumulation_steps or 1),
+        "lora_dropout": float(ax.lora_dropout or 0.0),
+        "lr_scheduler": str(_value(ax.lr_scheduler) or "cosine"),  # Axolotl's default scheduler
+        "weight_decay": float(ax.weight_decay or 0.0),
+        "packing": bool(ax.sample_packing),
+        "loss_path": loss_path(ax),
     }
 
 
@@ -132,6 +155,11 @@ def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -
         check_optimizer(train["optimizer"])
     except ValueError as exc:  # Axolotl's key, not the qra section's
         raise QRAError(f"{path}: optimizer: {exc}") from None
+    if train["lr_scheduler"] not in LR_SCHEDULERS:
+        raise QRAError(
+            f"{path}: lr_scheduler: {train['lr_scheduler']} is not one qra's fidelity runs build "
+            f"({', '.join(LR_SCHEDULERS)})"
+        )
     values = {
         "adapter": _adapter_section(ax, section),
         "name": section.pop("name", path.stem),

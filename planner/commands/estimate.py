@@ -34,6 +34,10 @@ def register(app: typer.Typer) -> None:
             "adamw_torch", help="HF optim name (adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, adamw_torch_4bit, ...)"
         ),
         grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing/--no-grad-checkpointing"),
+        loss_path: str = typer.Option(
+            "trl_chunked", "--loss-path", help="the loss the trainer runs: trl_chunked, hf_full, liger, cce"
+        ),
+        grad_accum: int = typer.Option(1, "--gradient-accumulation-steps", min=1),
         dtype: str = typer.Option("float32", help="dtype the model is loaded and trained in"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object of integer byte fields"),
         world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the job trains on (per-rank bytes)"),
@@ -49,6 +53,7 @@ def register(app: typer.Typer) -> None:
         budget's uniform plan. Rows are taken as full (micro batch x sequence_len tokens): exact under
         sample packing, an upper bound for padded batches.
         """
+        from planner.config import LOSS_PATHS
         from planner.memory import estimate
         from qra_plugin.backends import quantizing_backends
 
@@ -62,8 +67,11 @@ def register(app: typer.Typer) -> None:
         else:
             if model is None:
                 raise QRAError("give a CONFIG, or --model with --plan or --uniform")
+            if loss_path not in LOSS_PATHS:
+                raise QRAError(f"--loss-path must be one of {', '.join(LOSS_PATHS)}, not {loss_path!r}")
             train = {"batch": batch, "seq_len": seq_len, "optimizer": optimizer,
-                     "grad_checkpointing": grad_checkpointing}  # fmt: skip
+                     "grad_checkpointing": grad_checkpointing, "loss_path": loss_path,
+                     "grad_accum": grad_accum}  # fmt: skip
             info, the_plan = _from_options(model, dtype, plan, uniform, backend)
         result = estimate(info, the_plan, **train, compute_dtype=info.dtype)
         sharding = sharding or (_sharding_of_config(config) if config is not None else None)
@@ -75,7 +83,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps({**result.to_dict(), **({"per_rank": rank_bytes} if rank_bytes else {})}))
             return
-        setting = f"batch {train['batch']}, seq {train['seq_len']}"
+        setting = f"batch {train['batch']}, seq {train['seq_len']}, loss {train['loss_path']}"
         _print_table(result, f"{info.architecture}, {the_plan.summary()}, {setting}")
         if rank_bytes:
             _print_rank_table(rank_bytes)
@@ -102,15 +110,14 @@ def _from_options(model: str, dtype: str, plan: Path | None, uniform: str | None
 
 def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN202
     """Model info, plan and training settings of a qra or Axolotl config (Axolotl validates its YAML)."""
-    from planner.memory import Budget, uniform_plan
+    from planner.memory import Budget, estimate_settings, uniform_plan
     from planner.model_info import load_model_info
     from planner.run_config import load_run_config
 
     run = load_run_config(config, prepare_data=False)
     cfg = run.config
     info = load_model_info(cfg.model)
-    train = {"batch": cfg.train.batch, "seq_len": cfg.train.seq_len, "optimizer": cfg.train.optimizer,
-             "grad_checkpointing": cfg.train.grad_checkpointing}  # fmt: skip
+    train = estimate_settings(cfg.train)
     if plan is not None or uniform is not None:
         return info, _plan_of(info, plan, uniform, backend), train
     if run.plan_target is not None and run.plan_target.is_file():

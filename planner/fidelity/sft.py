@@ -24,6 +24,7 @@ from planner.data.sources import examples, sft_rows
 from planner.fidelity.contract import EvalResult, EvalTask, Status, level_settings
 from planner.fidelity.meter import ActivationMeter, plan_scaled_bytes, state_bytes
 from planner.fidelity.metrics import answer_accuracy
+from planner.fidelity.packing import packing_refusal
 from planner.memory.optimizers import fidelity_refusal
 from qra_plugin.errors import QRAError
 
@@ -95,6 +96,11 @@ def _make_trainer_class():
     return _MeteredSFTTrainer
 
 
+#: TRL ``loss_type`` per ``train.loss_path``: Liger and cut cross-entropy are the same NLL computed by kernels
+#: that need CUDA; a fidelity run computes it with the model's own loss (same math, the memory model prices theirs)
+TRL_LOSS_TYPE = {"trl_chunked": "chunked_nll", "hf_full": "nll", "liger": "nll", "cce": "nll"}
+
+
 def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, on_cuda: bool) -> Any:
     from trl import SFTConfig
 
@@ -104,9 +110,15 @@ def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, on_cuda: bool)
         max_steps=max(level.steps, 1),
         per_device_train_batch_size=level.batch or cfg.train.batch,
         per_device_eval_batch_size=cfg.fidelity.eval_batch,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,  # a step = one optimizer step
         learning_rate=cfg.train.lr,
-        warmup_steps=round(cfg.train.warmup_ratio * level.steps),
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        warmup_steps=cfg.train.warmup_steps or round(cfg.train.warmup_ratio * level.steps),
+        weight_decay=cfg.train.weight_decay,
         optim=cfg.train.optimizer,
+        loss_type=TRL_LOSS_TYPE[cfg.train.loss_path],
+        packing=cfg.train.packing,
+        eval_packing=False,  # the score is the loss on the same held-out rows, packed training or not
         gradient_checkpointing=cfg.train.grad_checkpointing,
         max_length=level.seq_len or cfg.train.seq_len,
         seed=task.seed,
@@ -207,7 +219,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     from qra_plugin.weight_memory import memory_report
 
     cfg = task.config
-    refusal = fidelity_refusal(cfg.train.optimizer)
+    refusal = fidelity_refusal(cfg.train.optimizer) or (cfg.train.packing and packing_refusal(cfg.model))
     if refusal:  # never substitute another optimizer: the score would not be the user's job
         raise QRAError(refusal)
     started, layer_stats = time.perf_counter(), dict(STATS)
@@ -221,7 +233,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     if not on_cuda:
         prequantize(model, task.plan, model_json, model_compute_dtype(model))
     transformers.set_seed(task.seed)  # LoRA init
-    peft_model = apply_plan(model, task.plan, init_tensors=init_tensors)
+    peft_model = apply_plan(model, task.plan, init_tensors=init_tensors, lora_dropout=cfg.train.lora_dropout)
     if not on_cuda and cfg.fidelity.reuse_dequantized:
         reuse_dequantized_weights(peft_model)
     if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs

@@ -26,6 +26,7 @@ class ActivationTrace:
 
     blocks_saved: tuple[int, ...]  # bytes saved by the base graph (not by LoRA layers) while each block ran
     head_saved: int  # bytes saved after the last block (final norm, lm_head, loss)
+    loss_saved: int  # the part of head_saved saved after lm_head ran: transformers' loss on the full logits
     pre_saved: int  # bytes saved before the first block (embedding side)
     block_input: int  # bytes of one block's hidden-state input (what gradient checkpointing keeps)
     input_bytes: dict[str, int]  # planned linear name -> bytes of its input tensor
@@ -34,6 +35,8 @@ class ActivationTrace:
     lora_saved: dict[str, tuple[tuple[Hashable, int], ...]]  # name -> (storage id, bytes) lora_A saved
     base_keys: frozenset[Hashable]  # storages the base graph saves
     logits_elems: int  # batch * seq * vocab
+    tokens: int = 0  # batch * seq
+    batch: int = 0
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -45,7 +48,8 @@ class _Recorder:
 
     def __init__(self, params: set[int], names: list[str]) -> None:
         self.params = params
-        self.phase, self.in_lora, self.in_a = -1, 0, None  # phase: -1 before the blocks, i inside block i
+        # phase: -1 before the blocks, i inside block i, n_blocks after them, n_blocks + 1 after lm_head (loss)
+        self.phase, self.in_lora, self.in_a = -1, 0, None
         self.saved: dict[int, list[int]] = {}  # storage key -> [bytes, phase, saved_by_base]
         self.lora_saved: dict[str, dict[int, int]] = {n: {} for n in names}
         self.input_bytes: dict[str, int] = {}
@@ -76,6 +80,16 @@ class _Recorder:
 
         self.hooks += [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post)]
 
+    def watch_head(self, head: torch.nn.Module | None, n_blocks: int) -> None:
+        """What is saved after the output layer ran belongs to the loss (priced by loss path, not traced)."""
+        if head is None:
+            return
+
+        def post(module: Any, args: Any, out: Any) -> None:
+            self.phase = n_blocks + 1
+
+        self.hooks.append(head.register_forward_hook(post))
+
     def watch_linear(self, name: str, layer: torch.nn.Module) -> None:
         def lin_pre(module: Any, args: tuple[torch.Tensor, ...]) -> None:
             self.input_bytes[name] = args[0].untyped_storage().nbytes()
@@ -101,7 +115,7 @@ class _Recorder:
 
     def trace(self, info: ModelInfo, n_blocks: int, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
         blocks_saved = [0] * n_blocks
-        pre_saved = head_saved = 0
+        pre_saved = head_saved = loss_saved = 0
         base_keys = set()
         for k, (nbytes, ph, by_base) in self.saved.items():
             if not by_base:
@@ -111,12 +125,14 @@ class _Recorder:
                 pre_saved += nbytes
             elif ph >= n_blocks:
                 head_saved += nbytes
+                loss_saved += nbytes if ph > n_blocks else 0
             else:
                 blocks_saved[ph] += nbytes
         one_input = self.block_input[0] if self.block_input else batch * seq_len * info.hidden_size * elem(dtype)
         return ActivationTrace(
             blocks_saved=tuple(blocks_saved),
             head_saved=head_saved,
+            loss_saved=loss_saved,
             pre_saved=pre_saved,
             block_input=one_input,
             input_bytes=self.input_bytes,
@@ -125,6 +141,8 @@ class _Recorder:
             lora_saved={name: tuple(v.items()) for name, v in self.lora_saved.items()},
             base_keys=frozenset(base_keys),
             logits_elems=batch * seq_len * info.vocab_size,
+            tokens=batch * seq_len,
+            batch=batch,
         )
 
 
@@ -161,6 +179,7 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
         recorder.watch_block(i, block)
     for spec in info.linears:
         recorder.watch_linear(spec.name, base.get_submodule(spec.name))
+    recorder.watch_head(base.get_output_embeddings(), len(blocks))
     try:
         with _unpacked_sequences(), mode, torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
@@ -188,6 +207,7 @@ def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtyp
     return ActivationTrace(
         blocks_saved=tuple(traces[id(src)].blocks_saved[b] for b, src in enumerate(info.block_sources)),
         head_saved=edge.head_saved,
+        loss_saved=edge.loss_saved,
         pre_saved=edge.pre_saved,
         block_input=edge.block_input,
         input_bytes={n: picked[n].input_bytes[n] for n in block_of},
@@ -196,6 +216,8 @@ def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtyp
         lora_saved={n: tuple(((tag[n], k), b) for k, b in picked[n].lora_saved[n]) for n in block_of},
         base_keys=frozenset().union(*tagged.values()),
         logits_elems=edge.logits_elems,
+        tokens=edge.tokens,
+        batch=edge.batch,
     )
 
 

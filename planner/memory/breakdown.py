@@ -5,8 +5,10 @@ architecture-dependent activations are traced once in a ``FakeTensorMode`` (``pl
 Plan-dependent activation parts are added per module: each LoRA adapter saves its
 input (once per distinct input tensor) and its rank-``r`` hidden; an HQQ layer (PyTorch backend) saves its
 dequantized weight for the backward matmul; a bitsandbytes int8 layer on CPU saves its input.
-The loss part: the HF causal-LM loss saves an fp32 log-softmax of the logits, and its backward holds two
-more fp32 ``batch x seq x vocab`` buffers at once; that is the logits/loss term.
+The loss part follows the loss the trainer runs (``loss_buffers``, ``train.loss_path``): transformers' model
+loss (Axolotl's trainer) saves an fp32 log-softmax of the full logits and its backward holds two more fp32
+``batch x seq x vocab`` buffers; TRL's default chunked NLL keeps a gathered copy of the hidden states and four
+fp32 ``256 x vocab`` buffers of one chunk; Liger / cut cross-entropy keep hidden-sized buffers.
 
 The peak is the largest of the moments of a step (``MemoryBreakdown.peak_phase``): the start of the
 backward (activations + logits buffers), the recompute of one block under gradient checkpointing, and
@@ -137,11 +139,14 @@ def estimate(
     optimizer: str = "adamw_torch",
     grad_checkpointing: bool = False,
     compute_dtype: torch.dtype | None = None,
+    loss_path: str = "trl_chunked",
+    grad_accum: int = 1,
 ) -> MemoryBreakdown:
     """Predict every part of the training memory of ``plan`` on ``info``'s model.
 
     ``compute_dtype`` is the dtype the model is loaded and trained in (default: ``info.dtype``, which is
-    float32 unless the model section says otherwise).
+    float32 unless the model section says otherwise). ``loss_path``: the loss the trainer runs
+    (``planner.config.LOSS_PATHS``); ``grad_accum`` > 1 keeps the LoRA gradients through every micro-step.
     """
     compute_dtype = compute_dtype or info.dtype
     info = pruned_info(info, plan)  # pruned shapes in every part: weights, LoRA, activations
@@ -153,7 +158,9 @@ def estimate(
     if unknown:
         raise QRAError(f"plan names {len(unknown)} module(s) this model does not have, e.g. {unknown[0]}")
     trace = trace_activations(info, batch, seq_len, compute_dtype)
-    return _estimate(info, plan, trace, batch * seq_len, optimizer, grad_checkpointing, compute_dtype)
+    return _estimate(
+        info, plan, trace, batch * seq_len, optimizer, grad_checkpointing, compute_dtype, loss_path, grad_accum
+    )
 
 
 def _estimate(
@@ -164,6 +171,8 @@ def _estimate(
     optimizer: str,
     grad_checkpointing: bool,
     dtype: torch.dtype,
+    loss_path: str = "trl_chunked",
+    grad_accum: int = 1,
 ) -> MemoryBreakdown:
     quantized = unquantized = planned = lora = optim = 0
     by_backend: dict[str, int] = {}
@@ -198,12 +207,15 @@ def _estimate(
     numels = [r * c for spec in info.linears for r, c in _lora_shapes(spec, _rank(plan, spec))]
     optim += optimizer_states(optimizer).shared_bytes(numels)
     lora_bytes = lora * elem(LORA_DTYPE)
-    activations, logits, recompute = _activation_parts(info, trace, block_extra, block_inputs, grad_checkpointing)
+    activations, logits, recompute = _activation_parts(
+        info, trace, block_extra, block_inputs, grad_checkpointing, loss_path, dtype
+    )
+    held_grads = lora_bytes if grad_accum > 1 else 0  # accumulated gradients live through the next forward
     static = quantized + unquantized + lora_bytes + optim
     # Peak = the largest of the moments that follow each other in a step (gradients are None until the
     # backward reaches the adapters, by then the logits buffers are freed):
     phases = {
-        "loss": activations + logits,  # end of forward / start of backward
+        "loss": activations + logits + held_grads,  # end of forward / start of backward
         "recompute": activations + recompute + lora_bytes,  # gradient checkpointing: one block rebuilt
         "optimizer": lora_bytes,  # all gradients, activations freed
     }
@@ -226,8 +238,22 @@ def _estimate(
             "optimizer": optimizer,
             "grad_checkpointing": grad_checkpointing,
             "compute_dtype": str(dtype).removeprefix("torch."),
+            "loss_path": loss_path,
+            "gradient_accumulation_steps": grad_accum,
         },
     )
+
+
+def estimate_settings(train: Any) -> dict[str, Any]:
+    """The ``estimate`` keyword arguments a ``planner.config.TrainSection`` says (the job as it trains)."""
+    return {
+        "batch": train.batch,
+        "seq_len": train.seq_len,
+        "optimizer": train.optimizer,
+        "grad_checkpointing": train.grad_checkpointing,
+        "loss_path": train.loss_path,
+        "grad_accum": train.gradient_accumulation_steps,
+    }
 
 
 def _rank(plan: Plan, spec: LinearSpec) -> int:
@@ -241,6 +267,8 @@ def _activation_parts(
     block_extra: list[int],
     block_inputs: list[dict[int, int]],
     grad_checkpointing: bool,
+    loss_path: str = "trl_chunked",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[int, int, int]:
     """(held after the forward, logits/loss buffers, one recomputed block) in bytes; zeros without a trace."""
     if trace is None:
@@ -252,8 +280,47 @@ def _activation_parts(
         recompute = max(per_block)
     else:
         activations = trace.pre_saved + sum(per_block)
-    # loss backward: saved fp32 log-softmax + its incoming grad + the grad it produces
-    return activations, trace.head_saved + 2 * trace.logits_elems * 4, recompute
+    return activations, loss_buffers(info, trace, loss_path, dtype), recompute
+
+
+#: TRL 1.9 ``sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE``: valid tokens per chunk of its chunked NLL
+TRL_CHUNK_TOKENS = 256
+
+
+def loss_buffers(info: ModelInfo, trace: ActivationTrace, loss_path: str, dtype: torch.dtype) -> int:
+    """Bytes the loss adds at its peak (start of the backward) besides the blocks' activations, for the
+    loss the trainer runs. Every path keeps the final norm's saved tensors (``head_saved - loss_saved``).
+
+    - ``hf_full`` (transformers' model loss): the traced fp32 log-softmax of the full logits, then its
+      backward's incoming grad and produced grad (two more fp32 ``tokens x vocab``).
+    - ``trl_chunked`` (TRL 1.9 ``_chunked_cross_entropy_loss``): the shifted hidden states gathered into
+      one copy (+ int64 order and labels), and one checkpointed chunk of ``TRL_CHUNK_TOKENS`` tokens rebuilt
+      in the backward: four fp32 ``chunk x vocab`` buffers (logits, log-softmax, its exp, a gradient) and,
+      below fp32, fp32 copies of the output weight and the chunk (measured on CPU: ``tests/test_memory.py``).
+    - ``liger`` (fused linear cross-entropy): a shifted copy of the hidden states, the hidden-sized input
+      gradient it computes in the forward and one logits chunk of ~hidden x tokens elements (its own rule).
+    - ``cce`` (cut cross-entropy): the input gradient and an fp32 log-sum-exp per token; no logits.
+    Liger and cce are priced from their kernels' allocations (CUDA only: not measured here).
+    """
+    norm_part = trace.head_saved - trace.loss_saved
+    hidden, vocab, e = info.hidden_size, info.vocab_size, elem(dtype)
+    tokens = trace.tokens - trace.batch  # positions with a next-token label: each row loses its last one
+    if loss_path == "hf_full":
+        return trace.head_saved + 2 * trace.logits_elems * 4
+    if loss_path == "trl_chunked":
+        chunk = min(TRL_CHUNK_TOKENS, tokens)
+        upcast = (vocab * hidden + chunk * hidden) * 4 if e != 4 else 0
+        return norm_part + tokens * (hidden * e + 16) + 4 * chunk * vocab * 4 + upcast
+    if loss_path == "liger":
+        chunk = _next_pow2(-(-tokens // -(-vocab // hidden)))
+        return norm_part + 2 * tokens * hidden * e + chunk * vocab * e + 8 * tokens
+    if loss_path == "cce":
+        return norm_part + tokens * hidden * e + 4 * tokens
+    raise QRAError(f"unknown loss path {loss_path!r}")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 #: what a budget counts: ``peak`` (predicted peak training memory), ``plan`` (what scales with the plan:
@@ -273,7 +340,10 @@ def plan_bytes(info: ModelInfo, plan: Plan, train: Any, kind: str = "peak") -> i
         return static.weights if kind == "weights" else static.plan_scaled
     trace = trace_activations(info, train.batch, train.seq_len, dtype)
     tokens = train.batch * train.seq_len
-    return _estimate(info, plan, trace, tokens, train.optimizer, train.grad_checkpointing, dtype).total
+    loss_path = getattr(train, "loss_path", "trl_chunked")
+    accum = getattr(train, "gradient_accumulation_steps", 1)
+    optimizer, checkpointing = train.optimizer, train.grad_checkpointing
+    return _estimate(info, plan, trace, tokens, optimizer, checkpointing, dtype, loss_path, accum).total
 
 
 def uniform_plan(info: ModelInfo, bits: int, rank: int, backend: str = "hqq") -> Plan:

@@ -388,11 +388,10 @@ def _against_free(run: _Run, best: Point, history: dict[Config, float | None]) -
 
 def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, Any]:
     """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands."""
-    from planner.memory import estimate
+    from planner.memory import estimate, estimate_settings
 
     s, train = run.setup, run.cfg.train
-    kwargs = {"batch": train.batch, "seq_len": train.seq_len, "optimizer": train.optimizer,
-              "grad_checkpointing": train.grad_checkpointing}  # fmt: skip
+    kwargs = estimate_settings(train)
     comparison = {
         "setting": f"batch {train.batch} x {train.seq_len} tokens, {train.optimizer}, gradient checkpointing "
         f"{'on' if train.grad_checkpointing else 'off'}, {s.info.dtype}".replace("torch.", ""),

@@ -161,10 +161,17 @@ class SearchSetup:
 
 
 def _refuse_optimizer_here(cfg: QRAConfig) -> None:
-    """Local evaluations train with the user's optimizer on this machine: refuse up front where it cannot run."""
+    """Local evaluations train with the user's optimizer (and packing) on this machine: refuse up front where
+    they cannot run as asked."""
     from planner.memory.optimizers import fidelity_refusal
 
-    refusal = fidelity_refusal(cfg.train.optimizer) if cfg.search.executor == "local" else None
+    if cfg.search.executor != "local":
+        return
+    refusal = fidelity_refusal(cfg.train.optimizer)
+    if not refusal and cfg.train.packing:
+        from planner.fidelity.packing import packing_refusal
+
+        refusal = packing_refusal(cfg.model)
     if refusal:
         raise QRAError(refusal)
 

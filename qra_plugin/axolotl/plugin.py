@@ -7,6 +7,7 @@ Thin by design: every hook calls a ``qra_plugin`` function. Every hook does noth
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ class QRAPlugin(BasePlugin):
         take over a QLoRA YAML's quantization (no double quantization: Axolotl loads the model unquantized)."""
         if not cfg.get("qra_plan"):
             return
+        warn_offline_telemetry()
         expand_home(cfg)
         changed = take_over_quantization(cfg)
         if changed:
@@ -131,6 +133,23 @@ class QRAPlugin(BasePlugin):
         from qra_plugin.trl import QRACallback
 
         return [QRACallback(plan=plan, stop_at_step=cfg.get("qra_stop_at_step"))]
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true")
+
+
+def warn_offline_telemetry() -> bool:
+    """On a machine marked offline (``HF_HUB_OFFLINE``), Axolotl's telemetry (on unless ``AXOLOTL_DO_NOT_TRACK``
+    or ``DO_NOT_TRACK``) has already queued an upload by the time a plugin runs: at exit the process waits on
+    its retries (measured: no exit within 300 s after training). A plugin cannot cancel it, so say what to set."""
+    if not _truthy("HF_HUB_OFFLINE") or _truthy("AXOLOTL_DO_NOT_TRACK") or _truthy("DO_NOT_TRACK"):
+        return False
+    log.warning(
+        "qra: HF_HUB_OFFLINE is set but Axolotl's telemetry is on: its upload will hold this process after "
+        "training; run `AXOLOTL_DO_NOT_TRACK=1 axolotl train ...` on offline machines"
+    )
+    return True
 
 
 def _is_main_process() -> bool:

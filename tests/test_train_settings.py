@@ -1,0 +1,176 @@
+"""The user's training settings reach the fidelity runs: gradient accumulation, dropout, scheduler, warmup,
+weight decay, packing and the loss path — each in the recipe key, each in the SFTConfig a run builds, each read
+from an Axolotl YAML; packing only where the model keeps packed rows apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planner.config import QRAConfig
+from planner.fidelity.contract import recipe, recipe_diff, recipe_hash
+from planner.fidelity.sft import _sft_args
+from qra_plugin import Plan
+from tests.test_fidelity import task, tiny_config
+
+#: a changed value for each carried setting -> (SFTConfig attribute, the value the run must carry)
+CARRIED = {
+    "gradient_accumulation_steps": (3, "gradient_accumulation_steps", 3),
+    "lr_scheduler": ("cosine", "lr_scheduler_type", "cosine"),
+    "warmup_steps": (2, "warmup_steps", 2),
+    "weight_decay": (0.1, "weight_decay", 0.1),
+    "packing": (True, "packing", True),
+    "loss_path": ("hf_full", "loss_type", "nll"),
+}
+
+
+def _plan(cfg: QRAConfig) -> Plan:
+    from planner.model_info import load_model_info
+
+    info = load_model_info(cfg.model)
+    return Plan.from_module_pairs(info.fingerprint, info.linears, [(4, 8)] * len(info.linears))
+
+
+@pytest.mark.parametrize("field", [*CARRIED, "lora_dropout", "warmup_ratio"])
+def test_each_training_setting_changes_the_recipe_key(field: str) -> None:
+    base = tiny_config()
+    value = {"lora_dropout": 0.1, "warmup_ratio": 0.2}.get(field) or CARRIED[field][0]
+    changed = tiny_config(train={field: value})
+    assert recipe_diff(recipe(base, "low"), recipe(changed, "low")) == [f"train.{field}"]
+    assert recipe_hash(base, "low") != recipe_hash(changed, "low")
+
+
+@pytest.mark.parametrize("field", list(CARRIED))
+def test_the_sft_config_a_fidelity_run_builds_carries_each_setting(field: str, tmp_path) -> None:
+    value, attribute, expected = CARRIED[field]
+    base = tiny_config()
+    default_args = _sft_args(task(base, _plan(base)), base.fidelity.low, str(tmp_path), False)
+    cfg = tiny_config(train={field: value})
+    args = _sft_args(task(cfg, _plan(cfg)), cfg.fidelity.low, str(tmp_path), False)
+    carried = getattr(getattr(args, attribute), "value", getattr(args, attribute))  # HF keeps the scheduler an enum
+    assert carried == expected
+    assert getattr(args, attribute) != getattr(default_args, attribute)
+
+
+def test_defaults_run_trl_chunked_loss_and_warmup_steps_win_over_the_ratio(tmp_path) -> None:
+    cfg = tiny_config(train={"warmup_ratio": 0.5})
+    args = _sft_args(task(cfg, _plan(cfg)), cfg.fidelity.low, str(tmp_path), False)
+    assert args.loss_type == "chunked_nll" and args.warmup_steps == 3  # 0.5 x 6 steps
+    cfg = tiny_config(train={"warmup_ratio": 0.5, "warmup_steps": 1})
+    assert _sft_args(task(cfg, _plan(cfg)), cfg.fidelity.low, str(tmp_path), False).warmup_steps == 1
+    assert not args.eval_packing  # the score stays the loss on the same unpacked held-out rows
+
+
+def test_an_unknown_scheduler_is_one_line() -> None:
+    with pytest.raises(Exception, match="lr_scheduler must be one of linear, cosine"):
+        tiny_config(train={"lr_scheduler": "one_cycle"})
+
+
+def test_a_fidelity_run_with_accumulation_dropout_and_packing_trains_the_planned_steps() -> None:
+    """A step is an optimizer step: 2 steps of 2 micro-batches each; the adapters carry the dropout."""
+    from planner.fidelity import sft
+
+    cfg = tiny_config(
+        train={"batch": 2, "seq_len": 512, "gradient_accumulation_steps": 2, "lora_dropout": 0.1, "packing": True},
+        fidelity={"low": {"steps": 2, "eval_examples": 4}},
+    )
+    seen = {}
+    original = sft._build_trainer
+
+    def spy(t, level, peft_model, tokenizer, workdir):
+        trainer = original(t, level, peft_model, tokenizer, workdir)
+        seen["dropout"] = {m.p for m in peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+        seen["rows_per_pack"] = max(len(n) for n in trainer.train_dataset["seq_lengths"])
+        return trainer
+
+    sft._build_trainer = spy
+    try:
+        result = sft.run_fidelity(task(cfg, _plan(cfg)))
+    finally:
+        sft._build_trainer = original
+    assert result.status == "ok" and result.steps == 2, result
+    assert seen["dropout"] == {0.1}
+    assert seen["rows_per_pack"] > 1  # rows were packed
+
+
+def test_packed_rows_stay_apart_in_transformers_models_and_a_model_that_mixes_them_is_refused(monkeypatch):
+    """The rule: pack only when the model's logits for two rows packed (position ids restarting) equal their
+    logits apart. transformers' Llama does (it rebuilds a block mask from the position ids); with that
+    detection gone (as in an attention that ignores position-id boundaries) rows mix, and packing is refused."""
+    import transformers.masking_utils as masking
+
+    from planner.fidelity import packing
+    from planner.fidelity.sft import _base_model_cached
+
+    cfg = tiny_config(train={"packing": True})
+    model = _base_model_cached(cfg.model.model_dump_json())
+    assert packing.rows_kept_apart(model)
+    assert packing.packing_refusal(cfg.model) is None
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing.rows_kept_apart(model)
+    other = tiny_config(model={"tiny": {"layers": 2, "hidden": 64, "vocab_size": 512}}, train={"packing": True})
+    refusal = packing.packing_refusal(other.model)
+    assert refusal and refusal.startswith("train.packing: packed rows attend to each other")
+
+
+CCE = "axolotl.integrations.cut_cross_entropy"
+
+
+@pytest.mark.axolotl
+@pytest.mark.parametrize(
+    ("extra", "loss_path"),
+    [
+        ({}, "hf_full"),  # AxolotlTrainer: transformers' model loss on the full logits
+        ({"plugins": [f"{CCE}.CutCrossEntropyPlugin"], "cut_cross_entropy": True}, "cce"),
+        ({"plugins": ["axolotl.integrations.liger.LigerPlugin"], "liger_fused_linear_cross_entropy": True}, "liger"),
+    ],
+)
+def test_an_axolotl_yamls_training_keys_arrive_in_the_train_section(extra, loss_path, tmp_path, tiny_model_dir):
+    """Axolotl's llama-3 qlora-1b example as written: accumulation 4, cosine, warmup_ratio 0.1, dropout 0.05,
+    sample_packing; ``warmup_steps`` / ``weight_decay`` set here to see them arrive."""
+    pytest.importorskip("axolotl")
+    from pathlib import Path
+
+    from planner.axolotl.config import load_axolotl
+    from tests.test_axolotl_qlora_examples import FIXTURES, as_user_would
+
+    path, raw = as_user_would(FIXTURES / "llama3-qlora-1b.yml", tmp_path, tiny_model_dir)
+    raw = {**raw, "warmup_steps": 7, "warmup_ratio": None, "weight_decay": 0.02, **extra}
+    raw["plugins"] = [*(extra.get("plugins") or []), "qra_plugin.QRAPlugin"]
+    cfg, _, _ = load_axolotl(Path(path), raw, tmp_path / "out", prepare_data=False)
+    train = cfg.train
+    assert (train.batch, train.gradient_accumulation_steps, train.lr_scheduler) == (2, 4, "cosine")
+    assert (train.warmup_steps, train.weight_decay, train.lora_dropout) == (7, 0.02, 0.05)
+    assert train.packing is True and train.loss_path == loss_path
+
+
+@pytest.mark.axolotl
+def test_the_plugin_warns_when_offline_with_axolotl_telemetry_on(monkeypatch, caplog) -> None:
+    """Axolotl queues its telemetry upload before plugins load, so the plugin can only say what to set."""
+    pytest.importorskip("axolotl")
+    from qra_plugin.axolotl.plugin import warn_offline_telemetry
+
+    for name in ("AXOLOTL_DO_NOT_TRACK", "DO_NOT_TRACK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("WARNING", logger="axolotl.integrations.qra"):
+        assert warn_offline_telemetry()
+    assert "AXOLOTL_DO_NOT_TRACK=1" in caplog.text
+    monkeypatch.setenv("AXOLOTL_DO_NOT_TRACK", "1")
+    assert not warn_offline_telemetry()
+    monkeypatch.delenv("AXOLOTL_DO_NOT_TRACK")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not warn_offline_telemetry()  # online: the upload goes through
+
+
+def test_a_search_refuses_packing_up_front_where_rows_would_mix(monkeypatch) -> None:
+    import transformers.masking_utils as masking
+
+    from planner.search.setup import _refuse_optimizer_here
+    from qra_plugin.errors import QRAError
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    cfg = tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}, train={"packing": True})
+    with pytest.raises(QRAError, match="^train.packing: packed rows attend to each other"):
+        _refuse_optimizer_here(cfg)
+    _refuse_optimizer_here(tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}))  # unpacked
