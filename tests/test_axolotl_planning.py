@@ -84,13 +84,16 @@ def test_estimate_of_an_axolotl_yaml_equals_the_qra_native_estimate(tmp_path, ti
     code, out, err = qra_inprocess(capsys, "estimate", str(config), "--json")
     assert code == 0, err
     from_axolotl = json.loads(out)
+    # `axolotl train` runs AxolotlTrainer, i.e. transformers' Trainer and the model's full-logits loss
+    assert from_axolotl["settings"]["loss_path"] == "hf_full"
     native = {"name": "n", "model": {"path": str(tiny_model_dir)}, "budget": "uniform:4bit:r8",
-              "train": {"batch": 2, "seq_len": 256, "grad_checkpointing": True}}  # fmt: skip
+              "train": {"batch": 2, "seq_len": 256, "grad_checkpointing": True, "loss_path": "hf_full"}}  # fmt: skip
     (tmp_path / "native.yaml").write_text(yaml.safe_dump(native))
     code, out, err = qra_inprocess(capsys, "estimate", str(tmp_path / "native.yaml"), "--json")
     assert code == 0, err
     assert json.loads(out) == from_axolotl
-    args = ("--model", str(tiny_model_dir), "--uniform", "4:8", "--batch", "2", "--seq-len", "256")
+    args = ("--model", str(tiny_model_dir), "--uniform", "4:8", "--batch", "2", "--seq-len", "256",
+            "--loss-path", "hf_full")  # fmt: skip
     code, out, err = qra_inprocess(capsys, "estimate", *args, "--grad-checkpointing", "--json")
     assert json.loads(out) == from_axolotl
     code, out, err = qra_inprocess(capsys, "estimate", *args, "--json")  # the YAML's setting was really read
