@@ -343,6 +343,6 @@ def test_a_best_plan_inside_min_gain_of_a_free_allocation_gives_way_to_it(refere
     ],
 )
 def test_min_gain_boundary(best, free, min_gain, gives_way) -> None:
-    from planner.search.run import within_noise
+    from planner.search.pareto import within_noise
 
     assert within_noise(best, free, min_gain) is gives_way

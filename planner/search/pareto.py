@@ -82,3 +82,37 @@ def load_pareto(path: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise QRAError(f"{path}: malformed pareto file ({exc.msg})") from None
+
+
+# ---------------------------------------------------------------- against the zero-evaluation allocations
+def prefer_free(
+    free: dict[str, Config], points: list[Point], best: Point, budget_bytes: int, min_gain: float
+) -> tuple[Point, dict[str, Any] | None]:
+    """With ``search.min_gain`` set (the seed noise of a high-fidelity score), a best plan that beats the best
+    zero-evaluation allocation (``free``: the priors' greedy and ILP, the budget's uniform plan) by no more than
+    that is noise: return the free allocation, which anyone can rebuild from the priors, and say which
+    evaluated plan was set aside."""
+    configs = set(free.values())
+    top = best_for_budget([p for p in points if p.config in configs], budget_bytes)
+    if top is None or best.config in configs or not within_noise(best.score, top.score, min_gain):
+        return best, None
+    return top, {"config": config_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
+
+
+def within_noise(best_score: float, free_score: float, min_gain: float) -> bool:
+    """Does a searched plan beat a free allocation by no more than ``min_gain`` (inclusive)? 0 turns it off."""
+    return min_gain > 0 and free_score - best_score <= min_gain
+
+
+def against_free(free: dict[str, Config], best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
+    """Did the evaluations earn their cost? The best plan against the allocations that cost no evaluation, at
+    the high fidelity, one seed each."""
+    scored = {name: history.get(c) for name, c in free.items() if history.get(c) is not None}
+    origin = next((name for name, c in free.items() if c == best.config), None)
+    best_free = min(scored.items(), key=lambda kv: kv[1]) if scored else None
+    return {
+        "free_allocation_scores": scored,
+        "best_is_free_allocation": origin,
+        "gain_over_best_free": round(best_free[1] - best.score, 6) if best_free else None,
+        "best_free_allocation": best_free[0] if best_free else None,
+    }

@@ -17,7 +17,7 @@ from typing import Any
 from planner.allocation import Importance, named_prior_allocations, warm_start
 from planner.config import QRAConfig
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
-from planner.search.pareto import Point, best_for_budget, write_pareto
+from planner.search.pareto import Point, against_free, best_for_budget, prefer_free, write_pareto
 from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor, stale_recipe_note, time_split
 from planner.search.space import Config, config_key
 from planner.search.trust_region import TRSettings, run_stage2
@@ -248,7 +248,7 @@ def _write_outputs(
     best = best_for_budget(points, s.budget_bytes)
     if best is None:
         raise QRAError("no evaluated plan fits the budget (every high-fidelity evaluation failed?)")
-    best, set_aside = _prefer_free(run, points, best)
+    best, set_aside = prefer_free(_free_allocations(run), points, best, s.budget_bytes, cfg.search.min_gain)
     pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind)
     search_meta = {
         "config": cfg.name,
@@ -331,7 +331,7 @@ def _summary(
         "stage2_stopped_early_at": stage2.stopped_early_at,
         "baseline": config_key(baseline) if baseline is not None else None,
         "baseline_score": history.get(baseline) if baseline is not None else None,
-        **_against_free(run, best, history),
+        **against_free(_free_allocations(run), best, history),
         "evaluations": trace,
         "failures": run.failures,
         "gp_fit_failures": run.gp_failures,
@@ -353,37 +353,6 @@ def _free_allocations(run: _Run) -> dict[str, Config]:
     if baseline is not None:
         free["uniform"] = baseline
     return free
-
-
-def _prefer_free(run: _Run, points: list[Point], best: Point) -> tuple[Point, dict[str, Any] | None]:
-    """With ``search.min_gain`` set (the seed noise of a high-fidelity score), a best plan that beats the best
-    zero-evaluation allocation by no more than that is noise: return the free allocation, which anyone can
-    rebuild from the priors, and say which evaluated plan was set aside."""
-    free = set(_free_allocations(run).values())
-    top = best_for_budget([p for p in points if p.config in free], run.setup.budget_bytes)
-    if top is None or best.config in free or not within_noise(best.score, top.score, run.cfg.search.min_gain):
-        return best, None
-    return top, {"config": config_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
-
-
-def within_noise(best_score: float, free_score: float, min_gain: float) -> bool:
-    """Does a searched plan beat a free allocation by no more than ``min_gain`` (inclusive)? 0 turns it off."""
-    return min_gain > 0 and free_score - best_score <= min_gain
-
-
-def _against_free(run: _Run, best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
-    """Did the evaluations earn their cost? The best plan against the allocations that cost no evaluation
-    (the budget's uniform plan, greedy priors, ILP), at the high fidelity, one seed each."""
-    free = _free_allocations(run)
-    scored = {name: history.get(c) for name, c in free.items() if history.get(c) is not None}
-    origin = next((name for name, c in free.items() if c == best.config), None)
-    best_free = min(scored.items(), key=lambda kv: kv[1]) if scored else None
-    return {
-        "free_allocation_scores": scored,
-        "best_is_free_allocation": origin,
-        "gain_over_best_free": round(best_free[1] - best.score, 6) if best_free else None,
-        "best_free_allocation": best_free[0] if best_free else None,
-    }
 
 
 def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, Any]:
