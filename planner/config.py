@@ -206,8 +206,10 @@ class FidelitySection(_Section):
     #: evaluations run side by side (spawned workers of the local executor): several small runs share a GPU
     workers: int = Field(1, ge=1)
     #: CPU: each frozen quantized layer dequantizes its weight once per run and reuses it (bit-identical
-    #: scores, faster steps; the process holds a dequantized copy, the memory model still prices the plan)
-    reuse_dequantized: bool = True
+    #: scores; the worker holds a dequantized copy of every quantized weight). Measured on SmolLM2 at 2 threads
+    #: (benchmarks/results/throughput.md): train steps unchanged at 3/4-bit, 11 % faster at 8-bit, eval
+    #: 10-27 % faster — not worth a full-precision copy of the model by default
+    reuse_dequantized: bool = False
     #: where quantized layers are stored for reuse by the profile, every worker and a resumed run (CPU):
     #: None = OUT/layers, "off" = each worker's memory only, or a directory shared by runs of one model
     layer_cache: str | None = None
