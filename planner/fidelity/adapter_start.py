@@ -4,21 +4,20 @@ A search with ``adapter.init: error`` scores every candidate as the final plan w
 from the closed-form init the search later writes to the plan's init file (``planner.priors.adapter_init``):
 the same base weights, the same calibration rows (the profile's), the same damping, the same quantized layer
 (through the layer cache). The worker memoises what candidates share: the input second moments (one forward pass
-per process), the whitening of each distinct input, and each (module, quantization) SVD truncated to the ranks
-asked so far (one SVD per module and bits serves every rank).
+per process), the whitening of each distinct input (``adapter_init``'s own memo), and each (module, quantization)
+SVD truncated to the ranks asked so far (one SVD per module and bits serves every rank).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from planner.config import QRAConfig
-from planner.priors.adapter_init import ErrorSVD, Whitening, adapter_pair, error_svd, quantization_error, whitening
+from planner.priors.adapter_init import ErrorSVD, Whitening, adapter_pair, module_error_svd
 from qra_plugin.plan import ModulePlan, Plan
 
 #: (model, pruning, calibration) -> module name -> H; a pruned plan's moments are its own
@@ -85,15 +84,12 @@ def _calibration_tokens(cfg: QRAConfig) -> torch.Tensor:
 def _svd(
     key: tuple, linear: nn.Linear, mp: ModulePlan, moments: torch.Tensor, damping: float
 ) -> tuple[ErrorSVD, Whitening]:
+    """``module_error_svd`` (the init file's own), memoised truncated to the ranks a search asks for."""
     hit = _SVDS.get(key)
     if hit is not None and hit[0].sigma.numel() >= min(mp.rank, min(linear.weight.shape)):
         _SVDS.move_to_end(key)
         return hit
-    from planner.fidelity.quantized import quantized_layer
-
-    white = _whitening(moments, damping)
-    layer = quantized_layer(linear, mp, linear.weight.dtype, keep=False)
-    full = error_svd(quantization_error(linear, layer), white)
+    full, white = module_error_svd(linear, mp, moments, damping)
     keep = max(KEEP_DIRECTIONS, mp.rank)
     svd = ErrorSVD(u=full.u[:, :keep].clone(), sigma=full.sigma[:keep].clone(), vh=full.vh[:keep].clone(),
                    weight=full.weight[:keep].clone())  # fmt: skip
@@ -101,26 +97,3 @@ def _svd(
     while len(_SVDS) > MAX_SVDS:
         _SVDS.popitem(last=False)
     return svd, white
-
-
-class _Held:
-    """A moments tensor held by identity (modules reading one input share one H: decompose it once; the cache
-    holds the tensor, so its identity cannot pass to another while cached)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def __hash__(self) -> int:
-        return id(self.tensor)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Held) and other.tensor is self.tensor
-
-
-@functools.lru_cache(maxsize=64)
-def _whitening_cached(held: _Held, damping: float) -> Whitening:
-    return whitening(held.tensor, damping)
-
-
-def _whitening(moments: torch.Tensor, damping: float) -> Whitening:
-    return _whitening_cached(_Held(moments), damping)
