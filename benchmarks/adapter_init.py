@@ -11,7 +11,7 @@ Methods per budget (plan memory of uniform 4-bit r16 and 3-bit r16):
 
 * ``uniform`` / ``uniform_init``: the budget's uniform plan, adapters from zero / from the quantization error;
 * ``greedy_priors``: the priors' greedy allocation (zero init, as round 2);
-* ``table_alloc``: ``planner.allocation.table_allocation`` on the committed error table
+* ``table_alloc``: ``planner.search.allocation.table_allocation`` on the committed error table
   (``results/error_table_smollm2.json``: starting output error after the error init, per block x bits x
   rank), error init — zero evaluations;
 * ``qra`` / ``qra_init``: ``qra search`` with ``adapter.init`` zero / error (every candidate scored as its
@@ -38,13 +38,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.allocation import table_allocation  # noqa: E402
-from planner.baselines import run_baseline  # noqa: E402
 from planner.config import FidelityLevel, QRAConfig  # noqa: E402
 from planner.fidelity.contract import EvalTask  # noqa: E402
 from planner.memory import plan_bytes  # noqa: E402
-from planner.search.run import run_search  # noqa: E402
-from planner.search.setup import SearchSetup, open_executor  # noqa: E402
+from planner.orchestration.baseline_run import run_baseline  # noqa: E402
+from planner.orchestration.search_run import run_search  # noqa: E402
+from planner.orchestration.setup import SearchSetup, open_executor  # noqa: E402
+from planner.search.allocation import table_allocation  # noqa: E402
 from planner.stats import paired  # noqa: E402
 from planner.store import Store  # noqa: E402
 from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402

@@ -30,7 +30,7 @@ MIB = 2**20
 def price(cfg: QRAConfig, dtype: str) -> dict[str, Any]:
     """Plan and peak bytes of the uniform plans that bound the space and define the budgets."""
     from planner.memory import plan_bytes
-    from planner.search.setup import SearchSetup
+    from planner.orchestration.setup import SearchSetup
 
     cfg = QRAConfig.model_validate({**cfg.model_dump(), "model": {**cfg.model.model_dump(), "dtype": dtype}})
     setup = SearchSetup.build(cfg)

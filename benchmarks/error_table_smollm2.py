@@ -15,7 +15,6 @@ import json
 import time
 from collections import Counter
 
-from planner.allocation import table_allocation
 from planner.config import QRAConfig
 from planner.fidelity.quantized import use_directory
 from planner.loading import load_model, load_tokenizer
@@ -24,6 +23,7 @@ from planner.model_info import load_model_info
 from planner.priors.adapter_init import error_table
 from planner.priors.calibration import calibration_batch
 from planner.priors.moments import second_moments
+from planner.search.allocation import table_allocation
 from planner.search.space import BudgetCost, SearchSpace, config_key
 from qra_plugin.io import write_json_atomic
 

@@ -51,7 +51,7 @@ def _plans(stores: Path, name: str, methods: dict[str, Any], space: Any) -> dict
 def _scores(cfg: QRAConfig, plans: dict[str, Any], steps: list[int], store_path: Path) -> dict[int, dict[str, float]]:
     """Selection-split eval loss of every plan after each number of steps (seed 0), through one store."""
     from planner.fidelity.contract import EvalTask
-    from planner.search.setup import open_executor
+    from planner.orchestration.setup import open_executor
     from planner.store import Store
 
     scores: dict[int, dict[str, float]] = {}
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/fidelity_correlation_store"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks/results/fidelity_correlation.json"))
     args = parser.parse_args(argv)
-    from planner.search.setup import SearchSetup
+    from planner.orchestration.setup import SearchSetup
 
     bench = json.loads(Path(args.benchmark).read_text())
     cfg = QRAConfig.load(ROOT / RECIPES[args.recipe].config)

@@ -11,7 +11,7 @@ Protocol (round 2; round 1 is ``results/plan_quality_v1.*``):
   gradients and optimizer states) of uniform 4-bit r16 and of uniform 3-bit r16, and optionally the peak
   budget of round 1 (``--budgets peak_uniform4_r16``);
 * per budget: ``qra search``; random and TPE with the search's optimizer steps at the high fidelity (TPE's
-  random start-up is a third of its trials, ``planner.baselines.tpe_startup``); ILP, greedy priors and the
+  random start-up is a third of its trials, ``planner.search.baselines.tpe_startup``); ILP, greedy priors and the
   budget's uniform plan without evaluations; then every chosen plan and LoRA r16 on the unquantized model
   (``unquantized_r16``, in the recipe's compute dtype) fine-tuned for ``final_steps`` (≥ 5× the high
   fidelity and ≥ one epoch of the train rows) over 3 seeds;
@@ -237,7 +237,7 @@ class Benchmark:
 
     # ------------------------------------------------------------------------------------ one budget
     def _budget(self, name: str) -> None:
-        from planner.search.setup import SearchSetup
+        from planner.orchestration.setup import SearchSetup
 
         budget, bits, rank = BUDGETS[name]
         cfg = self.base.model_copy(update={"budget": budget, "name": f"{self.base.name}-{name}"})
@@ -261,8 +261,9 @@ class Benchmark:
         self._write(complete=False)
 
     def _search_and_baselines(self, name: str, cfg: QRAConfig, setup: Any, rank: int) -> dict[str, tuple[Any, dict]]:
-        from planner.baselines import run_baseline, tpe_startup
-        from planner.search.run import run_search
+        from planner.orchestration.baseline_run import run_baseline
+        from planner.orchestration.search_run import run_search
+        from planner.search.baselines import tpe_startup
 
         bdir, state = self.out / name, self.progress.setdefault(name, {})
         self._seed_priors(bdir / "qra")
@@ -345,7 +346,7 @@ class Benchmark:
     def _finals(self, cfg: QRAConfig, plans: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         """Every chosen plan fine-tuned on train and scored on **test**, for every seed, through one store."""
         from planner.fidelity.contract import EvalTask
-        from planner.search.setup import open_executor
+        from planner.orchestration.setup import open_executor
         from planner.store import Store
 
         level = FidelityLevel(steps=self.final_steps, eval_examples=self.recipe.final_eval_examples, accuracy=True)

@@ -83,7 +83,7 @@ class PruningBenchmark(Benchmark):
 
     def run_all(self) -> None:
         from planner.memory import plan_bytes
-        from planner.search.setup import SearchSetup
+        from planner.orchestration.setup import SearchSetup
 
         started = time.time()
         self._priors()
@@ -101,7 +101,7 @@ class PruningBenchmark(Benchmark):
         for method, cfg in cfgs.items():
             plans[method] = self._search(method, cfg)
         unpruned = SearchSetup.build(cfgs["qra"])
-        from planner.allocation import uniform_under_budget
+        from planner.search.allocation import uniform_under_budget
 
         plain = uniform_under_budget(unpruned.space, unpruned.cost, unpruned.budget_bytes)
         plans["uniform_unpruned"] = (unpruned.space.to_plan(plain), {"evaluations": 0})
@@ -112,8 +112,8 @@ class PruningBenchmark(Benchmark):
     def _search(self, method: str, cfg: QRAConfig) -> tuple[Any, dict[str, Any]]:
         import json
 
-        from planner.search.run import run_search
-        from planner.search.setup import SearchSetup
+        from planner.orchestration.search_run import run_search
+        from planner.orchestration.setup import SearchSetup
 
         directory = self.out / method
         self._seed_priors(directory)

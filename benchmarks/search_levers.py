@@ -74,7 +74,7 @@ class LeversBenchmark(Benchmark):
     """The plan-quality machinery with extra qra variants per budget; references come from its stores."""
 
     def run_levers(self, budgets: list[str], variants: list[str]) -> None:
-        from planner.search.setup import SearchSetup
+        from planner.orchestration.setup import SearchSetup
 
         started = time.time()
         self._priors()
@@ -99,7 +99,7 @@ class LeversBenchmark(Benchmark):
         self._write_levers(report, variants, time.time() - started)
 
     def _variant(self, budget: str, cfg: Any, setup: Any, variant: str) -> tuple[Any, dict[str, Any]]:
-        from planner.search.run import run_search
+        from planner.orchestration.search_run import run_search
 
         search = cfg.search.model_copy(update=VARIANTS[variant])
         vcfg = cfg.model_copy(update={"search": search, "name": f"{cfg.name}-{variant}"})

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(cfg: QRAConfig, directory: Path, folds: int) -> dict[str, Any]:
-    from planner.allocation import Importance
+    from planner.orchestration.setup import SearchSetup
     from planner.priors.profile import Priors
-    from planner.search.setup import SearchSetup
+    from planner.search.allocation import Importance
     from planner.search.surrogate import FEATURE_SETS, heldout_spearman
 
     setup = SearchSetup.build(cfg)

@@ -13,10 +13,12 @@ import multiprocessing as mp
 import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from planner.fidelity.contract import EvalKey, EvalResult, EvalTask, one_line
+from planner.fidelity.quantized import directory_in_use
 from planner.fidelity.sft import run_fidelity
 from planner.fidelity.worker import call_one, serve
 from planner.store import Store
@@ -104,7 +106,6 @@ class InProcessExecutor(_StoreBacked):
         self.layer_cache = layer_cache
 
     def _run_pending(self, tasks: list[EvalTask]) -> None:
-        from planner.fidelity.quantized import directory_in_use
 
         for task in tasks:
             self.store.mark_running(task)
@@ -202,7 +203,6 @@ class SubprocessExecutor(_StoreBacked):
                 reply = self._workers[0].call(self.evaluate, task, self.timeout_s)
                 self._finish(task, self._from_reply(reply, time.perf_counter() - start))
             return
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         idle = list(self._workers)
         queue = list(tasks)

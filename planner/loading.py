@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from planner.config import ModelSection
+from planner.demo_model import materialize_demo_model
+from planner.tiny import build_tiny_model, tiny_config, tiny_tokenizer
 from qra_plugin.errors import QRAError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,8 +20,6 @@ def resolve_model_path(section: ModelSection) -> Path | None:
     if section.tiny is not None:
         return None
     if section.path == "demo":
-        from planner.demo_model import materialize_demo_model
-
         return materialize_demo_model()
     path = Path(section.path or "")
     if not (path / "config.json").is_file():
@@ -31,8 +31,6 @@ def load_model(section: ModelSection, device: str = "cpu") -> nn.Module:
     """Real weights on ``device`` (tiny models get their seeded random init)."""
     dtype = DTYPES[section.dtype]
     if section.tiny is not None:
-        from planner.tiny import build_tiny_model
-
         t = section.tiny
         model = build_tiny_model(
             t.arch, seed=t.seed, dtype=dtype, vocab_size=t.vocab_size, hidden=t.hidden, layers=t.layers
@@ -48,8 +46,6 @@ def load_meta_model(section: ModelSection) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if section.tiny is not None:
-        from planner.tiny import tiny_config
-
         t = section.tiny
         config = tiny_config(t.arch, vocab_size=t.vocab_size, hidden=t.hidden, layers=t.layers)
     else:
@@ -63,8 +59,6 @@ def load_meta_model(section: ModelSection) -> nn.Module:
 def load_tokenizer(section: ModelSection):
     """The model's tokenizer; tiny models get the BPE tokenizer trained on the wiki summaries."""
     if section.tiny is not None:
-        from planner.tiny import tiny_tokenizer
-
         return tiny_tokenizer(section.tiny.vocab_size)
     from transformers import AutoTokenizer
 

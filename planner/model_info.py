@@ -14,9 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from planner.config import ModelSection
+from planner.loading import DTYPES, load_meta_model
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec, quantizable_linears
-from qra_plugin.plan import Fingerprint, fingerprint
+from qra_plugin.plan import BlockPruning, Fingerprint, fingerprint
+from qra_plugin.prune import prune_blocks
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,6 @@ def load_model_info(source: Any, dtype: torch.dtype | str | None = None) -> Mode
     ``dtype`` overrides the dtype the weights would be loaded in (a section's ``dtype`` otherwise,
     float32 for a bare path or config).
     """
-    from planner.config import ModelSection
-    from planner.loading import DTYPES, load_meta_model
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -222,15 +223,13 @@ def _uniformly_pruned(info: ModelInfo, kept: Kept) -> ModelInfo:
     """``info`` of the model with every block pruned to the same counts (its first indices: shapes only)."""
     key = ("uniform", kept)
     if key not in info.memo:
-        from planner.memory.activations import meta_model_for_trace
-        from qra_plugin.plan import BlockPruning
-        from qra_plugin.prune import prune_blocks
-
         mlp, kv = kept
         keep = BlockPruning(
             mlp_keep=None if mlp is None else list(range(mlp)), kv_keep=None if kv is None else list(range(kv))
         )
         pruning = dict.fromkeys(range(info.n_blocks), keep)
+        from planner.memory.activations import meta_model_for_trace  # cycle: memory.activations imports this module
+
         meta = meta_model_for_trace(info, info.dtype)
         prune_blocks(meta, pruning)
         meta.qra_source_fingerprint = info.fingerprint  # still the model the plan was made for

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.axolotl import is_axolotl_yaml, load_axolotl
 from planner.config import QRAConfig, read_yaml
 
 
@@ -20,7 +21,6 @@ class RunConfig:
 def load_run_config(path: Path, out: Path | None = None, *, prepare_data: bool = True) -> RunConfig:
     """Read either kind of config; an Axolotl one (it names ``base_model``) has Axolotl validate it and,
     with ``prepare_data``, prepare the data its fidelity runs train on under ``OUT/axolotl_data``."""
-    from planner.axolotl import is_axolotl_yaml, load_axolotl
 
     raw = read_yaml(Path(path))
     if not is_axolotl_yaml(raw):

@@ -27,6 +27,7 @@ import torch
 
 from planner.memory import MemoryBreakdown, base_module_bytes
 from planner.model_info import ModelInfo, pruned_info
+from qra_plugin.backends.hqq import DEFAULT_GROUP
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import ModulePlan, Plan
 
@@ -38,7 +39,6 @@ GATHERED_BLOCKS = 2
 def replicated_metadata(info: ModelInfo, plan: Plan, dtype: torch.dtype) -> int:
     """HQQ scale + zero (one each per group, compute dtype) of every planned module: not a parameter, so
     every rank keeps all of it (qra_plugin/backends/hqq.py)."""
-    from qra_plugin.backends.hqq import DEFAULT_GROUP
 
     total = 0
     for spec in info.linears:

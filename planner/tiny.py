@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from planner.data.wiki import as_plain_text, wiki_split
+
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -22,8 +24,6 @@ def tiny_tokenizer(vocab_size: int = 512, n_texts: int = 600):
     """Byte-level BPE trained on wiki summaries, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from planner.data.wiki import as_plain_text, wiki_split
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

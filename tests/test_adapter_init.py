@@ -231,11 +231,11 @@ def test_save_plan_writes_the_init_file_beside_each_plan(tmp_path):
 
 
 def test_error_table_allocation_fits_and_prices_bits_with_rank():
-    from planner.allocation import table_allocation
     from planner.config import QRAConfig
     from planner.memory import Budget, plan_bytes
     from planner.model_info import load_model_info
     from planner.priors.adapter_init import error_table
+    from planner.search.allocation import table_allocation
     from planner.search.space import BudgetCost, SearchSpace
 
     cfg = QRAConfig.model_validate(

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from planner.allocation import Importance, flat_importance
-from planner.baselines import METHODS, choose
 from planner.config import QRAConfig
 from planner.memory import Budget, plan_bytes
 from planner.model_info import load_model_info
+from planner.search.allocation import Importance, flat_importance
+from planner.search.baselines import METHODS, choose
 from planner.search.space import BudgetCost, SearchSpace
 from planner.tiny import build_tiny_model
 from qra_plugin import QRAError
@@ -147,10 +147,10 @@ def test_qra_baseline_cli_runs_real_fidelities_on_the_tiny_search(tmp_path):
 
 
 def test_tpe_leaves_its_random_start_up_and_models_the_rest(setting, monkeypatch) -> None:
-    """``planner.baselines.tpe`` with 12 evaluations must not stay random: after tpe_startup(12) = 4 random
+    """``planner.search.baselines.tpe`` with 12 evaluations must not stay random: after tpe_startup(12) = 4 random
     trials its proposals follow TPE's density model, so they differ from the same call kept random throughout
     (what hyperopt's default start-up of 20 trials would do) and score better."""
-    import planner.baselines as baselines
+    import planner.search.baselines as baselines
 
     space, cost, budget_bytes, evaluate, _, _ = setting
     assert baselines.tpe_startup(12) == 4 and baselines.tpe_startup(3) == 2
@@ -169,7 +169,7 @@ def test_tpe_leaves_its_random_start_up_and_models_the_rest(setting, monkeypatch
 def test_random_search_ends_on_a_space_with_fewer_configs_than_asked(setting) -> None:
     """A space with one choice per unit has one config: random search returns it after a bounded number of
     draws instead of drawing for ever (``qra baseline random`` on ``bits: [4]``, ``ranks: [16]`` hung)."""
-    from planner.baselines import random_search
+    from planner.search.baselines import random_search
 
     _, _, _, evaluate, _, _ = setting
     cfg = QRAConfig.model_validate(
@@ -186,7 +186,7 @@ def test_random_search_ends_on_a_space_with_fewer_configs_than_asked(setting) ->
 
 
 def test_a_uniform_rank_outside_the_space_is_a_one_line_error(setting) -> None:
-    from planner.baselines import default_rank
+    from planner.search.baselines import default_rank
 
     space, cost, budget_bytes, evaluate, importance, _ = setting
     assert 16 not in space.ranks or default_rank(space) == 16
@@ -204,7 +204,7 @@ def test_a_uniform_rank_outside_the_space_is_a_one_line_error(setting) -> None:
 def test_default_rank_is_16_if_the_space_has_it_else_the_largest_below() -> None:
     from types import SimpleNamespace
 
-    from planner.baselines import default_rank
+    from planner.search.baselines import default_rank
 
     assert default_rank(SimpleNamespace(ranks=(4, 8, 16, 32))) == 16
     assert default_rank(SimpleNamespace(ranks=(4, 8, 32))) == 8

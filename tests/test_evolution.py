@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from planner.allocation import Importance, repair
 from planner.config import ModelSection, SpaceSection, TinyModel
 from planner.loading import load_model
+from planner.search.allocation import Importance, repair
 from planner.search.evolution import Stage1Settings, crossover, mutate, nondominated_sort, run_stage1, select
 from planner.search.space import BudgetCost, Config, SearchSpace
 from qra_plugin.modules import quantizable_linears

@@ -15,7 +15,7 @@ import torch
 from planner.config import QRAConfig
 from planner.fidelity.contract import EvalResult, EvalTask, classify_failure, recipe, recipe_diff, recipe_hash
 from planner.loading import load_meta_model
-from planner.search.setup import LOCK_FILE, exclusive_run, stale_recipe_note
+from planner.orchestration.setup import LOCK_FILE, exclusive_run, stale_recipe_note
 from planner.store import Store
 from planner.tiny import save_tiny_model
 from qra_plugin import Plan, QRACallback
@@ -200,7 +200,7 @@ def test_a_failed_gp_fit_is_logged_and_counted(monkeypatch, caplog) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- defect 5
-HOLD = "import sys, time; from pathlib import Path; from planner.search.setup import exclusive_run\n" \
+HOLD = "import sys, time; from pathlib import Path; from planner.orchestration.setup import exclusive_run\n" \
        "with exclusive_run(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)\n"  # fmt: skip
 
 

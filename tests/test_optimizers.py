@@ -92,7 +92,7 @@ def test_an_optimizer_that_cannot_step_on_this_cpu_is_refused_not_substituted(mo
     line = r"^optimizer adamw_torch_4bit: fidelity runs train on this CPU, but .*needs a C\+\+ compiler"
     with pytest.raises(QRAError, match=line):
         run_fidelity(task(cfg, plan))
-    from planner.search.setup import SearchSetup
+    from planner.orchestration.setup import SearchSetup
 
     with pytest.raises(QRAError, match=line):  # a search stops before it spends anything
         SearchSetup.build(cfg)

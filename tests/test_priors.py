@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from planner.allocation import warm_start
 from planner.config import DataSection, ModelSection, ProfileSection, QRAConfig, SpaceSection, TinyModel
 from planner.priors.profile import PARTIAL_FILE, PRIORS_FILE, Priors, profile
+from planner.search.allocation import warm_start
 from qra_plugin.errors import QRAError
 
 
@@ -233,7 +233,7 @@ def _space(layers: int, unit: str = "block", bits=(2, 3, 4, 8), ranks=(4, 8, 16,
 
 
 def _warm(iq, ir, space, cost, limit, n, seed):
-    from planner.allocation import Importance
+    from planner.search.allocation import Importance
 
     return warm_start(Importance.from_priors(_priors(iq, ir), space), space, cost, limit, n, seed)
 

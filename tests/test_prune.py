@@ -198,8 +198,8 @@ def test_rankadaptor_search_plans_bits_and_ranks_for_a_pruned_model(tmp_path):
     from planner.config import QRAConfig
     from planner.fidelity.contract import EvalTask
     from planner.fidelity.sft import run_fidelity
-    from planner.search.run import run_search
-    from planner.search.setup import SearchSetup
+    from planner.orchestration.search_run import run_search
+    from planner.orchestration.setup import SearchSetup
     from tests.test_search import _write_config
 
     small = {"population": 2, "generations": 1, "offspring": 1, "promote": 1, "tr_iterations": 0}
@@ -251,9 +251,9 @@ def test_joint_search_chooses_each_blocks_pruning_with_its_bits_and_rank(tmp_pat
     from planner.config import QRAConfig
     from planner.fidelity.contract import EvalTask
     from planner.fidelity.sft import run_fidelity
+    from planner.orchestration.search_run import run_search
+    from planner.orchestration.setup import SearchSetup
     from planner.priors.profile import Priors
-    from planner.search.run import run_search
-    from planner.search.setup import SearchSetup
     from planner.search.space import parse_config_key
     from tests.test_search import _write_config
 

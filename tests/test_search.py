@@ -22,8 +22,8 @@ import yaml
 from planner.config import QRAConfig
 from planner.fidelity.contract import EvalResult, EvalTask
 from planner.fidelity.sft import run_fidelity
-from planner.search.run import PARETO_FILE, PLAN_FILE, REPORT_FILE, TRACE_FILE, run_search
-from planner.search.setup import STORE_FILE
+from planner.orchestration.search_run import PARETO_FILE, PLAN_FILE, REPORT_FILE, TRACE_FILE, run_search
+from planner.orchestration.setup import STORE_FILE
 from planner.search.space import config_key
 from qra_plugin.plan import Plan, block_pairs
 
@@ -112,9 +112,9 @@ def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference)
 
 def test_the_first_generation_starts_from_the_budget_plan_and_both_prior_allocations(reference) -> None:
     """The greedy and ILP allocations cost no evaluation; the benchmark showed they must not be left to luck."""
-    from planner.allocation import Importance, greedy_priors, ilp
+    from planner.orchestration.setup import SearchSetup
     from planner.priors.profile import profile
-    from planner.search.setup import SearchSetup
+    from planner.search.allocation import Importance, greedy_priors, ilp
 
     _, cfg, out, result = reference
     setup = SearchSetup.build(cfg)

@@ -166,7 +166,7 @@ def test_the_plugin_warns_when_offline_with_axolotl_telemetry_on(monkeypatch, ca
 def test_a_search_refuses_packing_up_front_where_rows_would_mix(monkeypatch) -> None:
     import transformers.masking_utils as masking
 
-    from planner.search.setup import _refuse_optimizer_here
+    from planner.orchestration.setup import _refuse_optimizer_here
     from qra_plugin.errors import QRAError
 
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)

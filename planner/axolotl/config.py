@@ -8,8 +8,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from planner.axolotl.data import export_rows
 from planner.config import LR_SCHEDULERS, QRAConfig
-from qra_plugin.axolotl.args import HOME_PATH_KEYS, KERNEL_KEYS, expand_home, take_over_quantization
+from planner.memory.optimizers import check_optimizer
+from qra_plugin.axolotl.args import HOME_PATH_KEYS, KERNEL_KEYS, expand_home, plan_conflict, take_over_quantization
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
 
@@ -51,7 +53,6 @@ def _refuse_conflicts(raw: dict[str, Any], prepare_data: bool) -> None:
             "val_set_size: qra scores candidates on rows no run trains on: set val_set_size (e.g. 0.05) "
             "or test_datasets"
         )
-    from qra_plugin.axolotl.args import plan_conflict
 
     conflict = plan_conflict(raw)
     if conflict:
@@ -146,7 +147,6 @@ def _adapter_section(ax: Any, section: dict[str, Any]) -> dict[str, Any]:
 def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -> QRAConfig:
     """The qra config of an Axolotl YAML: its ``qra:`` section plus what Axolotl's keys say; without a
     ``qra.budget`` the budget is the job as written (``written_budget``)."""
-    from planner.memory.optimizers import check_optimizer
 
     section = dict(raw.get("qra") or {})
     sizes = section.pop("data", None) or {}
@@ -192,7 +192,6 @@ def load_axolotl(
     plan_target = Path(raw["qra_plan"]) if raw.get("qra_plan") else None
     if not prepare_data:
         return provisional, out, plan_target
-    from planner.axolotl.data import export_rows
 
     files = export_rows(ax, out, provisional)
     return qra_config(path, raw, ax, {"source": "tokenized", **files}), out, plan_target

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         executor: str | None = typer.Option(None, help="local | ray (default: the config's)"),
     ) -> None:
         """Choose a plan with a baseline method; writes OUT/METHOD/plan.yaml and result.json."""
-        from planner.baselines import run_baseline
+        from planner.orchestration.baseline_run import run_baseline
         from planner.run_config import load_run_config
 
         run_baseline(

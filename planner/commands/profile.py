@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from planner.orchestration.setup import exclusive_run
         from planner.priors.profile import CHART_FILE, PRIORS_FILE, profile
         from planner.run_config import load_run_config
-        from planner.search.setup import exclusive_run
 
         run = load_run_config(config, out)
         cfg, out_dir = run.config, run.out_dir

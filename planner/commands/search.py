@@ -20,9 +20,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write DIR/plan.yaml, DIR/pareto.json, DIR/report.html and DIR/store.sqlite (and an Axolotl YAML's
         qra_plan, so `axolotl train CONFIG` then trains with the plan)."""
+        from planner.orchestration.search_run import PARETO_FILE, REPORT_FILE, run_search
+        from planner.orchestration.setup import STORE_FILE
         from planner.run_config import load_run_config
-        from planner.search.run import PARETO_FILE, REPORT_FILE, run_search
-        from planner.search.setup import STORE_FILE
         from qra_plugin.errors import QRAError
 
         if executor is not None and executor not in ("local", "ray"):

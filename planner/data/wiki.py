@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qra_plugin.errors import QRAError
+from qra_plugin.io import write_text_atomic
 
 PROMPT = "Write an encyclopedia summary of {title}."
 TOPIC_PROMPT = "Which Wikipedia topic is this about? {sentence}"
@@ -132,7 +133,6 @@ FORMATS = {"alpaca": as_alpaca, "prompt-completion": as_plain_prompt_completion,
 
 def write_jsonl(path: str | Path, split: str, n: int | None = None, seed: int = 0, fmt: str = "alpaca") -> Path:
     """Export a split as jsonl rows of ``fmt`` (see ``FORMATS``)."""
-    from qra_plugin.io import write_text_atomic
 
     lines = [json.dumps(FORMATS[fmt](r), ensure_ascii=False) for r in wiki_split(split, n, seed)]
     return write_text_atomic(path, "\n".join(lines) + "\n")

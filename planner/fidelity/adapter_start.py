@@ -18,7 +18,11 @@ from torch import nn
 
 from planner.config import QRAConfig
 from planner.priors.adapter_init import ErrorSVD, Whitening, adapter_pair, module_error_svd
+from planner.priors.calibration import calibration_batch
+from planner.priors.moments import second_moments
+from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import ModulePlan, Plan
+from qra_plugin.prune import prune_model
 
 #: (model, pruning, calibration) -> module name -> H; a pruned plan's moments are its own
 _MOMENTS: dict[str, dict[str, torch.Tensor]] = {}
@@ -36,7 +40,6 @@ def wants_error_init(plan: Plan) -> bool:
 def error_init_for(cfg: QRAConfig, plan: Plan, base: nn.Module, model_key: str) -> dict[str, torch.Tensor]:
     """``<module>.lora_A`` / ``.lora_B`` for every ``init: error`` module of ``plan`` (float32), computed from
     ``base`` (the unquantized, unpruned base model, left untouched)."""
-    from qra_plugin.prune import prune_model
 
     model = base
     if plan.pruning:  # a pruned module is initialised on its pruned shape, from its pruned inputs
@@ -58,14 +61,11 @@ def error_init_for(cfg: QRAConfig, plan: Plan, base: nn.Module, model_key: str) 
 
 
 def _moments(cfg: QRAConfig, model: nn.Module, key: str, names: list[str]) -> dict[str, torch.Tensor]:
-    from planner.priors.moments import second_moments
 
     p = cfg.profile
     full_key = f"{key}|{p.calibration_examples}|{p.seq_len}|{p.calibration_offset}|{cfg.seed}|{cfg.data}"
     cached = _MOMENTS.get(full_key)
     if cached is None or not set(names) <= set(cached):
-        from qra_plugin.modules import quantizable_linears
-
         every = [s.name for s in quantizable_linears(model)]
         cached = _MOMENTS[full_key] = second_moments(model.eval(), _calibration_tokens(cfg), every, p.batch)
     return cached
@@ -73,10 +73,10 @@ def _moments(cfg: QRAConfig, model: nn.Module, key: str, names: list[str]) -> di
 
 def _calibration_tokens(cfg: QRAConfig) -> torch.Tensor:
     """The profile's calibration rows (what ``qra search`` computes the init file's moments on)."""
-    from planner.fidelity.sft import cached_tokenizer
-    from planner.priors.calibration import calibration_batch
 
     p = cfg.profile
+    from planner.fidelity.sft import cached_tokenizer  # cycle: fidelity.sft imports this module
+
     tokenizer = cached_tokenizer(cfg.model)
     return calibration_batch(tokenizer, cfg.data, p.calibration_examples, p.seq_len, p.calibration_offset, cfg.seed)
 

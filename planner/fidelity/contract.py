@@ -14,12 +14,15 @@ import hashlib
 import json
 import time
 from functools import cached_property, lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from planner.config import FidelityLevel, QRAConfig
+from planner.config import DataSection, FidelityLevel, ModelSection, QRAConfig
+from planner.data.sources import source_files
+from planner.loading import resolve_model_path
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import Plan
 
@@ -170,7 +173,6 @@ def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def library_versions() -> dict[str, str]:
     """Installed versions of ``LIBRARIES`` ("absent" for one not installed), read once per process."""
-    from importlib import metadata
 
     versions = {}
     for name in LIBRARIES:
@@ -255,8 +257,6 @@ def _identifies_model(name: str) -> bool:
 def model_identity(model_json: str) -> str:
     """Content hash of the model's weight files (a same-shape checkpoint is another model); tiny models
     are built in code from their (seeded) section, which the recipe already holds."""
-    from planner.config import ModelSection
-    from planner.loading import resolve_model_path
 
     path = resolve_model_path(ModelSection.model_validate_json(model_json))
     if path is None:
@@ -267,8 +267,6 @@ def model_identity(model_json: str) -> str:
 
 def data_identity(data_json: str) -> str:
     """Content hash of the files the data section reads (jsonl files, or the shipped wiki summaries)."""
-    from planner.config import DataSection
-    from planner.data.sources import source_files
 
     files = source_files(DataSection.model_validate_json(data_json))
     return hashlib.sha256("".join(f"{p.name}:{_file_digest(p)};" for p in files).encode()).hexdigest()[:16]

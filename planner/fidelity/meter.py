@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from qra_plugin.weight_memory import memory_report
+
 
 def storage_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views counted once)."""
@@ -53,7 +55,6 @@ class ActivationMeter:
 
 def state_bytes(model: torch.nn.Module, optimizer: Any = None) -> int:
     """Weights (incl. quantized storage and LoRA) + one grad per trainable param + optimizer states."""
-    from qra_plugin.weight_memory import memory_report
 
     weights = memory_report(model).total_bytes
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -82,7 +83,6 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 def plan_scaled_bytes(model: torch.nn.Module, optimizer: Any) -> int:
     """Measured counterpart of ``MemoryBreakdown.plan_scaled``: planned linears as stored + LoRA parameters
     + one gradient per LoRA parameter + the optimizer's states (real tensors, counted once per storage)."""
-    from qra_plugin.weight_memory import memory_report
 
     report = memory_report(model)
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -40,7 +40,8 @@ def rows_kept_apart(model: torch.nn.Module, lengths: tuple[int, int] = (7, 5), a
 
 @lru_cache(maxsize=4)
 def _refusal(model_json: str) -> str | None:
-    from planner.fidelity.sft import _base_model_cached
+
+    from planner.fidelity.sft import _base_model_cached  # cycle: fidelity.sft imports this module
 
     model = _base_model_cached(model_json)
     if rows_kept_apart(model):

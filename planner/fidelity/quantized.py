@@ -32,7 +32,9 @@ from torch import nn
 
 from planner.fidelity.contract import one_line
 from qra_plugin.backends import get_backend
+from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import ModulePlan, Plan
+from qra_plugin.prune import prune_model
 
 _LOG = logging.getLogger(__name__)
 _MEMORY: dict[str, nn.Module] = {}
@@ -178,8 +180,6 @@ def prequantize(model: nn.Module, plan: Plan, model_key: str, dtype: torch.dtype
     base model), stored ones where this search quantized the same weights the same way before.
 
     A pruned plan prunes ``model`` first; its slices are other weights, so they get other keys."""
-    from qra_plugin.modules import quantizable_linears
-    from qra_plugin.prune import prune_model
 
     block_of = {s.name: s.block for s in quantizable_linears(model)} if plan.pruning else {}
     prune_model(model, plan)

@@ -21,18 +21,25 @@ import torch
 
 from planner.config import FidelityLevel, ModelSection, QRAConfig
 from planner.data.sources import examples, sft_rows
+from planner.data.tokenized import tokenized_rows
+from planner.fidelity.adapter_start import error_init_for, wants_error_init
 from planner.fidelity.contract import EvalResult, EvalTask, Status, level_settings
 from planner.fidelity.meter import ActivationMeter, plan_scaled_bytes, state_bytes
 from planner.fidelity.metrics import answer_accuracy
 from planner.fidelity.packing import packing_refusal
+from planner.fidelity.quantized import STATS, prequantize
+from planner.loading import load_model, load_tokenizer
 from planner.memory.optimizers import fidelity_refusal
+from qra_plugin import QRACallback, apply_plan
+from qra_plugin.backends import reuse_dequantized_weights
 from qra_plugin.errors import QRAError
+from qra_plugin.quantize import model_compute_dtype
+from qra_plugin.weight_memory import memory_report
 
 
 # ---------------------------------------------------------------------------------------------- caches
 @lru_cache(maxsize=2)
 def _base_model_cached(model_json: str) -> torch.nn.Module:
-    from planner.loading import load_model
 
     model = load_model(ModelSection.model_validate_json(model_json))
     model.requires_grad_(False)
@@ -41,7 +48,6 @@ def _base_model_cached(model_json: str) -> torch.nn.Module:
 
 @lru_cache(maxsize=2)
 def _tokenizer_cached(model_json: str) -> Any:
-    from planner.loading import load_tokenizer
 
     return load_tokenizer(ModelSection.model_validate_json(model_json))
 
@@ -68,8 +74,6 @@ def _dataset(config: QRAConfig, split: str, n: int, seq_len: int, tokenizer: Any
         return key, _PROCESSED[key]
     if config.data.source == "tokenized":
         from datasets import Dataset
-
-        from planner.data.tokenized import tokenized_rows
 
         split = config.data.eval_split if split == "eval" else split
         return key, Dataset.from_list(tokenized_rows(config.data, split, n))
@@ -141,8 +145,6 @@ def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokeni
     import datasets
     from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
-    from qra_plugin import QRACallback
-
     cfg = task.config
     seq_len = level.seq_len or cfg.train.seq_len
     train_key, train_ds = _dataset(cfg, "train", level.train_examples or cfg.data.train_examples, seq_len, tokenizer)
@@ -210,13 +212,6 @@ def _outcome(stop_reason: str | None, eval_loss: float, steps: int) -> tuple[Sta
 
 def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalResult:
     import transformers
-
-    from planner.fidelity.adapter_start import error_init_for, wants_error_init
-    from planner.fidelity.quantized import STATS, prequantize
-    from qra_plugin import apply_plan
-    from qra_plugin.backends import reuse_dequantized_weights
-    from qra_plugin.quantize import model_compute_dtype
-    from qra_plugin.weight_memory import memory_report
 
     cfg = task.config
     refusal = fidelity_refusal(cfg.train.optimizer) or (cfg.train.packing and packing_refusal(cfg.model))

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.fidelity.contract import EvalResult, one_line
+from planner.fidelity.quantized import use_directory
+from planner.quiet import quiet_libraries
 
 
 def call_one(evaluate: Callable[[Any], EvalResult], task: Any) -> tuple[str, Any]:
@@ -33,8 +35,6 @@ def call_one(evaluate: Callable[[Any], EvalResult], task: Any) -> tuple[str, Any
 def serve(conn: Connection, layer_cache: Path | None = None) -> None:
     """Answer requests until the pipe closes or a ``None`` request arrives; quantized layers are shared with
     the other workers of the search through ``layer_cache`` (``planner.fidelity.quantized``)."""
-    from planner.fidelity.quantized import use_directory
-    from planner.quiet import quiet_libraries
 
     quiet_libraries()
     use_directory(layer_cache)

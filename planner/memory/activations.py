@@ -8,16 +8,20 @@ apart: a plan's own ranks add them back per module (``planner.memory.breakdown``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 
 from planner.memory.weights import elem
 from planner.model_info import ModelInfo, meta_model_from_config
 from qra_plugin.errors import QRAError
+from qra_plugin.modules import find_blocks
+from qra_plugin.prune import prune_blocks, to_fake_cpu
 
 
 @dataclass(frozen=True)
@@ -164,9 +168,6 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     from peft import LoraConfig, get_peft_model
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from qra_plugin.modules import find_blocks
-    from qra_plugin.prune import to_fake_cpu
-
     base = meta_model_for_trace(info, dtype)
     model = get_peft_model(base, LoraConfig(r=1, target_modules=[s.name for s in info.linears]))
     mode = FakeTensorMode()
@@ -227,8 +228,6 @@ def _unpacked_sequences() -> Any:
     With fake tensors it cannot look at position ids, so it would assume packing and build a dense
     mask, which changes the SDPA path (no GQA, a saved mask) from what training really runs.
     """
-    import contextlib
-    from unittest import mock
 
     import transformers.masking_utils as masking
 
@@ -245,7 +244,5 @@ def meta_model_for_trace(info: ModelInfo, dtype: torch.dtype) -> torch.nn.Module
         config._attn_implementation = "sdpa"
     model = meta_model_from_config(config, dtype)
     if info.pruning:
-        from qra_plugin.prune import prune_blocks
-
         prune_blocks(model, info.pruning)
     return model

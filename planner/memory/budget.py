@@ -15,6 +15,7 @@ from typing import Any
 
 from planner.memory.breakdown import min_plan_bytes, plan_bytes, uniform_plan
 from planner.model_info import ModelInfo
+from qra_plugin.backends import registry
 from qra_plugin.errors import QRAError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -93,7 +94,6 @@ class Budget:
 
 
 def _check_uniform(raw: str, bits: int, backend: str) -> None:
-    from qra_plugin.backends import registry
 
     backends = registry()
     if backend not in backends or backend == "none":

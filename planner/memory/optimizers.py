@@ -12,6 +12,8 @@ of its real state with these numbers (equal to the byte).
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -131,8 +133,6 @@ class TorchaoAdamW(OptimizerStates):
         return 2 * (codes + numel // self.block * 4 + qmap) + 4
 
     def cpu_problem(self) -> str | None:
-        import os
-        import shutil
 
         compilers = [os.environ.get("CXX") or "", "g++", "c++", "clang++"]
         if not any(c and shutil.which(c) for c in compilers):

@@ -11,16 +11,24 @@ All of it in float64; the result is cast to the adapter's dtype by ``qra_plugin.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from planner.fidelity.quantized import quantized_layer
+from planner.loading import load_model, load_tokenizer
+from planner.priors.calibration import calibration_batch
+from planner.priors.moments import cached_second_moments, second_moments
+from qra_plugin.adapter_init import file_sha256
 from qra_plugin.backends import owner
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_bytes_atomic
+from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import ModulePlan, Plan
+from qra_plugin.prune import prune_model
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,6 @@ def module_error_svd(
     linear: nn.Linear, mp: ModulePlan, moments: torch.Tensor, damping: float
 ) -> tuple[ErrorSVD, Whitening]:
     """svd(E·S) of ``linear`` quantized as ``mp`` says (through the layer cache, ``linear`` untouched)."""
-    from planner.fidelity.quantized import quantized_layer
 
     layer = quantized_layer(linear, mp, linear.weight.dtype, keep=False)
     white = _whitening_of(moments, damping)
@@ -154,8 +161,6 @@ def attach_init_file(plan: Plan, tensors: dict[str, torch.Tensor], path: Path, p
     ``init_file`` (relative to ``plan_dir`` when inside it) and the file's sha256 as ``init_hash``."""
     from safetensors.torch import save
 
-    from qra_plugin.adapter_init import file_sha256
-
     write_bytes_atomic(path, save(tensors))
     names = {key.rsplit(".", 1)[0] for key in tensors}
     modules = {n: m.model_copy(update={"init": "error"}) if n in names else m for n, m in plan.modules.items()}
@@ -179,10 +184,6 @@ def plan_with_error_init(
 ) -> Plan:
     """The plan with error-aware adapters: pruned first (a pruned module is initialised on its pruned shape),
     second moments on ``tokens`` (or the given ``moments`` of this very model), A/B written to ``init_path``."""
-    import copy
-
-    from planner.priors.moments import second_moments
-    from qra_plugin.prune import prune_model
 
     if plan.pruning:
         model = copy.deepcopy(model)
@@ -216,10 +217,6 @@ def save_plan(cfg, plan: Plan, paths: list[Path], out_dir: str | Path) -> None:
 
 def plan_for_config(cfg, plan: Plan, init_path: Path, out_dir: str | Path) -> Plan:
     """``plan_with_error_init`` with the model, calibration rows and damping a ``QRAConfig`` names."""
-    from planner.loading import load_model, load_tokenizer
-    from planner.priors.calibration import calibration_batch
-    from planner.priors.moments import cached_second_moments
-    from qra_plugin.modules import quantizable_linears
 
     p = cfg.profile
     model = load_model(cfg.model).eval()

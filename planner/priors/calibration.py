@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from planner.config import DataSection
+from planner.data.tokenized import tokenized_ids
+from planner.data.wiki import as_plain_text, wiki_split
 from qra_plugin.errors import QRAError
 
 
@@ -43,7 +45,6 @@ def calibration_texts(data: DataSection, n_texts: int, offset: int, seed: int) -
     """Up to ``n_texts`` training texts starting at ``offset`` (wiki: the shuffled train split)."""
     if data.source == "jsonl":
         return _jsonl_texts(str(data.path))[offset : offset + n_texts]
-    from planner.data.wiki import as_plain_text, wiki_split
 
     return [as_plain_text(r) for r in wiki_split("train", n_texts, seed=seed, offset=offset)]
 
@@ -56,8 +57,6 @@ def calibration_batch(
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     if data.source == "tokenized":  # already tokenized (by Axolotl): pack the train rows' ids as they are
-        from planner.data.tokenized import tokenized_ids
-
         ids = tokenized_ids(data, offset, need)  # rows hold >= 1 token each: enough rows
         if len(ids) < need:
             raise QRAError(f"calibration data too short: {len(ids)} tokens for {n_rows} x {seq_len}")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from planner.fidelity.quantized import quantized_layer
 from qra_plugin.modules import find_blocks
 from qra_plugin.plan import ModulePlan
 
@@ -110,7 +111,6 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _quantized_copy(linear: nn.Linear, plan: ModulePlan, dtype: torch.dtype) -> nn.Module:
     """Quantize through the runtime backend without touching ``linear``; stored in the search's layer cache
     (``planner.fidelity.quantized``), where the evaluations find the layers the priors already made."""
-    from planner.fidelity.quantized import quantized_layer
 
     return quantized_layer(linear, plan, dtype, keep=False)
 

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from planner.priors.calibration import tokens_hash
+from planner.priors.profile import weights_hash
 from qra_plugin.io import write_bytes_atomic
+from qra_plugin.plan import fingerprint
 
 log = logging.getLogger("qra")
 
@@ -113,9 +116,6 @@ def cached_second_moments(
     model: nn.Module, tokens: torch.Tensor, names: Sequence[str], out_dir: str | Path, batch: int = 8
 ) -> dict[str, torch.Tensor]:
     """``second_moments`` through the cache next to the priors (same fingerprint / weights / calibration key)."""
-    from planner.priors.calibration import tokens_hash
-    from planner.priors.profile import weights_hash
-    from qra_plugin.plan import fingerprint
 
     key = _key(fingerprint(model).model_dump_json(), weights_hash(model), tokens_hash(tokens))
     path = Path(out_dir) / MOMENTS_FILE

@@ -20,13 +20,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from planner.allocation import warm_start
 from planner.config import QRAConfig
+from planner.fidelity.quantized import cache_directory, directory_in_use
+from planner.loading import DTYPES, load_model, load_tokenizer
+from planner.priors.calibration import calibration_batch, tokens_hash
+from planner.priors.measure import plasticity, reference_pass, unit_damage
+from planner.priors.plot import plot_priors
+from planner.priors.pruning import prune_damage
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
+from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import Fingerprint, ModulePlan, fingerprint, one_line_validation_error
 
-__all__ = ["Priors", "profile", "warm_start", "PRIORS_FILE", "PARTIAL_FILE", "CHART_FILE"]
+__all__ = ["Priors", "profile", "PRIORS_FILE", "PARTIAL_FILE", "CHART_FILE"]
 
 log = logging.getLogger("qra")
 
@@ -111,7 +117,6 @@ def weights_hash(model: nn.Module) -> str:
 
 def _units(model: nn.Module, unit: str) -> tuple[list[str], list[list[str]], list[int]]:
     """(unit names, module names per unit, block index per unit)."""
-    from qra_plugin.modules import quantizable_linears
 
     specs = quantizable_linears(model)
     if unit == "module":
@@ -183,9 +188,6 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
     A ``priors.json`` with the same key is returned as is. Otherwise the per-(unit, bits) results are
     written to ``priors.partial.json`` as they come, and a later call with the same key resumes from it.
     """
-    from planner.loading import load_model, load_tokenizer
-    from planner.priors.calibration import calibration_batch, tokens_hash
-    from planner.priors.plot import plot_priors
 
     out = Path(out_dir)
     p = cfg.profile
@@ -219,7 +221,6 @@ def profile(cfg: QRAConfig, out_dir: str | Path, *, progress: bool = True) -> Pr
             "I_r": None,
             "timings_s": {},
         }
-    from planner.fidelity.quantized import cache_directory, directory_in_use
 
     with directory_in_use(cache_directory(cfg.fidelity.layer_cache, out)):  # the search's evaluations reuse them
         _measure_into(state, cfg, model, tokens, (names, unit_modules, unit_blocks), partial_path, progress)
@@ -252,8 +253,6 @@ def _measure_into(
     progress: bool,
 ) -> None:
     """Fill ``state`` with every missing I_q (unit, bits) and I_r, saving it after each measurement."""
-    from planner.loading import DTYPES
-    from planner.priors.measure import plasticity, reference_pass, unit_damage
 
     p = cfg.profile
     names, unit_modules, unit_blocks = units
@@ -279,9 +278,6 @@ def _measure_into(
                 bar.advance()
             del ref
         if p.prune_ratios and not state.get("I_p"):
-            from planner.priors.measure import reference_pass
-            from planner.priors.pruning import prune_damage
-
             bar.describe("I_p (loss increase of pruning one block)")
             start, cpu = time.perf_counter(), time.process_time()
             ref_loss = state.get("reference_loss") or reference_pass(model, tokens, p.batch).loss

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from planner.config import QRAConfig
+from planner.loading import load_model, load_tokenizer
+from planner.priors.calibration import calibration_batch
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import find_blocks
 from qra_plugin.plan import BlockPruning
@@ -103,8 +105,6 @@ def _block_keep(mlp: tuple[float, ...], kv: tuple[float, ...], ratio: float) -> 
 
 @lru_cache(maxsize=4)
 def _importance_cached(config_json: str) -> ChannelImportance:
-    from planner.loading import load_model, load_tokenizer
-    from planner.priors.calibration import calibration_batch
 
     cfg = QRAConfig.model_validate_json(config_json)
     p = cfg.profile

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.allocation import Importance, repair
+from planner.search.allocation import Importance, repair
 from planner.search.space import BudgetCost, Config, SearchSpace
 from planner.search.surrogate import PerformanceModel, heldout_spearman
 from qra_plugin.errors import QRAError

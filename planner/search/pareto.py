@@ -6,6 +6,7 @@ so a user with a smaller or larger budget picks ``best_for_budget`` instead of s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,6 @@ def write_pareto(
 
 
 def load_pareto(path: str | Path) -> dict[str, Any]:
-    import json
 
     path = Path(path)
     if not path.is_file():

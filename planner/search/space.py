@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from planner.priors.pruning import pruning_for_ratios
+from planner.scale import with_alpha_rule
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec
 from qra_plugin.plan import Fingerprint, Plan
@@ -229,8 +231,6 @@ class SearchSpace:
         else:
             plan = Plan.from_module_pairs(self.fingerprint, self.specs, pairs, self.backend)
         if (self.alpha_rule, self.lora_alpha / self.lora_r) != ("rank", 2.0):
-            from planner.scale import with_alpha_rule
-
             plan = with_alpha_rule(plan, self.alpha_rule, self.lora_r, self.lora_alpha)
         if self.init == "error":  # quantized modules with an adapter start from their quantization error
             modules = {
@@ -249,7 +249,6 @@ class SearchSpace:
         """Each block's kept channels for its chosen ratio (none when the ratio is not searched)."""
         if not self.prune:
             return {}
-        from planner.priors.pruning import pruning_for_ratios
 
         return pruning_for_ratios(self.channels, [float(c[2]) for c in config])
 

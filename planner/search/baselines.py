@@ -14,19 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from functools import partial
 
 import numpy as np
 
-from planner.allocation import Importance, flat_importance, greedy_priors, ilp, repair, uniform_under_budget
-from planner.config import QRAConfig
-from planner.search.space import BudgetCost, Config, SearchSpace, config_key
+from planner.search.allocation import Importance, flat_importance, greedy_priors, ilp, repair, uniform_under_budget
+from planner.search.space import BudgetCost, Config, SearchSpace
 from qra_plugin.errors import QRAError
-from qra_plugin.io import write_json_atomic
-
-if TYPE_CHECKING:
-    from planner.search.setup import SearchSetup
 
 Evaluate = Callable[[list[Config], str], list[float | None]]
 METHODS = ("uniform", "random", "tpe", "ilp", "greedy_priors")
@@ -76,7 +70,6 @@ def tpe(
 ) -> BaselineResult:
     """hyperopt TPE over the same per-unit choices; proposals are repaired to the budget before scoring.
     The first ``tpe_startup(evaluations)`` trials are random, the rest come from TPE's density model."""
-    from functools import partial
 
     from hyperopt import STATUS_FAIL, STATUS_OK, Trials, fmin, hp
     from hyperopt import tpe as tpe_algo
@@ -167,86 +160,3 @@ def _best(method: str, history: Sequence[tuple[Config, float | None]]) -> Baseli
     _, index = min(scored)
     config, score = history[index]
     return BaselineResult(method, config, score, len(history), list(history))
-
-
-# ---------------------------------------------------------------------------------------------- qra baseline
-def run_baseline(
-    cfg: QRAConfig,
-    out_dir: str | Path,
-    method: str,
-    *,
-    evaluations: int = 8,
-    rank: int | None = None,
-    bits: int | None = None,
-    seed: int | None = None,
-    executor_kind: str | None = None,
-    progress: bool = True,
-    score_choice: bool = True,
-) -> BaselineResult:
-    """Choose a plan with ``method``; write ``<out>/<method>/plan.yaml`` and ``result.json``.
-
-    Same model info, budget, space, memory model, store and executor as ``qra search`` (``SearchSetup``),
-    so a baseline's evaluations are the same real SFT runs, shared with a search in the same directory.
-    """
-    if method not in METHODS:
-        raise QRAError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
-    from rich.console import Console
-
-    from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor
-    from planner.store import Store
-
-    out = Path(out_dir)
-    seed = cfg.seed if seed is None else int(seed)
-    console = Console(stderr=True, quiet=not progress, highlight=False, log_path=False)
-    setup = SearchSetup.build(cfg)  # bad input fails before anything is written
-    with exclusive_run(out):
-        importance = _importance(cfg, out, setup, progress) if method in ("ilp", "greedy_priors") else None
-        store = Store(out / STORE_FILE)
-        executor = open_executor(cfg, store, kind=executor_kind)
-        try:
-            evaluate = setup.evaluator(executor, console.log).for_stage(f"baseline-{method}")
-            result = choose(
-                method,
-                setup.space,
-                setup.cost,
-                setup.budget_bytes,
-                evaluate,
-                importance=importance,
-                evaluations=evaluations,
-                rank=rank,
-                bits=bits,
-                seed=seed,
-                score_choice=score_choice,
-            )
-        finally:
-            executor.close()
-            store.close()
-        target = _write_baseline(out / method, cfg, setup, method, result)
-    mib = setup.cost(result.config) / 2**20
-    console.log(f"[green]{method}[/green] loss {result.score} at {mib:.2f} MiB → {target}")
-    return result
-
-
-def _importance(cfg: QRAConfig, out: Path, setup: SearchSetup, progress: bool) -> Importance:
-    from planner.priors import profile
-
-    return Importance.from_priors(profile(cfg, out, progress=progress), setup.space)
-
-
-def _write_baseline(target: Path, cfg: QRAConfig, setup: SearchSetup, method: str, result: BaselineResult) -> Path:
-    memory = setup.cost(result.config)
-    meta = {"qra_baseline": {"method": method, "score": result.score, "memory_bytes": memory, "budget": cfg.budget}}
-    setup.space.to_plan(result.config, meta=meta).save(target / "plan.yaml")
-    write_json_atomic(
-        target / "result.json",
-        {
-            "method": method,
-            "config": config_key(result.config),
-            "score": result.score,
-            "memory_bytes": memory,
-            "budget_bytes": setup.budget_bytes,
-            "evaluations": result.evaluations,
-            "history": [[config_key(c), s] for c, s in result.history],
-        },
-    )
-    return target / "plan.yaml"

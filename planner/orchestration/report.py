@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from planner.memory import PART_LABELS
+from planner.priors.plot import plot_priors
 from planner.search.pareto import Point
 from planner.search.space import SearchSpace, config_key
 from qra_plugin.io import write_bytes_atomic, write_text_atomic
@@ -126,8 +128,6 @@ def write_report(
     plot_trace(out / "trace.png", summary["evaluations"])
     priors_png = out / "priors.png"
     if priors is not None and not priors_png.is_file():
-        from planner.priors.plot import plot_priors
-
         plot_priors(priors, priors_png)
     trace = summary["evaluations"]
     counts: dict[tuple[str, str], int] = {}
@@ -180,7 +180,6 @@ screening model: {fmt(summary["screening_spearman"])}</li>
 
 
 def _parts() -> tuple[tuple[str, str], ...]:
-    from planner.memory import PART_LABELS
 
     return (*PART_LABELS, ("plan_scaled", "what scales with the plan"), ("total", "predicted peak"))
 

@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from planner.config import QRAConfig
+from planner.executors import make_executor
+from planner.fidelity.contract import EvalTask, recipe, recipe_diff, recipe_hash
+from planner.fidelity.packing import packing_refusal
+from planner.fidelity.quantized import cache_directory
+from planner.memory import Budget, plan_bytes
+from planner.memory.optimizers import fidelity_refusal
+from planner.model_info import load_model_info
+from planner.priors.pruning import fixed_pruning, searched_channels
 from planner.search.space import BudgetCost, Config, SearchSpace, config_key
 from qra_plugin.errors import QRAError
 
@@ -41,7 +49,6 @@ class Evaluator:
         return evaluate
 
     def tasks(self, configs: list[Config], level: str, stage: str) -> list[Any]:
-        from planner.fidelity.contract import EvalTask
 
         return [
             EvalTask(
@@ -129,13 +136,10 @@ class SearchSetup:
 
     @classmethod
     def build(cls, cfg: QRAConfig) -> SearchSetup:
-        from planner.memory import Budget, plan_bytes
-        from planner.model_info import load_model_info
 
         info = load_model_info(cfg.model)
         budget = Budget.parse(cfg.budget)
         _refuse_optimizer_here(cfg)
-        from planner.priors.pruning import fixed_pruning, searched_channels
 
         space = SearchSpace.from_config(cfg, info, fixed_pruning(cfg), searched_channels(cfg))
         budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
@@ -163,14 +167,11 @@ class SearchSetup:
 def _refuse_optimizer_here(cfg: QRAConfig) -> None:
     """Local evaluations train with the user's optimizer (and packing) on this machine: refuse up front where
     they cannot run as asked."""
-    from planner.memory.optimizers import fidelity_refusal
 
     if cfg.search.executor != "local":
         return
     refusal = fidelity_refusal(cfg.train.optimizer)
     if not refusal and cfg.train.packing:
-        from planner.fidelity.packing import packing_refusal
-
         refusal = packing_refusal(cfg.model)
     if refusal:
         raise QRAError(refusal)
@@ -178,8 +179,6 @@ def _refuse_optimizer_here(cfg: QRAConfig) -> None:
 
 def open_executor(cfg: QRAConfig, store: Any, *, kind: str | None = None, **extra: Any) -> Any:
     """The store-backed executor the config asks for (``extra``: ``on_result``, an injected ``evaluate``)."""
-    from planner.executors import make_executor
-    from planner.fidelity.quantized import cache_directory
 
     return make_executor(
         kind or cfg.search.executor,  # type: ignore[arg-type]
@@ -224,7 +223,6 @@ def exclusive_run(out_dir: Path) -> Iterator[None]:
 
 def stale_recipe_note(store: Any, cfg: QRAConfig) -> str | None:
     """One line naming what changed when the store holds evaluations of another recipe (never reused)."""
-    from planner.fidelity.contract import recipe, recipe_diff, recipe_hash
 
     notes = []
     for level in ("low", "high"):

@@ -14,13 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner.allocation import Importance, named_prior_allocations, warm_start
 from planner.config import QRAConfig
+from planner.fidelity.contract import recipe_hash
+from planner.memory import estimate, estimate_settings
+from planner.orchestration.progress import SearchProgress, planned_evaluations
+from planner.orchestration.report import write_report
+from planner.orchestration.setup import (
+    STORE_FILE,
+    SearchSetup,
+    exclusive_run,
+    open_executor,
+    stale_recipe_note,
+    time_split,
+)
+from planner.priors.adapter_init import save_plan
+from planner.priors.profile import profile
+from planner.search.allocation import Importance, named_prior_allocations, warm_start
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
 from planner.search.pareto import Point, against_free, best_for_budget, prefer_free, write_pareto
-from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor, stale_recipe_note, time_split
 from planner.search.space import Config, config_key
+from planner.search.surrogate import FIT_STATS
 from planner.search.trust_region import TRSettings, run_stage2
+from planner.store import Store
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
 
@@ -90,8 +105,6 @@ def run_search(
     """
     from rich.console import Console
 
-    from planner.search.progress import SearchProgress, planned_evaluations
-
     out = Path(out_dir)
     console = Console(stderr=True, quiet=not progress, highlight=False, log_path=False)
     setup = SearchSetup.build(cfg)  # a bad model, space or budget fails here, before anything is written
@@ -108,7 +121,6 @@ def run_search(
 
 
 def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
-    from planner.priors.profile import profile
 
     s = run.setup
     run.say(
@@ -145,9 +157,6 @@ def _evaluate_stages(
     run: _Run, importance: Importance, warm: list[Config], executor_kind: str | None, evaluate: Callable | None
 ) -> tuple[Stage1Result, Any, dict[Config, float | None], Any, float]:
     """Stage 1, stage 2 and the budget's uniform plan at the high fidelity, through the store."""
-    from planner.fidelity.contract import recipe_hash
-    from planner.search.surrogate import FIT_STATS
-    from planner.store import Store
 
     s, search = run.setup, run.cfg.search
 
@@ -241,7 +250,6 @@ def _write_outputs(
     planner_s: float,
     started: float,
 ) -> SearchResult:
-    from planner.report import write_report
 
     s, cfg, out = run.setup, run.cfg, run.out
     points = _points(run, history, evaluator.trace)
@@ -262,7 +270,6 @@ def _write_outputs(
         "budget_kind": s.budget.kind,
     }
     plan = s.space.to_plan(best.config, meta={"qra_search": search_meta})
-    from planner.priors.adapter_init import save_plan  # adapter.init: error writes the init file beside it
 
     # the Axolotl YAML's qra_plan reads it at plan_target
     save_plan(cfg, plan, [out / PLAN_FILE] + ([run.plan_target] if run.plan_target is not None else []), out)
@@ -357,7 +364,6 @@ def _free_allocations(run: _Run) -> dict[str, Config]:
 
 def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, Any]:
     """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands."""
-    from planner.memory import estimate, estimate_settings
 
     s, train = run.setup, run.cfg.train
     kwargs = estimate_settings(train)
