@@ -8,6 +8,7 @@
 #     bash benchmarks/light_install.sh [OUT_JSON]     (default benchmarks/results/light_install.json)
 #
 # Writes the JSON (command, wall time, installed packages, checks, pass) atomically; exits non-zero on a failure.
+# wall_s counts the venv, the installs and the checks, not removing the venv afterwards (the EXIT trap).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(realpath -m "${1:-$root/benchmarks/results/light_install.json}")"
