@@ -32,6 +32,7 @@ class ActivationTrace:
     input_bytes: dict[str, int]  # planned linear name -> bytes of its input tensor
     input_key: dict[str, Hashable]  # planned linear name -> id of its input storage (shared inputs share it)
     input_saved: dict[str, bool]  # whether the base graph (not LoRA) already saves that input
+    input_grad: dict[str, bool]  # whether that input requires grad (else a quantized layer's autograd saves nothing)
     lora_saved: dict[str, tuple[tuple[Hashable, int], ...]]  # name -> (storage id, bytes) lora_A saved
     base_keys: frozenset[Hashable]  # storages the base graph saves
     logits_elems: int  # batch * seq * vocab
@@ -54,13 +55,18 @@ class _Recorder:
         self.lora_saved: dict[str, dict[int, int]] = {n: {} for n in names}
         self.input_bytes: dict[str, int] = {}
         self.input_key: dict[str, int] = {}
+        self.input_grad: dict[str, bool] = {}
         self.block_input: list[int] = []
         self.hooks: list[Any] = []
+        # every tensor whose storage id is recorded stays referenced until the trace ends: a freed storage's id
+        # is reused by the next one (below fp32 many cast copies come and go), which would merge two tensors
+        self.alive: list[torch.Tensor] = []
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         k = _storage_key(t)
         if k in self.params:
             return t
+        self.alive.append(t)
         entry = self.saved.setdefault(k, [t.untyped_storage().nbytes(), self.phase, 0])
         if not self.in_lora:
             entry[2] = 1
@@ -94,6 +100,8 @@ class _Recorder:
         def lin_pre(module: Any, args: tuple[torch.Tensor, ...]) -> None:
             self.input_bytes[name] = args[0].untyped_storage().nbytes()
             self.input_key[name] = _storage_key(args[0])
+            self.input_grad[name] = args[0].requires_grad
+            self.alive.append(args[0])
 
         def enter(*_: Any) -> None:
             self.in_lora += 1
@@ -138,6 +146,7 @@ class _Recorder:
             input_bytes=self.input_bytes,
             input_key=self.input_key,
             input_saved={name: k in base_keys for name, k in self.input_key.items()},
+            input_grad=self.input_grad,
             lora_saved={name: tuple(v.items()) for name, v in self.lora_saved.items()},
             base_keys=frozenset(base_keys),
             logits_elems=batch * seq_len * info.vocab_size,
@@ -213,6 +222,7 @@ def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtyp
         input_bytes={n: picked[n].input_bytes[n] for n in block_of},
         input_key={n: (tag[n], picked[n].input_key[n]) for n in block_of},
         input_saved={n: picked[n].input_saved[n] for n in block_of},
+        input_grad={n: picked[n].input_grad[n] for n in block_of},
         lora_saved={n: tuple(((tag[n], k), b) for k, b in picked[n].lora_saved[n]) for n in block_of},
         base_keys=frozenset().union(*tagged.values()),
         logits_elems=edge.logits_elems,

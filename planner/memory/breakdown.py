@@ -200,7 +200,9 @@ def _estimate(
                 for key, nbytes in trace.lora_saved[spec.name]:
                     if key not in trace.base_keys:
                         block_inputs[spec.block][key] = nbytes
-            if cost.saves_input and not trace.input_saved[spec.name]:
+            # a quantized layer's autograd function saves its input only when that input requires grad (not
+            # in the first block's attention, whose input comes from the frozen embedding)
+            if cost.saves_input and trace.input_grad[spec.name] and not trace.input_saved[spec.name]:
                 block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
     unquantized += info.other_bytes(dtype)
     # buffers one optimizer shares between all its parameters (bitsandbytes' quantile maps), held once
@@ -296,7 +298,7 @@ def loss_buffers(info: ModelInfo, trace: ActivationTrace, loss_path: str, dtype:
     - ``trl_chunked`` (TRL 1.9 ``_chunked_cross_entropy_loss``): the shifted hidden states gathered into
       one copy (+ int64 order and labels), and one checkpointed chunk of ``TRL_CHUNK_TOKENS`` tokens rebuilt
       in the backward: four fp32 ``chunk x vocab`` buffers (logits, log-softmax, its exp, a gradient) and,
-      below fp32, fp32 copies of the output weight and the chunk (measured on CPU: ``tests/test_memory.py``).
+      below fp32, what its upcast adds (``_chunk_upcast``).
     - ``liger`` (fused linear cross-entropy): a shifted copy of the hidden states, the hidden-sized input
       gradient it computes in the forward and one logits chunk of ~hidden x tokens elements (its own rule).
     - ``cce`` (cut cross-entropy): the input gradient and an fp32 log-sum-exp per token; no logits.
@@ -309,14 +311,29 @@ def loss_buffers(info: ModelInfo, trace: ActivationTrace, loss_path: str, dtype:
         return trace.head_saved + 2 * trace.logits_elems * 4
     if loss_path == "trl_chunked":
         chunk = min(TRL_CHUNK_TOKENS, tokens)
-        upcast = (vocab * hidden + chunk * hidden) * 4 if e != 4 else 0
-        return norm_part + tokens * (hidden * e + 16) + 4 * chunk * vocab * 4 + upcast
+        return (
+            norm_part
+            + tokens * (hidden * e + 16)
+            + 4 * chunk * vocab * 4
+            + _chunk_upcast(tokens, chunk, hidden, vocab, e)
+        )
     if loss_path == "liger":
         chunk = _next_pow2(-(-tokens // -(-vocab // hidden)))
         return norm_part + 2 * tokens * hidden * e + chunk * vocab * e + 8 * tokens
     if loss_path == "cce":
         return norm_part + tokens * hidden * e + 4 * tokens
     raise QRAError(f"unknown loss path {loss_path!r}")
+
+
+def _chunk_upcast(tokens: int, chunk: int, hidden: int, vocab: int, e: int) -> int:
+    """What TRL's chunk (``h.float() @ w.float().t()``) adds below fp32, at the peak of its backward: the fp32
+    copy of the output weight the recomputed matmul saves for the input gradient and, with several chunks,
+    the gradient of the gathered hidden states they accumulate into (the chunk's own fp32 copy is gone by then).
+    Fitted to the allocator-level peak of ``_chunked_cross_entropy_loss`` on CPU in bf16 (vocab 512-49152,
+    hidden 256/576, 254 and 1020 tokens: within 22 KB). fp32 keeps its earlier, separately measured rule."""
+    if e == 4:
+        return 0
+    return vocab * hidden * 4 + (tokens * hidden * e if tokens > chunk else 0)
 
 
 def _next_pow2(n: int) -> int:
