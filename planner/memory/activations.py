@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from planner.memory.weights import elem
+from planner.memory.weights import LORA_DTYPE, elem
 from planner.model_info import ModelInfo, meta_model_from_config
 from qra_plugin.errors import QRAError
 
@@ -155,18 +155,21 @@ class _Recorder:
         )
 
 
-def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+def trace_activations(
+    info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype, adapter_dtype: torch.dtype = LORA_DTYPE
+) -> ActivationTrace:
     """Run the model once in a ``FakeTensorMode`` (CPU kernels, no memory) and record what autograd saves.
 
     Every planned linear gets a rank-1 LoRA adapter (PEFT, as in training) so activations require grad
     exactly where they do in LoRA training. Tensors saved inside the LoRA layers are set apart: the
-    plan's own ranks add them back per module (``planner.memory.breakdown``).
+    plan's own ranks add them back per module (``planner.memory.breakdown``). ``adapter_dtype``: fp32
+    (PEFT's default upcast) or the model's dtype (``autocast_adapter_dtype=False``).
     """
-    key = ("trace", batch, seq_len, dtype)
+    key = ("trace", batch, seq_len, dtype) + (() if adapter_dtype == LORA_DTYPE else (adapter_dtype,))
     if key in info.memo:
         return info.memo[key]
     if info.block_sources is not None:
-        info.memo[key] = _composed_trace(info, batch, seq_len, dtype)
+        info.memo[key] = _composed_trace(info, batch, seq_len, dtype, adapter_dtype)
         return info.memo[key]
     if info.config is None:
         raise QRAError("this ModelInfo has no config; build it with planner.model_info.load_model_info")
@@ -177,7 +180,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     from qra_plugin.prune import to_fake_cpu
 
     base = meta_model_for_trace(info, dtype)
-    model = get_peft_model(base, LoraConfig(r=1, target_modules=[s.name for s in info.linears]))
+    config = LoraConfig(r=1, target_modules=[s.name for s in info.linears])
+    model = get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype == LORA_DTYPE)
     mode = FakeTensorMode()
     to_fake_cpu(model, mode)
     model.train()
@@ -201,13 +205,15 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     return info.memo[key]
 
 
-def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+def _composed_trace(
+    info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype, adapter_dtype: torch.dtype
+) -> ActivationTrace:
     """The trace of a model whose blocks are pruned differently: each block's part from the trace of the
     model pruned uniformly like it (a block saves the same tensors whatever its neighbours keep). Storage
     ids are tagged with their source so ids of different traces never collide."""
     assert info.block_sources is not None
     sources = {id(src): src for src in info.block_sources}
-    traces = {k: trace_activations(src, batch, seq_len, dtype) for k, src in sources.items()}
+    traces = {k: trace_activations(src, batch, seq_len, dtype, adapter_dtype) for k, src in sources.items()}
     block_of = {s.name: s.block for s in info.linears}
     tagged = {k: frozenset((k, key) for key in t.base_keys) for k, t in traces.items()}
     edge = traces[id(info.block_sources[0])]  # embedding side, head and block input do not change
