@@ -20,6 +20,7 @@ Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.config import ModelSection  # noqa: E402
+from planner.config import ModelSection, TinyModel  # noqa: E402
 from planner.data.wiki import as_plain_text, wiki_split  # noqa: E402
 from planner.loading import load_model, load_tokenizer  # noqa: E402
 from planner.memory import estimate  # noqa: E402
@@ -57,7 +58,25 @@ METHOD = (
 
 def configs(n_blocks: int, grid: str = "loss") -> list[dict[str, Any]]:
     """``loss`` (default): two plans x two optimizers x TRL's chunked NLL / transformers' full-logits loss, all
-    through SFTTrainer; ``plans``: the earlier bits / rank / backend / checkpointing mix, chunked loss, AdamW."""
+    through SFTTrainer; ``plans``: the earlier bits / rank / backend / checkpointing mix, chunked loss, AdamW;
+    ``dtype`` (the default of ``--dtype bfloat16``/``float16``): uniform HQQ 4-bit r16, a mixed 3/4/8-bit plan
+    and the unquantized model at r16, each with AdamW and bitsandbytes' 8-bit AdamW, TRL's chunked loss (+ one
+    row with transformers' full-logits loss)."""
+    if grid == "dtype":
+        mixed = [((8, 4), (4, 16), (3, 8))[i % 3] for i in range(n_blocks)]
+        plans = [
+            {"name": "hqq4-r16", "blocks": [(4, 16)] * n_blocks},
+            {"name": "hqq8/4/3-r4/16/8", "blocks": mixed},
+            {"name": "none16-r16", "blocks": [(16, 16)] * n_blocks},
+        ]
+        base = {"backend": "hqq", "batch": 2, "seq": 128, "gc": False, "loss_path": "trl_chunked", "trainer": "sft"}
+        rows = [
+            {**base, **p, "name": f"{p['name']}/{opt}", "optimizer": opt}
+            for p in plans
+            for opt in ("adamw_torch", "adamw_bnb_8bit")
+        ]
+        # the full-logits loss (Axolotl's trainer): bf16 logits, upcast to fp32 by transformers' loss
+        return [*rows, {**rows[0], "name": "hqq4-r16/adamw_torch/hf_full", "loss_path": "hf_full", "trainer": "hf"}]
     if grid == "loss":
         plans = [
             {"name": "hqq4-r16", "blocks": [(4, 16)] * n_blocks, "backend": "hqq", "batch": 2, "seq": 128, "gc": False},
@@ -231,25 +250,58 @@ def predict(info: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: ``--model tiny``: a Llama built in code (planner.tiny), big enough that its tensors dwarf allocator noise
+TINY = {"arch": "llama", "layers": 4, "hidden": 256, "vocab_size": 512}
+
+
+def model_section(model: str, dtype: str) -> ModelSection:
+    if model == "tiny":
+        return ModelSection(tiny=TinyModel(**TINY), dtype=dtype)
+    return ModelSection(path=model, dtype=dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo", help="local model dir or 'demo' (SmolLM2-135M)")
+    parser.add_argument("--model", default="demo", help="local model dir, 'demo' (SmolLM2-135M) or 'tiny'")
     parser.add_argument("--out", default="benchmarks/results/memory_accuracy.json")
     parser.add_argument("--only", nargs="*", help="config names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", choices=("loss", "plans"), default="loss", help="which configs (see configs())")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the dtype the model is loaded and trained in (as fidelity runs: no autocast)",
+    )
+    parser.add_argument(
+        "--grid",
+        choices=("loss", "plans", "dtype"),
+        default=None,
+        help="which configs (see configs(); default: loss in float32, dtype otherwise)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows already in --out (other model/dtype/name) and add or replace these",
+    )
     args = parser.parse_args()
+    grid = args.grid or ("loss" if args.dtype == "float32" else "dtype")
     torch.set_num_threads(1)
-    section = ModelSection(path=args.model)
+    section = model_section(args.model, args.dtype)
     info = load_model_info(section)
+    command = (
+        f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --model {args.model} "
+        f"--dtype {args.dtype} --grid {grid}{' --merge' if args.merge else ''} --out {args.out}"
+    )
     rows = []
-    for cfg in configs(info.n_blocks, args.grid):
+    for cfg in configs(info.n_blocks, grid):
         if args.only and cfg["name"] not in args.only:
             continue
         pred = predict(info, cfg)
         meas = measure(section, cfg, info, args.seed)
         row = {
             "name": cfg["name"],
+            "model": args.model,
+            "dtype": args.dtype,
             "backend": cfg["backend"],
             "batch": cfg["batch"],
             "seq_len": cfg["seq"],
@@ -257,6 +309,7 @@ def main() -> None:
             "optimizer": cfg["optimizer"],
             "loss_path": cfg["loss_path"],
             "trainer": {"sft": "trl.SFTTrainer", "hf": "transformers.Trainer"}[cfg["trainer"]],
+            "command": command,
             "predicted": pred,
             "measured": meas,
             "error_pct": {k: round(100 * (pred[k] - meas[k]) / meas[k], 2) for k in ("static_bytes", "peak")},
@@ -267,48 +320,77 @@ def main() -> None:
             f"  err {row['error_pct']}",
             flush=True,
         )
+    previous = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).is_file() else {}
     result = {
-        "command": "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --model "
-        f"{args.model} --grid {args.grid} --out {args.out}",
-        "model": args.model,
-        "architecture": info.architecture,
-        "n_blocks": info.n_blocks,
-        "dtype": str(info.dtype),
+        **{k: v for k, v in previous.items() if k != "rows"},
+        "command": previous.get("command", command),
+        "model": previous.get("model", args.model),
+        "architecture": previous.get("architecture", info.architecture),
+        "n_blocks": previous.get("n_blocks", info.n_blocks),
+        "dtype": previous.get("dtype", str(info.dtype)),
         "device": "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "method": METHOD,
-        "max_abs_error_pct": {k: max(abs(r["error_pct"][k]) for r in rows) for k in ("static_bytes", "peak")}
-        if rows
-        else {},
-        "rows": rows,
+        "rows": merged_rows(previous.get("rows", []), rows, previous.get("command")),
     }
+    result["max_abs_error_pct"] = max_errors(result["rows"])
     out = write_json_atomic(args.out, result)
     write_text_atomic(out.with_suffix(".md"), to_markdown(result))
     print(f"wrote {out}")
 
 
+def _row_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row.get("model", "demo"), row.get("dtype", "float32"), row["name"]
+
+
+def merged_rows(old: list[dict[str, Any]], new: list[dict[str, Any]], old_command: str | None) -> list[dict[str, Any]]:
+    """Rows from an earlier run (tagged with its model, dtype and command when they predate those fields) in
+    their order, those rerun replaced in place, then the new ones."""
+    fresh = {_row_key(r): r for r in new}
+    kept = [{"model": "demo", "dtype": "float32", "command": old_command, **r} for r in old]
+    out = [fresh.pop(_row_key(r), r) for r in kept]
+    return out + [r for r in new if _row_key(r) in fresh]
+
+
+def max_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Max |error| % over all rows and per (model, dtype)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(f"{r.get('model', 'demo')}/{r.get('dtype', 'float32')}", []).append(r)
+    out: dict[str, Any] = (
+        {k: max(abs(r["error_pct"][k]) for r in rows) for k in ("static_bytes", "peak")} if rows else {}
+    )
+    out["by_model_dtype"] = {
+        g: {k: max(abs(r["error_pct"][k]) for r in rs) for k in ("static_bytes", "peak")} for g, rs in groups.items()
+    }
+    return out
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"# planner.memory accuracy: {result['model']} ({result['architecture']}, {result['n_blocks']} blocks, "
-        f"{result['dtype']}, {result['device']})",
+        f"# planner.memory accuracy: {result['model']} ({result['architecture']}, {result['n_blocks']} blocks, cpu)",
         "",
-        f"Command: `{result['command']}`",
+        "Commands (each row names its own in the JSON):",
+        "",
+        *sorted({f"- `{r.get('command') or result['command']}`" for r in result["rows"]}),
         "",
         f"Method: {result['method']}",
         "",
-        "| config | trainer | optimizer | loss path | batch | seq | gc | static pred/meas MiB | loss buffers pred MiB "
-        "| peak pred/meas MiB | peak err % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | config | trainer | optimizer | loss path | batch | seq | gc | static pred/meas MiB "
+        "| loss buffers pred MiB | peak pred/meas MiB | static err % | peak err % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mib = 2**20
     for r in result["rows"]:
         p, m = r["predicted"], r["measured"]
         lines.append(
-            f"| {r['name']} | {r['trainer']} | {r['optimizer']} | {r['loss_path']} | {r['batch']} | {r['seq_len']} | "
+            f"| {r.get('model', 'demo')} | {r.get('dtype', 'float32')} | {r['name']} | {r['trainer']} | "
+            f"{r['optimizer']} | {r['loss_path']} | {r['batch']} | {r['seq_len']} | "
             f"{r['grad_checkpointing']} | {p['static_bytes'] / mib:.1f} / {m['static_bytes'] / mib:.1f} | "
             f"{p['breakdown']['logits_loss'] / mib:.1f} | "
-            f"{p['peak'] / mib:.1f} / {m['peak'] / mib:.1f} | {r['error_pct']['peak']:+.2f} |"
+            f"{p['peak'] / mib:.1f} / {m['peak'] / mib:.1f} | {r['error_pct']['static_bytes']:+.2f} | "
+            f"{r['error_pct']['peak']:+.2f} |"
         )
     lines += ["", f"Max |error| %: {result['max_abs_error_pct']}", ""]
     lines += [f"{line}" for line in result.get("notes", [])]

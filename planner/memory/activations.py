@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from planner.memory.weights import elem
+from planner.memory.weights import LORA_DTYPE, elem
 from planner.model_info import ModelInfo, meta_model_from_config
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import find_blocks
@@ -36,6 +36,7 @@ class ActivationTrace:
     input_bytes: dict[str, int]  # planned linear name -> bytes of its input tensor
     input_key: dict[str, Hashable]  # planned linear name -> id of its input storage (shared inputs share it)
     input_saved: dict[str, bool]  # whether the base graph (not LoRA) already saves that input
+    input_grad: dict[str, bool]  # whether that input requires grad (else a quantized layer's autograd saves nothing)
     lora_saved: dict[str, tuple[tuple[Hashable, int], ...]]  # name -> (storage id, bytes) lora_A saved
     base_keys: frozenset[Hashable]  # storages the base graph saves
     logits_elems: int  # batch * seq * vocab
@@ -58,13 +59,18 @@ class _Recorder:
         self.lora_saved: dict[str, dict[int, int]] = {n: {} for n in names}
         self.input_bytes: dict[str, int] = {}
         self.input_key: dict[str, int] = {}
+        self.input_grad: dict[str, bool] = {}
         self.block_input: list[int] = []
         self.hooks: list[Any] = []
+        # every tensor whose storage id is recorded stays referenced until the trace ends: a freed storage's id
+        # is reused by the next one (below fp32 many cast copies come and go), which would merge two tensors
+        self.alive: list[torch.Tensor] = []
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         k = _storage_key(t)
         if k in self.params:
             return t
+        self.alive.append(t)
         entry = self.saved.setdefault(k, [t.untyped_storage().nbytes(), self.phase, 0])
         if not self.in_lora:
             entry[2] = 1
@@ -98,6 +104,8 @@ class _Recorder:
         def lin_pre(module: Any, args: tuple[torch.Tensor, ...]) -> None:
             self.input_bytes[name] = args[0].untyped_storage().nbytes()
             self.input_key[name] = _storage_key(args[0])
+            self.input_grad[name] = args[0].requires_grad
+            self.alive.append(args[0])
 
         def enter(*_: Any) -> None:
             self.in_lora += 1
@@ -142,6 +150,7 @@ class _Recorder:
             input_bytes=self.input_bytes,
             input_key=self.input_key,
             input_saved={name: k in base_keys for name, k in self.input_key.items()},
+            input_grad=self.input_grad,
             lora_saved={name: tuple(v.items()) for name, v in self.lora_saved.items()},
             base_keys=frozenset(base_keys),
             logits_elems=batch * seq_len * info.vocab_size,
@@ -150,18 +159,21 @@ class _Recorder:
         )
 
 
-def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+def trace_activations(
+    info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype, adapter_dtype: torch.dtype = LORA_DTYPE
+) -> ActivationTrace:
     """Run the model once in a ``FakeTensorMode`` (CPU kernels, no memory) and record what autograd saves.
 
     Every planned linear gets a rank-1 LoRA adapter (PEFT, as in training) so activations require grad
     exactly where they do in LoRA training. Tensors saved inside the LoRA layers are set apart: the
-    plan's own ranks add them back per module (``planner.memory.breakdown``).
+    plan's own ranks add them back per module (``planner.memory.breakdown``). ``adapter_dtype``: fp32
+    (PEFT's default upcast) or the model's dtype (``autocast_adapter_dtype=False``).
     """
-    key = ("trace", batch, seq_len, dtype)
+    key = ("trace", batch, seq_len, dtype) + (() if adapter_dtype == LORA_DTYPE else (adapter_dtype,))
     if key in info.memo:
         return info.memo[key]
     if info.block_sources is not None:
-        info.memo[key] = _composed_trace(info, batch, seq_len, dtype)
+        info.memo[key] = _composed_trace(info, batch, seq_len, dtype, adapter_dtype)
         return info.memo[key]
     if info.config is None:
         raise QRAError("this ModelInfo has no config; build it with planner.model_info.load_model_info")
@@ -169,7 +181,8 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     base = meta_model_for_trace(info, dtype)
-    model = get_peft_model(base, LoraConfig(r=1, target_modules=[s.name for s in info.linears]))
+    config = LoraConfig(r=1, target_modules=[s.name for s in info.linears])
+    model = get_peft_model(base, config, autocast_adapter_dtype=adapter_dtype == LORA_DTYPE)
     mode = FakeTensorMode()
     to_fake_cpu(model, mode)
     model.train()
@@ -193,13 +206,15 @@ def trace_activations(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dt
     return info.memo[key]
 
 
-def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype) -> ActivationTrace:
+def _composed_trace(
+    info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtype, adapter_dtype: torch.dtype
+) -> ActivationTrace:
     """The trace of a model whose blocks are pruned differently: each block's part from the trace of the
     model pruned uniformly like it (a block saves the same tensors whatever its neighbours keep). Storage
     ids are tagged with their source so ids of different traces never collide."""
     assert info.block_sources is not None
     sources = {id(src): src for src in info.block_sources}
-    traces = {k: trace_activations(src, batch, seq_len, dtype) for k, src in sources.items()}
+    traces = {k: trace_activations(src, batch, seq_len, dtype, adapter_dtype) for k, src in sources.items()}
     block_of = {s.name: s.block for s in info.linears}
     tagged = {k: frozenset((k, key) for key in t.base_keys) for k, t in traces.items()}
     edge = traces[id(info.block_sources[0])]  # embedding side, head and block input do not change
@@ -214,6 +229,7 @@ def _composed_trace(info: ModelInfo, batch: int, seq_len: int, dtype: torch.dtyp
         input_bytes={n: picked[n].input_bytes[n] for n in block_of},
         input_key={n: (tag[n], picked[n].input_key[n]) for n in block_of},
         input_saved={n: picked[n].input_saved[n] for n in block_of},
+        input_grad={n: picked[n].input_grad[n] for n in block_of},
         lora_saved={n: tuple(((tag[n], k), b) for k, b in picked[n].lora_saved[n]) for n in block_of},
         base_keys=frozenset().union(*tagged.values()),
         logits_elems=edge.logits_elems,

@@ -92,37 +92,54 @@ class MemoryBreakdown:
 class _ModuleCost:
     base: int  # base layer bytes
     is_quantized: bool
-    lora: int  # LoRA parameter elements
+    lora: int  # LoRA parameter bytes
     optim: int  # optimizer bytes
     act_extra: int  # activation bytes this module adds besides its (shared) input
-    saves_input: bool  # whether the module makes autograd keep its input
+    saves_input: bool  # whether the module makes autograd keep its input when that input requires grad
+    saves_input_always: bool = False  # ... and even when it does not (a grad-requiring bias records the node)
 
 
 _COSTS: dict[tuple[Any, ...], _ModuleCost] = {}
 
 
 def _module_cost(
-    spec: LinearSpec, mp: ModulePlan, trace: ActivationTrace | None, tokens: int, optimizer: str, dtype: torch.dtype
+    spec: LinearSpec,
+    mp: ModulePlan,
+    trace: ActivationTrace | None,
+    tokens: int,
+    optimizer: str,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype = LORA_DTYPE,
 ) -> _ModuleCost:
-    key = (spec, mp, tokens, optimizer, dtype, trace is None)
+    key = (spec, mp, tokens, optimizer, dtype, trace is None, adapter_dtype)
     cost = _COSTS.get(key)
     if cost is not None:
         return cost
     quantized = mp.bits < 16
     base = base_module_bytes(spec, mp, dtype)
-    lora = lora_numel(spec, mp.rank)
-    optim = optimizer_tensor_bytes(optimizer, _lora_shapes(spec, mp.rank), elem(LORA_DTYPE))
+    lora_elem = elem(module_adapter_dtype(mp, adapter_dtype))
+    lora = lora_numel(spec, mp.rank) * lora_elem
+    optim = optimizer_tensor_bytes(optimizer, _lora_shapes(spec, mp.rank), lora_elem)
     extra = 0
     saves_input = False
     if mp.rank > 0:
-        extra += tokens * mp.rank * elem(LORA_DTYPE)  # lora_A output, saved by lora_B
+        extra += tokens * mp.rank * lora_elem  # lora_A output, saved by lora_B
     if quantized and (mp.backend == "hqq" or mp.bits == 8):
         # HQQLinear trains through HQQMatmulNoCacheMul and bnb int8 through MatMul8bitFp (CPU): both keep
         # their input, not a dequantized weight (shared with the LoRA's saved input unless dtypes differ)
         saves_input = True
-    cost = _ModuleCost(base, quantized, lora, optim, extra, saves_input)
+    # HQQLinear keeps ``linear.bias.clone()``, which still requires grad (its graph leads to the replaced
+    # layer's bias): its autograd node is recorded, and its input saved, even where the input needs no grad
+    always = quantized and mp.backend == "hqq" and spec.bias
+    cost = _ModuleCost(base, quantized, lora, optim, extra, saves_input, always)
     _COSTS[key] = cost
     return cost
+
+
+def module_adapter_dtype(mp: ModulePlan, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT gives one module's adapter: ``adapter_dtype``, except that without its fp32 upcast PEFT
+    casts a new adapter to the base weight's dtype only when that is a float (bitsandbytes int8: no, fp32)."""
+    return LORA_DTYPE if mp.bits == 8 and mp.backend == "bnb" else adapter_dtype
 
 
 def _lora_shapes(spec: LinearSpec, rank: int) -> list[tuple[int, int]]:
@@ -141,14 +158,20 @@ def estimate(
     compute_dtype: torch.dtype | None = None,
     loss_path: str = "trl_chunked",
     grad_accum: int = 1,
+    adapter_dtype: torch.dtype = LORA_DTYPE,
 ) -> MemoryBreakdown:
     """Predict every part of the training memory of ``plan`` on ``info``'s model.
 
     ``compute_dtype`` is the dtype the model is loaded and trained in (default: ``info.dtype``, which is
     float32 unless the model section says otherwise). ``loss_path``: the loss the trainer runs
     (``planner.config.LOSS_PATHS``); ``grad_accum`` > 1 keeps the LoRA gradients through every micro-step.
+    ``adapter_dtype``: the LoRA weights' dtype — fp32 under PEFT's default ``autocast_adapter_dtype=True``
+    (qra's runs, Axolotl's default), the compute dtype with ``autocast_adapter_dtype=False`` (Axolotl's
+    ``peft_autocast_adapter_dtype: false``); their gradients and optimizer states follow it.
     """
     compute_dtype = compute_dtype or info.dtype
+    if adapter_dtype not in (LORA_DTYPE, compute_dtype):
+        raise QRAError(f"PEFT keeps adapters in float32 or the model's dtype, not {adapter_dtype}")
     info = pruned_info(info, plan)  # pruned shapes in every part: weights, LoRA, activations
     if batch < 1 or seq_len < 1:
         raise QRAError(f"batch and seq_len must be >= 1 (got {batch}, {seq_len})")
@@ -157,9 +180,10 @@ def estimate(
     unknown = sorted(set(plan.modules) - {s.name for s in info.linears})
     if unknown:
         raise QRAError(f"plan names {len(unknown)} module(s) this model does not have, e.g. {unknown[0]}")
-    trace = trace_activations(info, batch, seq_len, compute_dtype)
+    trace = trace_activations(info, batch, seq_len, compute_dtype, adapter_dtype)
+    tokens = batch * seq_len
     return _estimate(
-        info, plan, trace, batch * seq_len, optimizer, grad_checkpointing, compute_dtype, loss_path, grad_accum
+        info, plan, trace, tokens, optimizer, grad_checkpointing, compute_dtype, loss_path, grad_accum, adapter_dtype
     )
 
 
@@ -173,6 +197,7 @@ def _estimate(
     dtype: torch.dtype,
     loss_path: str = "trl_chunked",
     grad_accum: int = 1,
+    adapter_dtype: torch.dtype = LORA_DTYPE,
 ) -> MemoryBreakdown:
     quantized = unquantized = planned = lora = optim = 0
     by_backend: dict[str, int] = {}
@@ -182,7 +207,7 @@ def _estimate(
         mp = plan.modules.get(spec.name)
         if mp is None:
             mp = ModulePlan(bits=16, rank=0)
-        cost = _module_cost(spec, mp, trace, tokens, optimizer, dtype)
+        cost = _module_cost(spec, mp, trace, tokens, optimizer, dtype, adapter_dtype)
         planned += cost.base
         if cost.is_quantized:
             quantized += cost.base
@@ -194,19 +219,26 @@ def _estimate(
         optim += cost.optim
         if trace is not None:
             block_extra[spec.block] += cost.act_extra
-            if mp.rank > 0:
+            if mp.rank > 0 and module_adapter_dtype(mp, adapter_dtype) != adapter_dtype:
+                # an fp32 adapter on a traced bf16 one: lora_A saves its own fp32 copy of the input
+                copy = trace.input_bytes[spec.name] * elem(LORA_DTYPE) // elem(dtype)
+                block_inputs[spec.block][("fp32 input", spec.name)] = copy
+            elif mp.rank > 0:
                 # what lora_A saves: the module input (shared by sibling adapters) or, when the base dtype
                 # differs from the adapters', the module's own cast copy
                 for key, nbytes in trace.lora_saved[spec.name]:
                     if key not in trace.base_keys:
                         block_inputs[spec.block][key] = nbytes
-            if cost.saves_input and not trace.input_saved[spec.name]:
+            # a quantized layer's autograd function saves its input only when one of its inputs requires grad
+            # (not in the first block's attention, whose input comes from the frozen embedding, unless a bias does)
+            needs_grad = trace.input_grad[spec.name] or cost.saves_input_always
+            if cost.saves_input and needs_grad and not trace.input_saved[spec.name]:
                 block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
     unquantized += info.other_bytes(dtype)
     # buffers one optimizer shares between all its parameters (bitsandbytes' quantile maps), held once
     numels = [r * c for spec in info.linears for r, c in _lora_shapes(spec, _rank(plan, spec))]
     optim += optimizer_states(optimizer).shared_bytes(numels)
-    lora_bytes = lora * elem(LORA_DTYPE)
+    lora_bytes = lora
     activations, logits, recompute = _activation_parts(
         info, trace, block_extra, block_inputs, grad_checkpointing, loss_path, dtype
     )
@@ -238,6 +270,7 @@ def _estimate(
             "optimizer": optimizer,
             "grad_checkpointing": grad_checkpointing,
             "compute_dtype": str(dtype).removeprefix("torch."),
+            "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
             "loss_path": loss_path,
             "gradient_accumulation_steps": grad_accum,
         },
@@ -296,7 +329,7 @@ def loss_buffers(info: ModelInfo, trace: ActivationTrace, loss_path: str, dtype:
     - ``trl_chunked`` (TRL 1.9 ``_chunked_cross_entropy_loss``): the shifted hidden states gathered into
       one copy (+ int64 order and labels), and one checkpointed chunk of ``TRL_CHUNK_TOKENS`` tokens rebuilt
       in the backward: four fp32 ``chunk x vocab`` buffers (logits, log-softmax, its exp, a gradient) and,
-      below fp32, fp32 copies of the output weight and the chunk (measured on CPU: ``tests/test_memory.py``).
+      below fp32, what its upcast adds (``_chunk_upcast``).
     - ``liger`` (fused linear cross-entropy): a shifted copy of the hidden states, the hidden-sized input
       gradient it computes in the forward and one logits chunk of ~hidden x tokens elements (its own rule).
     - ``cce`` (cut cross-entropy): the input gradient and an fp32 log-sum-exp per token; no logits.
@@ -309,14 +342,29 @@ def loss_buffers(info: ModelInfo, trace: ActivationTrace, loss_path: str, dtype:
         return trace.head_saved + 2 * trace.logits_elems * 4
     if loss_path == "trl_chunked":
         chunk = min(TRL_CHUNK_TOKENS, tokens)
-        upcast = (vocab * hidden + chunk * hidden) * 4 if e != 4 else 0
-        return norm_part + tokens * (hidden * e + 16) + 4 * chunk * vocab * 4 + upcast
+        return (
+            norm_part
+            + tokens * (hidden * e + 16)
+            + 4 * chunk * vocab * 4
+            + _chunk_upcast(tokens, chunk, hidden, vocab, e)
+        )
     if loss_path == "liger":
         chunk = _next_pow2(-(-tokens // -(-vocab // hidden)))
         return norm_part + 2 * tokens * hidden * e + chunk * vocab * e + 8 * tokens
     if loss_path == "cce":
         return norm_part + tokens * hidden * e + 4 * tokens
     raise QRAError(f"unknown loss path {loss_path!r}")
+
+
+def _chunk_upcast(tokens: int, chunk: int, hidden: int, vocab: int, e: int) -> int:
+    """What TRL's chunk (``h.float() @ w.float().t()``) adds below fp32, at the peak of its backward: the fp32
+    copy of the output weight the recomputed matmul saves for the input gradient and, with several chunks,
+    the gradient of the gathered hidden states they accumulate into (the chunk's own fp32 copy is gone by then).
+    Fitted to the allocator-level peak of ``_chunked_cross_entropy_loss`` on CPU in bf16 (vocab 512-49152,
+    hidden 256/576, 254 and 1020 tokens: within 22 KB). fp32 keeps its earlier, separately measured rule."""
+    if e == 4:
+        return 0
+    return vocab * hidden * 4 + (tokens * hidden * e if tokens > chunk else 0)
 
 
 def _next_pow2(n: int) -> int:
