@@ -44,10 +44,16 @@ def check_sharding(plan: Plan, *, sharding: str | None, half_precision: bool) ->
     ("fsdp" is FSDP2, torch's ``fully_shard``; "fsdp1" the flat-parameter FSDP)."""
     if sharding not in SHARDING_MODES:
         raise QRAError(f"unknown sharding {sharding!r}; known: {', '.join(str(m) for m in SHARDING_MODES[1:])}")
+    check_modules(
+        {(m.bits, m.backend) for m in plan.modules.values()}, sharding=sharding, half_precision=half_precision
+    )
+
+
+def check_modules(used: set[tuple[int, str]], *, sharding: str | None, half_precision: bool) -> None:
+    """``check_sharding`` on the (bits, backend) pairs a plan (or a search space) holds."""
     if sharding not in ("zero3", "fsdp", "fsdp2", "fsdp1"):
         return
     backends = registry()
-    used = {(m.bits, m.backend) for m in plan.modules.values()}
     allowed = {k: (b.flat_shardable if sharding == "fsdp1" else b.shardable) for k, b in backends.items()}
     bad = sorted((b, k) for b, k in used if not allowed[k](b, True))
     if bad:
