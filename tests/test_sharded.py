@@ -209,37 +209,90 @@ def test_accelerate_fsdp2_shards_hqq_and_matches_one_process(job):
     _check_run(job, out, ranks, single)
 
 
+def _axolotl(job, name: str, launcher: list[str], **keys) -> subprocess.CompletedProcess:
+    """``axolotl.cli.train`` on the tiny model with the mixed plan and extra YAML ``keys``, under ``launcher``."""
+    from tests.test_axolotl import _config
+
+    root, _ = job
+    work = root / name
+    work.mkdir()
+    config = _config(work, root / "model", qra_plan=str(root / "plan.yaml"), **keys)
+    accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
+    cmd = [accelerate, "launch", *launcher, "--num_machines", "1", "-m", "axolotl.cli.train", str(config)]
+    env = {**_env(), "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=work)
+
+
+def _check_axolotl_run(job, proc: subprocess.CompletedProcess, out: Path) -> None:
+    """Both ranks end on the same loss; the adapter holds every planned rank, gathered whole; it reloads."""
+    root, _ = job
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    finals = re.findall(r"'train_loss': '([0-9.]+)'", proc.stdout + proc.stderr)
+    assert len(finals) == 2 and finals[0] == finals[1]  # both ranks trained the same synchronised model
+    plan = Plan.load(root / "plan.yaml")
+    from safetensors.torch import load_file
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    for name, module in plan.modules.items():
+        a, b = (tensors.get(f"base_model.model.{name}.lora_{x}.weight") for x in "AB")
+        assert (a is None) == (module.rank == 0), name  # gathered whole at save, not one rank's shards
+        assert a is None or (a.shape[0] == b.shape[1] == module.rank and b.abs().sum() > 0), name
+    reloaded = load_for_inference(root / "model", plan, out)
+    assert torch.isfinite(reloaded(input_ids=torch.tensor([[5, 9, 17, 33]])).logits).all()
+
+
 def test_axolotl_train_under_deepspeed_zero3_with_an_hqq_plan(job):
     """``axolotl train`` with a ``deepspeed:`` stage-3 config: transformers builds the model under ``zero.Init``
     (every parameter a partition), so the plugin gathers the weights to prune and quantize them
     (``qra_plugin.distributed.gathered``; without it the pruning probe stops at "Padding_idx must be within
     num_embeddings"). Axolotl's data pipeline is its own, so ranks are compared with each other, not with
     tests/sharded_worker.py's single run."""
-    from tests.test_axolotl import _config
-
     root, _ = job
     ds = root / "axolotl_zero3.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                               "zero_optimization": {"stage": 3}, "zero_force_ds_cpu_optimizer": False}))  # fmt: skip
-    work = root / "axolotl"
-    work.mkdir()
-    config = _config(work, root / "model", qra_plan=str(root / "plan.yaml"), deepspeed=str(ds))
-    accelerate = shutil.which("accelerate", path=str(BIN)) or str(BIN / "accelerate")
-    cmd = [accelerate, "launch", "--use_deepspeed", "--deepspeed_config_file", str(ds), "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", "29639", "-m", "axolotl.cli.train", str(config)]  # fmt: skip
-    env = {**_env(), "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=work)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    log = proc.stdout + proc.stderr
-    finals = re.findall(r"'train_loss': '([0-9.]+)'", log)
-    assert len(finals) == 2 and finals[0] == finals[1]  # both ranks trained the same synchronised model
-    plan, out = Plan.load(root / "plan.yaml"), work / "out"
-    from safetensors.torch import load_file
+    launcher = ["--use_deepspeed", "--deepspeed_config_file", str(ds), "--num_processes", "2",
+                "--main_process_port", "29639"]  # fmt: skip
+    proc = _axolotl(job, "axolotl", launcher, deepspeed=str(ds))
+    _check_axolotl_run(job, proc, root / "axolotl" / "out")
 
-    tensors = load_file(out / "adapter_model.safetensors")
-    for name, module in plan.modules.items():
-        a, b = (tensors.get(f"base_model.model.{name}.lora_{x}.weight") for x in "AB")
-        assert (a is None) == (module.rank == 0), name  # gathered whole at save, not ZeRO-3's empty partitions
-        assert a is None or (a.shape[0] == b.shape[1] == module.rank and b.abs().sum() > 0), name
-    reloaded = load_for_inference(root / "model", plan, out)
-    assert torch.isfinite(reloaded(input_ids=torch.tensor([[5, 9, 17, 33]])).logits).all()
+
+#: ``fsdp_version: 2`` with Axolotl's FSDP2 keys: one decoder layer per unit, full state dict at save
+AXOLOTL_FSDP2 = {
+    "fsdp_version": 2,
+    "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                    "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"},
+}  # fmt: skip
+#: where ``axolotl train`` with ``fsdp_version: 2`` stops on CPU (axolotl 0.19.0, transformers 5.16.1, torch 2.13)
+AXOLOTL_FSDP_ON_CPU = (
+    "axolotl train with fsdp: needs 2 GPUs: 2 CPU ranks (ACCELERATE_USE_CPU) stop in axolotl/utils/distributed.py:314 "
+    "`parallelism_config.build_device_mesh('cuda')` (torch.cuda.set_device on a CPU build: module torch._C has no "
+    "attribute _cuda_setDevice); one CPU process loads, prunes and quantizes the plan through the plugin, then "
+    "transformers/trainer.py:463 raises `Using fsdp only works in distributed training.` "
+    "(test_axolotl_fsdp2_on_cpu_runs_the_plugins_loader_up_to_transformers_check)"
+)
+
+
+@pytest.mark.skipif(not GPUS, reason=AXOLOTL_FSDP_ON_CPU)
+def test_axolotl_train_under_fsdp2_with_an_hqq_plan(job):
+    """``axolotl train`` with ``fsdp_version: 2`` and the mixed HQQ plan on 2 GPUs: Axolotl turns FSDP on itself
+    (``ACCELERATE_USE_FSDP``), accelerate's ``fsdp2_prepare_model`` shards each decoder layer; the frozen uint8
+    packed weights stay frozen and unshifted (as in test_fsdp2_shards_hqq_and_matches_one_process)."""
+    root, _ = job
+    launcher = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "29640"]
+    proc = _axolotl(job, "axolotl_fsdp2", launcher, **AXOLOTL_FSDP2)
+    _check_axolotl_run(job, proc, root / "axolotl_fsdp2" / "out")
+
+
+@pytest.mark.skipif(GPUS, reason="on GPUs test_axolotl_train_under_fsdp2_with_an_hqq_plan runs it for real")
+def test_axolotl_fsdp2_on_cpu_runs_the_plugins_loader_up_to_transformers_check(job):
+    """The same YAML on CPU, one process: the plugin accepts the HQQ plan under ``fsdp`` (``check_sharding``),
+    and Axolotl's loader runs its hooks — prune, quantize, LoRA, the measured weights — before transformers'
+    Trainer refuses FSDP without a distributed type (see AXOLOTL_FSDP_ON_CPU). The sharding itself, the same
+    ``fully_shard`` per decoder layer that accelerate applies, runs on CPU in
+    test_fsdp2_shards_hqq_and_matches_one_process."""
+    proc = _axolotl(job, "axolotl_fsdp2_cpu", ["--num_processes", "1"], **AXOLOTL_FSDP2)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "qra: plan" in log and "qra: measured weights" in log  # pre_model_load, then the quantized model
+    assert "Using fsdp only works in distributed training." in log and "transformers/trainer.py" in log
