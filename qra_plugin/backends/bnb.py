@@ -1,7 +1,9 @@
 """bitsandbytes: nf4 (4-bit, blocks of 64, double-quantized absmax) and LLM.int8 (8-bit, per-row scales).
 
 With a bf16/fp16 compute dtype the packed nf4 bytes are stored in that dtype (``quant_storage``), the
-layout FSDP and ZeRO-3 can shard (the QLoRA-FSDP layout); with fp32 they stay uint8. int8 is never sharded:
+layout FSDP and ZeRO-3 can shard (the QLoRA-FSDP layout; FSDP2 and ZeRO-3 train it on 2 CPU ranks in
+tests/test_sharded.py); with fp32 they stay uint8, which a sharded run's byte all-gather would mix with float
+parameters, so nf4 shards only with a bf16/fp16 compute dtype. int8 is never sharded:
 ``Int8Params`` keeps its row scales (``SCB``) as attributes of the parameter object, which a sharded copy
 (FSDP2's DTensor, ZeRO-3's partitioned tensor) does not carry, and FSDP1 rejects int8 weights in a unit.
 """
@@ -52,6 +54,7 @@ def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) ->
             quant_type=SETTINGS["quant_type"],
             compress_statistics=SETTINGS["compress_statistics"],
             quant_storage=storage,
+            module=layer,  # bitsandbytes then keeps the quant state on the layer too, where FSDP2 cannot drop it
         )
     else:
         layer = bnb.nn.Linear8bitLt(
