@@ -123,41 +123,52 @@ def _launch(job, mode: str, port: int, bf16: bool = False) -> tuple[Path, list[d
 
 @pytest.fixture(scope="module")
 def nf4_job(tmp_path_factory):
-    """bitsandbytes nf4 (with and without an adapter), HQQ 4-bit and 16-bit modules, trained in bf16: the packed
-    nf4 bytes are then stored as bf16 (``quant_storage``), the layout FSDP2 and ZeRO-3 shard."""
+    """bitsandbytes nf4 (with and without an adapter), HQQ 4-bit and 16-bit modules; per dtype (called with it) a
+    directory with the model, the plan and one process's run. In bf16 the packed nf4 bytes are stored as bf16
+    (``quant_storage``, the layout FSDP1 needs), in fp32 as uint8."""
     from planner.tiny import build_tiny_model, save_tiny_model
 
-    root = tmp_path_factory.mktemp("sharded_nf4")
-    model_dir = save_tiny_model(root / "model", seed=0)
+    top = tmp_path_factory.mktemp("sharded_nf4")
     base = Plan.uniform(build_tiny_model("llama", seed=0), bits=4, rank=8)
     choices = [ModulePlan(bits=4, backend="bnb", rank=8), ModulePlan(bits=4, rank=4), ModulePlan(bits=16, rank=8),
                ModulePlan(bits=4, backend="bnb", rank=0)]  # fmt: skip
     modules = {name: choices[i % len(choices)] for i, name in enumerate(base.modules)}
-    Plan(fingerprint=base.fingerprint, modules=modules).save(root / "plan.yaml")
-    args = ["--model", str(model_dir), "--plan", str(root / "plan.yaml"), "--dtype", "bfloat16"]
-    _run([sys.executable, str(WORKER), "--mode", "single", *args, "--out", str(root / "single")], root)
-    return root, args
+
+    def make(dtype: str) -> tuple[Path, list[str]]:
+        root = top / dtype
+        args = ["--model", str(root / "model"), "--plan", str(root / "plan.yaml"), "--dtype", dtype]
+        if not (root / "single").is_dir():
+            save_tiny_model(root / "model", seed=0)
+            Plan(fingerprint=base.fingerprint, modules=modules).save(root / "plan.yaml")
+            _run([sys.executable, str(WORKER), "--mode", "single", *args, "--out", str(root / "single")], root)
+        return root, args
+
+    return make
 
 
 #: bf16 runs: the first step's loss is the same forward as one process's (exact); later steps differ by bf16
 #: rounding of gradients averaged in another order and, under DeepSpeed, by its fp32 master copy of the LoRA
-#: weights (one process steps them in bf16): measured gaps <= 2.3e-4 over 3 steps
+#: weights (one process steps them in bf16): measured gaps <= 2.3e-4 over 3 steps (fp32: <= 1e-6, LOSS_TOL)
 BF16_LOSS_TOL = 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize(("mode", "port"), [("fsdp2", 29641), ("zero3", 29642)])
-def test_nf4_shards_in_bf16_and_matches_one_process(nf4_job, mode, port):
+def test_nf4_shards_and_matches_one_process(nf4_job, mode, port, dtype):
     """bitsandbytes nf4 under FSDP2 and ZeRO-3 on 2 CPU ranks (bitsandbytes 0.50 has CPU nf4 kernels): each
     packed weight is sharded in half, the gathered layer finds its quant state on the module
     (``Params4bit(module=...)``, qra_plugin/backends/bnb.py), and the loss follows one process's."""
-    root, _ = nf4_job
-    out, ranks, single = _launch(nf4_job, mode, port, bf16=True)
+    job = nf4_job(dtype)
+    root, _ = job
+    out, ranks, single = _launch(job, mode, port + (dtype == "float32") * 10, bf16=dtype == "bfloat16")
+    packed = "torch.bfloat16" if dtype == "bfloat16" else "torch.uint8"
     for r in ranks:
         assert r["losses"][0] == single["losses"][0]  # the gathered nf4 layers compute what one process does
-        assert r["losses"] == pytest.approx(single["losses"], abs=BF16_LOSS_TOL)
+        tol = BF16_LOSS_TOL if dtype == "bfloat16" else LOSS_TOL
+        assert r["losses"] == pytest.approx(single["losses"], abs=tol)
         assert len(r["nf4_shards"]) == sum(m.backend == "bnb" for m in Plan.load(root / "plan.yaml").modules.values())
         for name, shard in r["nf4_shards"].items():
-            assert shard["dtype"] == "torch.bfloat16" and not shard["requires_grad"], name
+            assert shard["dtype"] == packed and not shard["requires_grad"], name
             assert shard["held"] == math.ceil(shard["full"] / 2), (name, shard)
     from safetensors.torch import load_file
 
