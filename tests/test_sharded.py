@@ -1,7 +1,8 @@
 """Sharded training for real on 2 CPU processes over gloo: DDP and DeepSpeed ZeRO-1/2/3 through ``accelerate
 launch``, FSDP2 (torch ``fully_shard`` under torchrun), each with a mixed HQQ 2/3/4/8 + 16-bit plan (ranks
 incl. 0, a pruned block) applied by ``qra_plugin.apply_plan``, against one process running the same global
-batch (tests/sharded_worker.py).
+batch (tests/sharded_worker.py); bitsandbytes nf4 under FSDP2 and ZeRO-3 in bf16 and fp32; ``axolotl train``
+under ZeRO-3 and (2 GPUs; on CPU up to the libraries' own checks) FSDP2.
 
 Loss tolerance 1e-5 absolute: a sharded step does the same arithmetic as one process except the order of the
 sums that average gradients across ranks (and DeepSpeed's flattened Adam), fp32 rounding of ~1e-7 per step;
