@@ -1,6 +1,7 @@
 """Bytes per rank, predicted (``planner.sharding.per_rank``) vs held by the real run, and step time vs one process.
 
-    PYTHONPATH=$PWD python benchmarks/sharded_memory.py   # ~4 min on 2 CPU cores
+    PYTHONPATH=$PWD python benchmarks/sharded_memory.py             # ~4 min on 2 CPU cores
+    PYTHONPATH=$PWD python benchmarks/sharded_memory.py --smollm2   # + SmolLM2-135M rows, ~8 min more
 
 Runs tests/sharded_worker.py on the tiny Llama with the mixed HQQ 2/3/4/8 + 16-bit plan of tests/test_sharded.py
 (ranks 0/4/8/12, a pruned block; global batch 4 x 32 tokens, 3 steps) in one process and on 2 CPU ranks under
@@ -9,6 +10,8 @@ DDP, ZeRO-2, ZeRO-3 and FSDP2. Measured = what each rank stores after the last s
 local shards, DeepSpeed's fp32 copies of the rank's partition it steps, optimizer states' local shards.
 Predicted = the same four parts of ``per_rank``. Activations and gradients are not counted on either side
 (they live inside the step, which only a GPU allocator sees).
+``--smollm2`` adds (or replaces) rows of the real SmolLM2-135M (fp32, the same bit/rank cycle over its 210
+linears, no pruning) in one process and under ZeRO-3 and FSDP2 on 2 ranks, keeping the tiny model's rows.
 Writes benchmarks/results/sharded_memory.json and .md.
 """
 
@@ -23,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("weights", "lora_params", "master_params", "optimizer_states")
 MODES = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp2": "fsdp2"}
+TINY, SMOLLM2 = "tiny Llama", "SmolLM2-135M"
+#: the sharded runs of SmolLM2 (2 ranks each quantize the whole model: the replicated ones add little)
+SMOLLM2_MODES = ("zero3", "fsdp2")
 
 
 def predicted(model_dir: Path, plan_path: Path, sharding: str, world_size: int) -> dict[str, int]:
@@ -37,23 +43,51 @@ def predicted(model_dir: Path, plan_path: Path, sharding: str, world_size: int) 
     return {part: rank[part] for part in PARTS}
 
 
-def main() -> None:
-    sys.path.insert(0, str(ROOT))
-    from planner.tiny import build_tiny_model, save_tiny_model
-    from tests.test_sharded import WORKER, _launch, _run, sharded_plan
+def measure(model_dir: Path, root: Path, modes: dict[str, str], name: str) -> list[dict]:
+    """One process, then 2 ranks in each of ``modes``, on ``model_dir`` with the plan at ``root/plan.yaml``."""
+    from tests.test_sharded import WORKER, _launch, _run
 
-    root = Path(tempfile.mkdtemp(prefix="sharded_memory_"))
-    model_dir = save_tiny_model(root / "model", seed=0)
-    sharded_plan(build_tiny_model("llama", seed=0)).save(root / "plan.yaml")
     args = ["--model", str(model_dir), "--plan", str(root / "plan.yaml")]
     _run([sys.executable, str(WORKER), "--mode", "single", *args, "--out", str(root / "single")], root)
     single = json.loads((root / "single" / "rank0.json").read_text())
     runs = [_row("ddp", 1, 0, single, predicted(model_dir, root / "plan.yaml", "ddp", 1), single["step_s"])]
-    for port, (sharding, mode) in enumerate(MODES.items(), start=29660):
+    for port, (sharding, mode) in enumerate(modes.items(), start=29660):
         _, ranks, _ = _launch((root, args), mode, port)
         guess = predicted(model_dir, root / "plan.yaml", sharding, 2)
         runs += [_row(sharding, 2, r["rank"], r, guess, single["step_s"]) for r in ranks]
-    command = "PYTHONPATH=$PWD python benchmarks/sharded_memory.py"
+    return [{"model": name, **run} for run in runs]
+
+
+def smollm2_runs() -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from planner.demo_model import materialize_demo_model
+    from qra_plugin import Plan
+    from tests.test_sharded import CHOICES
+
+    root = Path(tempfile.mkdtemp(prefix="sharded_memory_smollm2_"))
+    model_dir = materialize_demo_model()
+    base = Plan.uniform(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), bits=4, rank=8)
+    modules = {name: CHOICES[i % len(CHOICES)] for i, name in enumerate(base.modules)}
+    Plan(fingerprint=base.fingerprint, modules=modules).save(root / "plan.yaml")
+    return measure(model_dir, root, {m: MODES[m] for m in SMOLLM2_MODES}, SMOLLM2)
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from planner.tiny import build_tiny_model, save_tiny_model
+    from tests.test_sharded import sharded_plan
+
+    if "--smollm2" in sys.argv:  # keep the tiny rows, replace SmolLM2's
+        kept = json.loads((RESULTS / "sharded_memory.json").read_text())["runs"]
+        runs = [{"model": TINY, **r} for r in kept if r.get("model", TINY) == TINY] + smollm2_runs()
+    else:
+        root = Path(tempfile.mkdtemp(prefix="sharded_memory_"))
+        model_dir = save_tiny_model(root / "model", seed=0)
+        sharded_plan(build_tiny_model("llama", seed=0)).save(root / "plan.yaml")
+        runs = measure(model_dir, root, MODES, TINY)
+    command = "PYTHONPATH=$PWD python benchmarks/sharded_memory.py [--smollm2]"
     (RESULTS / "sharded_memory.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1) + "\n")
     (RESULTS / "sharded_memory.md").write_text(_markdown(command, runs))
     print(_markdown(command, runs))
@@ -75,17 +109,21 @@ def _row(sharding: str, world: int, rank: int, run: dict, guess: dict[str, int],
 
 def _markdown(command: str, runs: list[dict]) -> str:
     lines = [
-        "# Bytes per rank: predicted vs held (tiny Llama, mixed HQQ 2/3/4/8 + 16-bit plan, 2 CPU ranks, gloo)",
+        "# Bytes per rank: predicted vs held (mixed HQQ 2/3/4/8 + 16-bit plan, 2 CPU ranks, gloo)",
         "",
         f"`{command}` — per rank after the last step: weights, LoRA, DeepSpeed's fp32 partition copy, optimizer.",
+        "Tiny Llama: the plan of tests/test_sharded.py (a pruned block); SmolLM2-135M: the same bit/rank cycle,",
+        "fp32. Global batch 4 x 32 tokens, 3 steps; step s = mean over the steps (one process's in brackets).",
         "",
-        "| sharding | ranks | rank | predicted | measured | weights p/m | LoRA p/m | master p/m | optim p/m | step s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | sharding | ranks | rank | predicted | measured | weights p/m | LoRA p/m | master p/m | optim p/m "
+        "| step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         parts = " | ".join(f"{r['parts'][p]['predicted']}/{r['parts'][p]['measured']}" for p in PARTS)
         lines.append(
-            f"| {r['sharding']} | {r['world_size']} | {r['rank']} | {r['predicted']} | {r['measured']} | {parts} | "
+            f"| {r.get('model', TINY)} | {r['sharding']} | {r['world_size']} | {r['rank']} | {r['predicted']} | "
+            f"{r['measured']} | {parts} | "
             f"{r['step_s']} ({r['step_s_single']}) |"
         )
     return "\n".join(lines) + "\n"

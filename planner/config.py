@@ -155,6 +155,11 @@ class TrainSection(_Section):
     packing: bool = False
     #: the loss the trainer runs (``LOSS_PATHS``); the memory model prices its buffers
     loss_path: Literal["trl_chunked", "hf_full", "liger", "cce"] = "trl_chunked"
+    #: ranks the real job trains on and how it shards (``planner.sharding``, as ``qra estimate --world-size
+    #: --sharding``): budgets then count one rank's bytes, ``batch`` being each rank's micro batch. None and 1:
+    #: one device. Fidelity runs stay one process, so neither enters the recipe (fidelity/contract.py)
+    world_size: int = Field(1, ge=1)
+    sharding: Literal["ddp", "zero1", "zero2", "zero3", "fsdp2"] | None = None
 
     @field_validator("lr_scheduler")
     @classmethod

@@ -99,3 +99,42 @@ def per_rank(
     }
     phase = max(phases, key=lambda k: phases[k])
     return {"sharding": sharding, "world_size": n, **parts, "peak_phase": phase, "total": static + phases[phase]}
+
+
+def rank_budget_bytes(
+    info: ModelInfo, plan: Plan, breakdown: MemoryBreakdown, *, world_size: int, sharding: str, kind: str
+) -> int:
+    """What a budget of ``kind`` (``planner.memory.BUDGET_KINDS``) counts on one of ``world_size`` ranks.
+
+    ``peak``: the rank's peak (``per_rank``'s total). ``weights``: its weights and LoRA parameters.
+    ``plan``: what scales with the plan on that rank — its share of the planned linears (HQQ scale/zero stay
+    whole on every rank), LoRA, DeepSpeed's fp32 copy, gradients, DDP's bucket copy and optimizer states.
+    On one rank without DeepSpeed each equals the single-device number.
+    """
+    rank = per_rank(info, plan, breakdown, world_size=world_size, sharding=sharding)
+    if kind == "peak":
+        return int(rank["total"])
+    if kind == "weights":
+        return int(rank["weights"] + rank["lora_params"])
+    planned = breakdown.planned_weights
+    if sharding in ("zero3", "fsdp2"):
+        dtype = getattr(torch, breakdown.settings.get("compute_dtype", "float32"))
+        kept = replicated_metadata(pruned_info(info, plan), plan, dtype)
+        planned = math.ceil((planned - kept) / world_size) + kept
+    scaled = ("lora_params", "master_params", "lora_grads", "grad_buckets", "optimizer_states")
+    return int(planned + sum(rank[k] for k in scaled))
+
+
+def is_single_device(train: Any) -> bool:
+    """A ``TrainSection`` (or anything with its fields) that prices one device: no ranks, no sharding."""
+    return getattr(train, "world_size", 1) == 1 and getattr(train, "sharding", None) in (None, "ddp")
+
+
+def check_space_shards(train: Any, bits_choices: Any, backend: str, dtype: torch.dtype) -> None:
+    """Refuse, in one line, a search space holding bit-widths its backend cannot shard under the train section's
+    zero3/fsdp2 (``qra_plugin.distributed.check_sharding``, which the training job runs on the plan too)."""
+    from qra_plugin.distributed import check_modules
+
+    used = {(bits, backend) for bits in bits_choices if bits < 16}
+    half = dtype in (torch.bfloat16, torch.float16)
+    check_modules(used, sharding=getattr(train, "sharding", None), half_precision=half)

@@ -3,8 +3,9 @@
 
 ZeRO-3 and FSDP2 shard each parameter on its own in its own dtype and gather it before its module runs:
 HQQ 2/3/4/8-bit (its one parameter is the frozen packed weight; scale/zero stay replicated on every rank),
-16-bit modules, and bitsandbytes nf4 stored in a bf16/fp16 compute dtype all train there — run for real on
-2 CPU processes over gloo in tests/test_sharded.py, loss on every step equal to one process's. bitsandbytes
+16-bit modules, and bitsandbytes nf4 (packed in bf16/fp16 or uint8; its quant state stays on the layer) all
+train there — run for real on 2 CPU processes over gloo in tests/test_sharded.py, loss on every step equal to
+one process's (nf4 in bf16: within bf16 rounding). bitsandbytes
 int8 stays refused: its row scales are attributes of the parameter object, which a sharded copy drops.
 FSDP1 flattens a unit into one float parameter, so it holds only float weights (16-bit, nf4 in bf16/fp16).
 DDP and ZeRO-0/1/2 replicate weights, so every plan works there (each rank quantizes on its device).
@@ -22,7 +23,7 @@ from qra_plugin.backends import registry
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import Plan
 
-SHARDED_OK = "16-bit modules, HQQ 2/3/4/8-bit and bitsandbytes nf4 (bits 4, backend bnb) with bf16/fp16 compute"
+SHARDED_OK = "16-bit modules, HQQ 2/3/4/8-bit and bitsandbytes nf4 (bits 4, backend bnb)"
 FLAT_SHARDED_OK = "16-bit modules and bitsandbytes nf4 (bits 4, backend bnb) with bf16/fp16 compute"
 SHARDING_MODES = (None, "ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp2", "fsdp1")
 
@@ -44,10 +45,16 @@ def check_sharding(plan: Plan, *, sharding: str | None, half_precision: bool) ->
     ("fsdp" is FSDP2, torch's ``fully_shard``; "fsdp1" the flat-parameter FSDP)."""
     if sharding not in SHARDING_MODES:
         raise QRAError(f"unknown sharding {sharding!r}; known: {', '.join(str(m) for m in SHARDING_MODES[1:])}")
+    check_modules(
+        {(m.bits, m.backend) for m in plan.modules.values()}, sharding=sharding, half_precision=half_precision
+    )
+
+
+def check_modules(used: set[tuple[int, str]], *, sharding: str | None, half_precision: bool) -> None:
+    """``check_sharding`` on the (bits, backend) pairs a plan (or a search space) holds."""
     if sharding not in ("zero3", "fsdp", "fsdp2", "fsdp1"):
         return
     backends = registry()
-    used = {(m.bits, m.backend) for m in plan.modules.values()}
     allowed = {k: (b.flat_shardable if sharding == "fsdp1" else b.shardable) for k, b in backends.items()}
     bad = sorted((b, k) for b, k in used if not allowed[k](b, True))
     if bad:

@@ -49,10 +49,10 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def build(model_dir: str, plan_path: str) -> nn.Module:
+def build(model_dir: str, plan_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device())
     model.config.use_cache = False
     return apply_plan(model, Plan.load(plan_path))
 
@@ -70,18 +70,26 @@ def hqq_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def shard_of(weight: torch.Tensor) -> dict:
+    """How many elements of a packed weight this rank holds of how many, its dtype, whether it trains."""
+    if hasattr(weight, "ds_tensor"):  # ZeRO-3: this rank's partition
+        held, full, dtype = weight.ds_tensor.numel(), int(weight.ds_numel), weight.ds_tensor.dtype
+    else:  # FSDP2: a DTensor sharded on dim 0; otherwise the whole tensor
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        held, full, dtype = local.numel(), weight.numel(), local.dtype
+    return {"held": held, "full": full, "dtype": str(dtype), "requires_grad": weight.requires_grad}
+
+
 def hqq_shards(model: nn.Module) -> dict[str, dict]:
-    """Per HQQ layer: how many packed-weight elements this rank holds of how many, its dtype, whether it trains."""
-    found = {}
-    for name, layer in hqq_layers(model).items():
-        weight = layer.W_q
-        if hasattr(weight, "ds_tensor"):  # ZeRO-3: this rank's partition
-            held, full, dtype = weight.ds_tensor.numel(), int(weight.ds_numel), weight.ds_tensor.dtype
-        else:  # FSDP2: a DTensor sharded on dim 0; otherwise the whole tensor
-            local = weight.to_local() if hasattr(weight, "to_local") else weight
-            held, full, dtype = local.numel(), weight.numel(), local.dtype
-        found[name] = {"held": held, "full": full, "dtype": str(dtype), "requires_grad": weight.requires_grad}
-    return found
+    """``shard_of`` each HQQ layer's packed weight."""
+    return {name: shard_of(layer.W_q) for name, layer in hqq_layers(model).items()}
+
+
+def nf4_shards(model: nn.Module) -> dict[str, dict]:
+    """``shard_of`` each bitsandbytes nf4 layer's packed weight."""
+    import bitsandbytes as bnb
+
+    return {name: shard_of(m.weight) for name, m in model.named_modules() if type(m) is bnb.nn.Linear4bit}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -137,11 +145,12 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="load and train in")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
 
-    peft_model = build(args.model, args.plan)
+    peft_model = build(args.model, args.plan, getattr(torch, args.dtype))
     vocab = peft_model.config.vocab_size
     quantized = hqq_digest(peft_model)  # before any sharding: what this rank's own quantization produced
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -176,6 +185,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"rank": rank, "world_size": world, "losses": losses, "hqq_shards": hqq_shards(peft_model)}
+    summary["nf4_shards"] = nf4_shards(peft_model)
     summary["hqq_digest"], summary["held"] = quantized, held
     summary["step_s"] = seconds / args.steps
     summary["engine"], summary["distributed_type"] = type(model).__name__, distributed_type

@@ -138,8 +138,9 @@ def test_sharded_backends_take_hqq_and_refuse_int8(tiny_model, tmp_path):
     nf4 = Plan.uniform(tiny_model, bits=4, rank=8, backend="bnb")
     check_sharding(nf4, sharding="fsdp", half_precision=True)
     check_sharding(nf4, sharding="fsdp1", half_precision=True)
+    check_sharding(nf4, sharding="zero3", half_precision=False)  # uint8-packed nf4 shards too (test_sharded.py)
     with pytest.raises(QRAError, match="needs bf16 or fp16"):
-        check_sharding(nf4, sharding="zero3", half_precision=False)
+        check_sharding(nf4, sharding="fsdp1", half_precision=False)
 
 
 def test_plugin_refuses_an_int8_plan_under_deepspeed_zero3_and_takes_hqq(tiny_model, tmp_path):

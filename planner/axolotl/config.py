@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +77,43 @@ def axolotl_settings(path: Path, raw: dict[str, Any]) -> Any:
         if config.get(key) is None:
             config[key] = False
     try:
-        return load_cfg(DictDefault(config))
+        with _no_sharded_launch():
+            return load_cfg(DictDefault(config))
     except ValidationError as exc:
         raise QRAError(f"{path}: Axolotl rejects this config: {one_line_validation_error(exc)}") from None
     except (ValueError, OSError, TypeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QRAError(f"{path}: Axolotl rejects this config: {first}") from None
+
+
+#: the keys with which Axolotl's ``prepare_optim_env`` readies this process for a sharded launch
+SHARDING_KEYS = ("deepspeed", "fsdp", "fsdp_config")
+
+
+@contextmanager
+def _no_sharded_launch() -> Iterator[None]:
+    """``load_cfg`` ends by readying this process to train (``axolotl/utils/trainer.py`` ``prepare_optim_env``):
+    under ``deepspeed:`` it sets ``ACCELERATE_USE_DEEPSPEED`` and, with one process, runs
+    ``deepspeed.comm.init_distributed(dist_backend="nccl")``; under ``fsdp:`` ``ACCELERATE_USE_FSDP``. The
+    planner only reads the YAML and runs its fidelity runs unsharded here, so that step runs as for a YAML
+    without those keys (the planner prices the sharding itself: ``yaml_sharding``)."""
+    import axolotl.cli.config as cli_config
+
+    original = cli_config.prepare_optim_env
+
+    def unsharded(cfg: Any) -> None:
+        kept = {key: cfg.get(key) for key in SHARDING_KEYS}
+        cfg.update(dict.fromkeys(SHARDING_KEYS))
+        try:
+            original(cfg)
+        finally:
+            cfg.update(kept)
+
+    cli_config.prepare_optim_env = unsharded
+    try:
+        yield
+    finally:
+        cli_config.prepare_optim_env = original
 
 
 def _dtype_name(torch_dtype: Any) -> str:
@@ -124,6 +157,22 @@ def _train_section(ax: Any) -> dict[str, Any]:
     }
 
 
+def yaml_sharding(raw: dict[str, Any], path: Path | str = "config") -> str | None:
+    """The ``planner.sharding`` name of what an Axolotl YAML's ``deepspeed`` / ``fsdp`` keys ask for (None:
+    neither): DeepSpeed's ZeRO stage (``zero_optimization.stage`` of the JSON it names) or FSDP2
+    (``fsdp_version: 2``). FSDP1 is refused: it flattens a unit into one float parameter (no HQQ plan trains
+    there, ``qra_plugin.distributed``) and is not priced per rank."""
+    from qra_plugin.axolotl.plugin import sharding_of
+    from qra_plugin.distributed import deepspeed_stage
+
+    found = sharding_of(raw)
+    if found == "fsdp1":
+        raise QRAError(f"{path}: FSDP1 is not priced per rank; set fsdp_version: 2")
+    if found == "zero2":  # stages 0-2 (stage 0: DeepSpeed's data parallelism, nothing partitioned)
+        return {0: "ddp", 1: "zero1"}.get(deepspeed_stage(raw.get("deepspeed")) or 0, "zero2")
+    return {"fsdp": "fsdp2"}.get(found, found)
+
+
 def written_budget(raw: dict[str, Any]) -> str:
     """The memory of the job as the YAML writes it, as a budget: every block at Axolotl's quantization
     (QLoRA: bitsandbytes nf4 with double-quantized absmax, Axolotl's defaults; ``load_in_8bit``: LLM.int8;
@@ -150,7 +199,8 @@ def qra_config(path: Path, raw: dict[str, Any], ax: Any, data: dict[str, Any]) -
 
     section = dict(raw.get("qra") or {})
     sizes = section.pop("data", None) or {}
-    train = _train_section(ax)
+    # the launcher, not the YAML, says how many ranks: ``qra.world_size`` prices one of them
+    train = {**_train_section(ax), "sharding": yaml_sharding(raw, path), "world_size": section.pop("world_size", 1)}
     try:
         check_optimizer(train["optimizer"])
     except ValueError as exc:  # Axolotl's key, not the qra section's

@@ -40,7 +40,9 @@ def register(app: typer.Typer) -> None:
         grad_accum: int = typer.Option(1, "--gradient-accumulation-steps", min=1),
         dtype: str = typer.Option("float32", help="dtype the model is loaded and trained in"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object of integer byte fields"),
-        world_size: int = typer.Option(1, "--world-size", min=1, help="ranks the job trains on (per-rank bytes)"),
+        world_size: int | None = typer.Option(
+            None, "--world-size", min=1, help="ranks the job trains on (per-rank bytes; default: a CONFIG's, else 1)"
+        ),
         sharding: str | None = typer.Option(
             None,
             "--sharding",
@@ -64,6 +66,8 @@ def register(app: typer.Typer) -> None:
             raise QRAError(f"--backend must be one of {', '.join(names)}, not {backend!r}")
         if config is not None:
             info, the_plan, train = _from_config(config, plan, uniform, backend)
+            configured = train.pop("world_size")
+            world_size = world_size or configured
         else:
             if model is None:
                 raise QRAError("give a CONFIG, or --model with --plan or --uniform")
@@ -75,7 +79,7 @@ def register(app: typer.Typer) -> None:
             info, the_plan = _from_options(model, dtype, plan, uniform, backend)
         result = estimate(info, the_plan, **train, compute_dtype=info.dtype)
         sharding = sharding or (_sharding_of_config(config) if config is not None else None)
-        rank_bytes = None
+        rank_bytes, world_size = None, world_size or 1
         if sharding is not None or world_size > 1:
             from planner.sharding import per_rank
 
@@ -117,7 +121,7 @@ def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: 
     run = load_run_config(config, prepare_data=False)
     cfg = run.config
     info = load_model_info(cfg.model)
-    train = estimate_settings(cfg.train)
+    train = {**estimate_settings(cfg.train), "world_size": cfg.train.world_size}
     if plan is not None or uniform is not None:
         return info, _plan_of(info, plan, uniform, backend), train
     if run.plan_target is not None and run.plan_target.is_file():
@@ -130,19 +134,15 @@ def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: 
 
 
 def _sharding_of_config(config: Path) -> str | None:
-    """The sharding an Axolotl YAML's ``deepspeed``/``fsdp`` keys ask for (None: neither key)."""
-    import yaml
+    """The sharding a config asks for: an Axolotl YAML's ``deepspeed``/``fsdp`` keys, a qra config's
+    ``train.sharding`` (None: neither)."""
+    from planner.axolotl.config import is_axolotl_yaml, yaml_sharding
+    from planner.config import read_yaml
 
-    from qra_plugin.axolotl.plugin import sharding_of
-    from qra_plugin.distributed import deepspeed_stage
-
-    raw = yaml.safe_load(config.read_text()) or {}
-    found = sharding_of(raw)
-    if found in ("fsdp1",):
-        raise QRAError(f"{config}: FSDP1 is not priced per rank; set fsdp_version: 2")
-    if found == "zero2":
-        return "zero1" if deepspeed_stage(raw.get("deepspeed")) == 1 else "zero2"
-    return {"fsdp": "fsdp2"}.get(found, found)
+    raw = read_yaml(config)
+    if "model" in raw and not is_axolotl_yaml(raw):
+        return (raw.get("train") or {}).get("sharding")
+    return yaml_sharding(raw, config)
 
 
 def _print_rank_table(rank_bytes: dict) -> None:

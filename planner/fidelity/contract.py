@@ -142,6 +142,8 @@ def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
 _RESULT_NEUTRAL = frozenset(
     {"low", "high", "seeds", "subprocess", "timeout_s", "workers", "layer_cache", "torch_threads", "reuse_dequantized"}
 )
+#: train fields that say only where the final job runs (ranks, sharding): a fidelity run is one process either way
+_TRAIN_NEUTRAL = frozenset({"world_size", "sharding"})
 #: packages whose code computes a fidelity score (training loop, tokenizer, quantizers, LoRA)
 LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", "datasets", "hqq", "bitsandbytes")
 
@@ -159,7 +161,7 @@ def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
             "seq_len": lv.seq_len or config.train.seq_len,
             "batch": lv.batch or config.train.batch,
         },
-        "train": config.train.model_dump(mode="json"),
+        "train": config.train.model_dump(mode="json", exclude=set(_TRAIN_NEUTRAL)),
         "fidelity": fidelity,
         # how ``init: error`` adapters are computed (the plan says which modules use it and their alphas)
         "adapter_init": {"version": ADAPTER_INIT_VERSION, "damping": config.adapter.damping},

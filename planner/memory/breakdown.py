@@ -377,21 +377,28 @@ BUDGET_KINDS = ("peak", "plan", "weights")
 
 
 def plan_bytes(info: ModelInfo, plan: Plan, train: Any, kind: str = "peak") -> int:
-    """The number a budget of ``kind`` is compared with. ``train`` is a ``planner.config.TrainSection``.
+    """The number a budget of ``kind`` is compared with. ``train`` is a ``planner.config.TrainSection``; with
+    ``world_size`` > 1 or a ``sharding`` other than DDP, one rank's bytes (``planner.sharding``).
     Fast after the first call for a given (model, batch, seq_len): module costs and the trace are cached."""
-    info = pruned_info(info, plan)
-    dtype = info.dtype
     if kind not in BUDGET_KINDS:
         raise QRAError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, not {kind!r}")
+    from planner.sharding import is_single_device, rank_budget_bytes
+
+    whole, info = info, pruned_info(info, plan)
+    dtype = info.dtype
     if kind != "peak":
-        static = _estimate(info, plan, None, 0, train.optimizer, False, dtype)
-        return static.weights if kind == "weights" else static.plan_scaled
-    trace = trace_activations(info, train.batch, train.seq_len, dtype)
-    tokens = train.batch * train.seq_len
-    loss_path = getattr(train, "loss_path", "trl_chunked")
-    accum = getattr(train, "gradient_accumulation_steps", 1)
-    optimizer, checkpointing = train.optimizer, train.grad_checkpointing
-    return _estimate(info, plan, trace, tokens, optimizer, checkpointing, dtype, loss_path, accum).total
+        result = _estimate(info, plan, None, 0, train.optimizer, False, dtype)
+    else:
+        trace = trace_activations(info, train.batch, train.seq_len, dtype)
+        tokens = train.batch * train.seq_len
+        loss_path = getattr(train, "loss_path", "trl_chunked")
+        accum = getattr(train, "gradient_accumulation_steps", 1)
+        optimizer, checkpointing = train.optimizer, train.grad_checkpointing
+        result = _estimate(info, plan, trace, tokens, optimizer, checkpointing, dtype, loss_path, accum)
+    if not is_single_device(train):  # a per-rank budget: ``train.world_size`` ranks under ``train.sharding``
+        ranks, sharding = train.world_size, train.sharding or "ddp"
+        return rank_budget_bytes(whole, plan, result, world_size=ranks, sharding=sharding, kind=kind)
+    return result.weights if kind == "weights" else result.plan_scaled if kind == "plan" else result.total
 
 
 def uniform_plan(info: ModelInfo, bits: int, rank: int, backend: str = "hqq") -> Plan:

@@ -82,10 +82,15 @@ class Budget:
         backend: str = "hqq",
     ) -> int:
         """Resolve the budget; raise QRAError naming the minimum if even the cheapest plan exceeds it."""
+        from planner.sharding import check_space_shards, is_single_device
+
+        check_space_shards(train, bits_choices, backend, info.dtype)
         limit = self.resolve(info, train)
         minimum = min_plan_bytes(info, train, bits_choices, rank_choices, backend, self.kind)
         if minimum > limit:
             what = {"peak": "peak training memory", "plan": "plan memory", "weights": "weight memory"}[self.kind]
+            if not is_single_device(train):
+                what += f" per rank ({train.world_size} ranks, {train.sharding or 'ddp'})"
             raise QRAError(
                 f"budget {self.text or limit} = {format_bytes(limit)} is below the cheapest plan's {what} "
                 f"{format_bytes(minimum)} ({minimum} bytes); raise the budget or widen the search space"

@@ -11,8 +11,9 @@ KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
 
 #: what the ``qra:`` section of an Axolotl YAML may hold: the planner settings Axolotl's own keys do not say
-#: (model, data, batch, sequence length, optimizer, dtype and learning rate come from Axolotl's keys)
-QRA_SECTION_KEYS = ("name", "seed", "budget", "space", "fidelity", "search", "profile", "data")
+#: (model, data, batch, sequence length, optimizer, dtype and learning rate come from Axolotl's keys; the sharding
+#: from ``deepspeed``/``fsdp``; ``world_size``: the ranks the launcher will start, so budgets count one rank)
+QRA_SECTION_KEYS = ("name", "seed", "budget", "space", "fidelity", "search", "profile", "data", "world_size")
 #: ``qra.data`` only sizes the samples qra takes from the data Axolotl prepares
 QRA_DATA_KEYS = ("train_examples", "eval_examples", "calibration_examples")
 

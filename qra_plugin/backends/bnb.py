@@ -1,7 +1,9 @@
 """bitsandbytes: nf4 (4-bit, blocks of 64, double-quantized absmax) and LLM.int8 (8-bit, per-row scales).
 
 With a bf16/fp16 compute dtype the packed nf4 bytes are stored in that dtype (``quant_storage``), the
-layout FSDP and ZeRO-3 can shard (the QLoRA-FSDP layout); with fp32 they stay uint8. int8 is never sharded:
+layout FSDP1 needs (a unit's flat parameter is one float tensor: the QLoRA-FSDP layout); with fp32 they stay
+uint8. FSDP2 and ZeRO-3 shard each parameter in its own dtype, so nf4 trains there in either layout (2 CPU
+ranks in tests/test_sharded.py: bf16 and fp32). int8 is never sharded:
 ``Int8Params`` keeps its row scales (``SCB``) as attributes of the parameter object, which a sharded copy
 (FSDP2's DTensor, ZeRO-3's partitioned tensor) does not carry, and FSDP1 rejects int8 weights in a unit.
 """
@@ -52,6 +54,7 @@ def quantize(linear: nn.Linear, plan: ModulePlan, compute_dtype: torch.dtype) ->
             quant_type=SETTINGS["quant_type"],
             compress_statistics=SETTINGS["compress_statistics"],
             quant_storage=storage,
+            module=layer,  # bitsandbytes then keeps the quant state on the layer too, where FSDP2 cannot drop it
         )
     else:
         layer = bnb.nn.Linear8bitLt(
@@ -135,7 +138,7 @@ BACKEND = Backend(
     stored_bytes=stored_bytes,
     owns=owns,
     hidden_tensors=hidden_tensors,
-    shardable=lambda bits, half_precision: bits == 4 and half_precision,
+    shardable=lambda bits, half_precision: bits == 4,
     flat_shardable=lambda bits, half_precision: bits == 4 and half_precision,
     axolotl_kernels=True,
     default_group={4: NF4_BLOCK},
