@@ -16,6 +16,7 @@ from typing import Any
 
 from planner.allocation import Importance, named_prior_allocations, warm_start
 from planner.config import QRAConfig
+from planner.objectives import describe, objective_for
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
 from planner.search.pareto import Point, against_free, best_for_budget, prefer_free, write_pareto
 from planner.search.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor, stale_recipe_note, time_split
@@ -249,13 +250,14 @@ def _write_outputs(
     if best is None:
         raise QRAError("no evaluated plan fits the budget (every high-fidelity evaluation failed?)")
     best, set_aside = prefer_free(_free_allocations(run), points, best, s.budget_bytes, cfg.search.min_gain)
-    pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind)
+    scored = describe(cfg)
+    pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind, scored)
     search_meta = {
         "config": cfg.name,
         "seed": run.seed,
         "priors_seed": cfg.seed,
         "score": best.score,
-        "objective": "high-fidelity held-out eval loss",
+        "objective": scored,
         "memory_bytes": best.memory,
         "budget": cfg.budget,
         "budget_bytes": s.budget_bytes,
@@ -272,8 +274,8 @@ def _write_outputs(
     write_json_atomic(out / TRACE_FILE, summary)
     write_report(out, s.space, priors, summary, points, pareto, best)
     run.say(
-        f"[green]best plan[/green] loss {best.score:.4f}, {best.memory / 2**20:.2f} MiB of "
-        f"{s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
+        f"[green]best plan[/green] {objective_for(cfg).label} {objective_for(cfg).shown(best.score):.4f}, "
+        f"{best.memory / 2**20:.2f} MiB of {s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
     )
     if summary["best_is_free_allocation"]:
         run.say(
