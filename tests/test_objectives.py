@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from planner.config import LMEvalSection, QRAConfig
@@ -155,9 +157,9 @@ def test_the_shipped_topic_task_holds_every_held_out_topic_row_and_no_train_row(
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def test_lm_eval_scores_a_tiny_peft_model_offline(tmp_path, monkeypatch) -> None:
+def test_lm_eval_scores_a_tiny_peft_model_offline(tmp_path, monkeypatch, tiny_tokenizer) -> None:
     """Real HQQ 4-bit layers + a real LoRA adapter, scored by lm-eval from a local task with the network cut."""
-    from planner.tiny import build_tiny_model, tiny_tokenizer
+    from planner.tiny import build_tiny_model
     from qra_plugin import Plan, apply_plan
 
     def no_network(*args, **kwargs):
@@ -168,11 +170,13 @@ def test_lm_eval_scores_a_tiny_peft_model_offline(tmp_path, monkeypatch) -> None
     model = apply_plan(base, Plan.uniform(base, bits=4, rank=8))
     cfg = _cfg(fidelity={"objective": "lm_eval", "lm_eval": {"include_path": str(_tiny_task(tmp_path)),
                                                              "task": "tiny_choice", "metric": "acc"}})  # fmt: skip
-    assert objective_for(cfg).measure(model, tiny_tokenizer(), cfg) == 0.75
+    rng = (random.getstate(), torch.get_rng_state())
+    assert objective_for(cfg).measure(model, tiny_tokenizer, cfg) == 0.75
+    assert random.getstate() == rng[0] and torch.equal(torch.get_rng_state(), rng[1])  # lm-eval seeds, then gives back
     cfg = cfg.model_copy(update={"fidelity": cfg.fidelity.model_copy(update={"lm_eval": LMEvalSection(
         include_path=str(tmp_path), task="tiny_choice", metric="f1")})})  # fmt: skip
     with pytest.raises(QRAError, match="reports no metric 'f1' .*acc, acc_norm"):
-        objective_for(cfg).measure(model, tiny_tokenizer(), cfg)
+        objective_for(cfg).measure(model, tiny_tokenizer, cfg)
 
 
 def test_a_tiny_qra_search_with_the_lm_eval_objective_writes_a_plan(tmp_path) -> None:

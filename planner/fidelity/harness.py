@@ -14,10 +14,13 @@ import hashlib
 import io
 import logging
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import yaml
 
 from planner.config import LMEvalSection
@@ -85,13 +88,29 @@ def _no_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """lm-eval seeds python, numpy and torch's global generators (as its CLI does); an in-process search's own
+    draws after an evaluation must not depend on which objective scored it."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def run_task(model: Any, tokenizer: Any, section: LMEvalSection, split: str) -> float:
     """``section.metric`` of ``section.task`` for ``model`` as it is now (eval mode on return)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise QRAError(f"objective lm_eval needs lm-evaluation-harness here: {exc}") from None
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # HFLM warns on every in-memory model
     chat = section.apply_chat_template
@@ -100,7 +119,7 @@ def run_task(model: Any, tokenizer: Any, section: LMEvalSection, split: str) -> 
     # HFLM may set a pad token on the tokenizer it gets: hand it a copy, never the worker's cached one
     lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=section.batch_size)
     manager = TaskManager(include_path=str(task_directory(section, split)), include_defaults=False)
-    with _no_progress_bars():
+    with _no_progress_bars(), _caller_rng_kept():
         out = simple_evaluate(
             model=lm,
             tasks=[section.task],
