@@ -193,7 +193,8 @@ def test_a_tiny_qra_search_with_the_lm_eval_objective_writes_a_plan(tmp_path) ->
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out" / "plan.yaml").is_file() and "best qra_wiki_topic acc_norm" in done.stdout
     pareto = json.loads((tmp_path / "out" / "pareto.json").read_text())
-    assert pareto["objective"].startswith("minus the high-fidelity lm-eval qra_wiki_topic acc_norm")
+    said = "minus the high-fidelity lm-eval qra_wiki_topic acc_norm"
+    assert pareto["objective"].startswith(said) and said in (tmp_path / "out" / "report.html").read_text()
     with sqlite3.connect(tmp_path / "out" / "store.sqlite") as db:
         results = [json.loads(r[0]) for r in db.execute("SELECT result_json FROM evaluations WHERE status = 'ok'")]
     values = [r["objective_value"] for r in results]

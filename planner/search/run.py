@@ -269,7 +269,7 @@ def _write_outputs(
     # the Axolotl YAML's qra_plan reads it at plan_target
     save_plan(cfg, plan, [out / PLAN_FILE] + ([run.plan_target] if run.plan_target is not None else []), out)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
-    summary["within_noise_of_free"] = set_aside
+    summary["within_noise_of_free"], summary["objective"] = set_aside, scored
     summary.update(_next_facts(run, best.config, summary))
     write_json_atomic(out / TRACE_FILE, summary)
     write_report(out, s.space, priors, summary, points, pareto, best)
