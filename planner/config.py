@@ -200,7 +200,9 @@ class LMEvalSection(_Section):
     task qra ships (``qra_wiki_topic``: the 11-way wiki topic choice on the held-out split ``data.eval_split``
     names). ``metric``: the task's metric the search maximises (``acc``, ``acc_norm``, ...). ``limit``: score
     the first rows only (None: all). ``apply_chat_template``: None = when the tokenizer has a chat template,
-    as fidelity runs render their training rows.
+    as fidelity runs render their training rows. Cost on CPU: lm-eval runs every choice with its full prompt
+    (SmolLM2-135M, 1 thread on a busy 2-core machine: 4.9 s a topic row, 3.2x the in-house scorer's shared-
+    prefix 1.5 s), so a CPU search wants a ``limit``; the whole task suits finals or a GPU.
     """
 
     task: str = "qra_wiki_topic"
