@@ -5,12 +5,15 @@ Each section belongs to one stage; unknown keys are errors so a typo never silen
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from planner.data.lm_eval_tasks import SHIPPED as SHIPPED_TASKS
+from planner.data.lm_eval_tasks import task_names as lm_eval_task_names
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import one_line_validation_error
 
@@ -194,6 +197,41 @@ class FidelityLevel(_Section):
     accuracy: bool = False
 
 
+class LMEvalSection(_Section):
+    """An lm-evaluation-harness task run offline on each trained model (``fidelity.objective: lm_eval``).
+
+    ``task``: a task (or group) defined in ``include_path``, a directory of lm-eval task YAMLs whose data are
+    local files (``dataset_path: json`` + ``dataset_kwargs: {data_files: ...}``); without ``include_path``, a
+    task qra ships (``qra_wiki_topic``: the 11-way wiki topic choice on the held-out split ``data.eval_split``
+    names). ``metric``: the task's metric the search maximises (``acc``, ``acc_norm``, ...). ``limit``: score
+    the first rows only (None: all). ``apply_chat_template``: None = when the tokenizer has a chat template,
+    as fidelity runs render their training rows. Cost on CPU: lm-eval runs every choice with its full prompt
+    (SmolLM2-135M, 1 thread on a busy 2-core machine: 4.9 s a topic row, 3.2x the in-house scorer's shared-
+    prefix 1.5 s), so a CPU search wants a ``limit``; the whole task suits finals or a GPU.
+    """
+
+    task: str = "qra_wiki_topic"
+    include_path: str | None = None
+    metric: str = "acc_norm"
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    apply_chat_template: bool | None = None
+
+    @model_validator(mode="after")
+    def _known_task(self) -> LMEvalSection:
+        if self.include_path is None:
+            if self.task not in SHIPPED_TASKS:
+                shipped = ", ".join(sorted(SHIPPED_TASKS))
+                raise ValueError(f"unknown task {self.task!r}: qra ships {shipped}; set include_path for your own")
+            return self
+        if not Path(self.include_path).is_dir():
+            raise ValueError(f"include_path not found (a directory of lm-eval task YAMLs): {self.include_path}")
+        if self.task not in (names := lm_eval_task_names(Path(self.include_path))):
+            known = ", ".join(sorted(names)[:8]) or "none"
+            raise ValueError(f"unknown task {self.task!r} in {self.include_path} (tasks there: {known})")
+        return self
+
+
 class FidelitySection(_Section):
     """How candidates are scored (planner.fidelity) and run (planner.executors)."""
 
@@ -218,6 +256,19 @@ class FidelitySection(_Section):
     #: where quantized layers are stored for reuse by the profile, every worker and a resumed run (CPU):
     #: None = OUT/layers, "off" = each worker's memory only, or a directory shared by runs of one model
     layer_cache: str | None = None
+    #: what a fidelity run and a final report score (``planner.objectives``): ``eval_loss`` (held-out loss, lower
+    #: is better) or ``lm_eval`` (the ``lm_eval`` section's task on the trained model, higher is better; the
+    #: search minimises its negation). Only a non-default objective enters the recipe key
+    objective: Literal["eval_loss", "lm_eval"] = "eval_loss"
+    lm_eval: LMEvalSection = LMEvalSection()
+
+    @model_validator(mode="after")
+    def _lm_eval_needs_its_objective(self) -> FidelitySection:
+        if "lm_eval" in self.model_fields_set and self.objective != "lm_eval":
+            raise ValueError(f"lm_eval is set but objective is {self.objective}: set fidelity.objective: lm_eval")
+        if self.objective == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("objective lm_eval needs lm-evaluation-harness: pip install 'lm_eval>=0.4.8'")
+        return self
 
 
 class ProfileSection(_Section):

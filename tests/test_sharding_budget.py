@@ -25,23 +25,23 @@ def _cfg(**train) -> QRAConfig:
 
 
 def _setup(cfg: QRAConfig):
-    from planner.search.setup import SearchSetup
+    from planner.orchestration.setup import SearchSetup
 
     return SearchSetup.build(cfg)
 
 
 def _flat(space):
     """Equal importance everywhere: the greedy allocation then only follows bytes."""
-    from planner.allocation import Importance
+    from planner.search.allocation import Importance
 
     n = space.n_units
     return Importance.from_arrays(space, {b: np.ones(n) * (16 - b) for b in space.bits if b < 16}, np.ones(n))
 
 
 def test_a_budget_too_small_for_one_device_plans_for_one_of_four_zero3_ranks():
-    from planner.allocation import greedy_priors
     from planner.memory import estimate, estimate_settings, min_plan_bytes
     from planner.model_info import load_model_info
+    from planner.search.allocation import greedy_priors
     from planner.sharding import per_rank
 
     single, sharded = _cfg(), _cfg(world_size=4, sharding="zero3")

@@ -15,7 +15,10 @@ def register(app: typer.Typer) -> None:
         n: int | None = typer.Option(None, help="number of rows (default: all)"),
         seed: int = typer.Option(0, help="shuffle seed"),
         fmt: str = typer.Option(
-            "alpaca", "--format", help="alpaca (Axolotl type: alpaca), prompt-completion, messages"
+            "alpaca",
+            "--format",
+            help="alpaca (Axolotl type: alpaca), prompt-completion, messages, or lm-eval-topic (the rows of the "
+            "shipped lm-eval task qra_wiki_topic; selection or test split only)",
         ),
     ) -> None:
         """Export the bundled wiki summaries as jsonl rows: Axolotl alpaca, or TRL prompt/completion or messages."""

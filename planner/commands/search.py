@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write DIR/plan.yaml, DIR/pareto.json, DIR/report.html and DIR/store.sqlite (and an Axolotl YAML's
         qra_plan, so `axolotl train CONFIG` then trains with the plan)."""
+        from planner.objectives import objective_for
         from planner.orchestration.search_run import PARETO_FILE, REPORT_FILE, run_search
         from planner.orchestration.setup import STORE_FILE
         from planner.run_config import load_run_config
@@ -37,17 +38,19 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"pareto: {out_dir / PARETO_FILE}")
         typer.echo(f"report: {out_dir / REPORT_FILE}")
         typer.echo(f"store:  {out_dir / STORE_FILE}")
-        split = cfg.data.eval_split
+        split, objective = cfg.data.eval_split, objective_for(cfg)
         typer.echo(
-            f"best eval loss {result.best_score:.4f} on the {split} split at {result.best_memory / 2**20:.2f} MiB "
+            f"best {objective.label} {objective.shown(result.best_score):.4f} on the {split} split at "
+            f"{result.best_memory / 2**20:.2f} MiB "
             f"(budget {result.budget_bytes / 2**20:.2f} MiB); {result.evaluations} evaluations, "
             f"{result.computed} computed in this run"
         )
         if result.baseline_score is not None:
             gain = result.baseline_score - result.best_score
+            unit = "nats" if objective.name == "eval_loss" else objective.label
             typer.echo(
-                f"the budget's uniform plan: {result.baseline_score:.4f} at the same fidelity "
-                f"→ gain {gain:+.4f} nats on {split} rows no run trained on (one seed; a final fine-tune decides)"
+                f"the budget's uniform plan: {objective.shown(result.baseline_score):.4f} at the same fidelity "
+                f"→ gain {gain:+.4f} {unit} on {split} rows no run trained on (one seed; a final fine-tune decides)"
             )
         if run.axolotl:
             hint = "" if run.plan_target else f"  (first add `qra_plan: {result.plan_path}` to {config})"

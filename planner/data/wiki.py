@@ -128,13 +128,33 @@ def as_plain_prompt_completion(record: dict[str, str]) -> dict[str, str]:
     return {"prompt": PROMPT.format(title=record["title"]) + "\n", "completion": record["text"]}
 
 
-FORMATS = {"alpaca": as_alpaca, "prompt-completion": as_plain_prompt_completion, "messages": as_messages}
+def as_topic_choice(record: dict[str, str]) -> dict[str, Any] | None:
+    """A row of the lm-eval multiple-choice topic task (``planner/data/lm_eval_tasks/qra_wiki_topic.yaml``):
+    the prompt SFT rows use, the 11 labels and the gold label's index; None for a record without a topic."""
+    task = topic_row(record)
+    if task is None:
+        return None
+    return {"title": record["title"], "query": task[0], "choices": list(TOPICS), "gold": TOPICS.index(task[1])}
+
+
+FORMATS = {
+    "alpaca": as_alpaca,
+    "prompt-completion": as_plain_prompt_completion,
+    "messages": as_messages,
+    "lm-eval-topic": as_topic_choice,
+}
+#: formats that are a scored task: their rows come from the held-out splits only, never from train
+HELD_OUT_FORMATS = ("lm-eval-topic",)
 
 
 def write_jsonl(path: str | Path, split: str, n: int | None = None, seed: int = 0, fmt: str = "alpaca") -> Path:
-    """Export a split as jsonl rows of ``fmt`` (see ``FORMATS``)."""
+    """Export a split as jsonl rows of ``fmt`` (see ``FORMATS``); ``n`` counts records, a task format skips
+    records without an answer."""
 
-    lines = [json.dumps(FORMATS[fmt](r), ensure_ascii=False) for r in wiki_split(split, n, seed)]
+    if fmt in HELD_OUT_FORMATS and split not in ("selection", "test"):
+        raise QRAError(f"format {fmt!r} is a scored task: export the selection or test split, never {split!r}")
+    rows = (FORMATS[fmt](r) for r in wiki_split(split, n, seed))
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows if row is not None]
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from planner.config import DataSection, FidelityLevel, ModelSection, QRAConfig
 from planner.data.sources import source_files
 from planner.loading import resolve_model_path
+from planner.objectives import objective_for
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import Plan
 
@@ -94,6 +95,8 @@ class EvalResult(BaseModel):
     #: quantized layers this run made / loaded from the layer cache's disk (CPU; the rest came from memory)
     layers_quantized: int | None = None
     layers_loaded: int | None = None
+    #: the value of a non-default objective (``planner.objectives``; an lm-eval task's metric), None for eval_loss
+    objective_value: float | None = None
 
     @classmethod
     def failed(cls, reason: str, wall_s: float = 0.0, failure: Failure | None = None) -> EvalResult:
@@ -148,12 +151,18 @@ _TRAIN_NEUTRAL = frozenset({"world_size", "sharding"})
 LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", "datasets", "hqq", "bitsandbytes")
 
 
+#: the objective's fields: the objective adds its own recipe entry, and only when it is not eval_loss, so every
+#: config from before the objective hook keeps its recipe hash (``planner.objectives.Objective.recipe``)
+_OBJECTIVE_FIELDS = frozenset({"objective", "lm_eval"})
+
+
 def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
     """Everything besides (plan, seed) that can change a fidelity run's result, as plain JSON."""
     lv = level_settings(config, level)
     fid = config.fidelity
-    fidelity = {k: v for k, v in fid.model_dump(mode="json").items() if k not in _RESULT_NEUTRAL}
-    return {
+    fidelity = {k: v for k, v in fid.model_dump(mode="json").items() if k not in _RESULT_NEUTRAL | _OBJECTIVE_FIELDS}
+    objective = objective_for(config).recipe(config)
+    return ({"objective": objective} if objective is not None else {}) | {
         "fidelity_version": FIDELITY_VERSION,
         "level": lv.model_dump(mode="json")
         | {

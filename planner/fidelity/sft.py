@@ -1,7 +1,8 @@
 """Score a plan at a fidelity level with a real short TRL SFT run (quantize + LoRA via ``apply_plan``).
 
-The published AutoQRA code scores candidates with a synthetic proxy; here every score is the held-out
-eval loss after ``level.steps`` real optimizer steps. Base weights and tokenized datasets are cached
+The published AutoQRA code scores candidates with a synthetic proxy; here every score is measured after
+``level.steps`` real optimizer steps: the held-out eval loss, and the config's objective when it is another
+(``planner.objectives``: an lm-eval task on the trained model). Base weights and tokenized datasets are cached
 per process, so a long-lived worker pays for them once; each evaluation trains a deep copy.
 """
 
@@ -30,6 +31,7 @@ from planner.fidelity.packing import packing_refusal
 from planner.fidelity.quantized import STATS, prequantize
 from planner.loading import load_model, load_tokenizer
 from planner.memory.optimizers import fidelity_refusal
+from planner.objectives import objective_for
 from qra_plugin import QRACallback, apply_plan
 from qra_plugin.backends import reuse_dequantized_weights
 from qra_plugin.errors import QRAError
@@ -248,9 +250,11 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         memory = max(trainer.qra_state_bytes, state_bytes(peft_model, None)) + trainer.qra_meter.peak
     reason = trainer.qra_callback.stop_reason
     status, error = _outcome(reason, eval_loss, steps)
-    accuracy = None
+    accuracy = objective_value = None
     if level.accuracy and status != "failed":
         accuracy = answer_accuracy(peft_model, tokenizer, examples(cfg.data, cfg.data.eval_split, level.eval_examples))
+    if status == "ok":  # a stopped run's score is never used; a failed one has none
+        objective_value = objective_for(cfg).measure(peft_model, tokenizer, cfg)
     eval_s = time.perf_counter() - eval_started
     return EvalResult(
         status=status,
@@ -270,11 +274,12 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
         eval_s=eval_s,
         layers_quantized=STATS["misses"] - layer_stats["misses"],
         layers_loaded=STATS["disk_hits"] - layer_stats["disk_hits"],
+        objective_value=objective_value,
     )
 
 
 def run_fidelity(task: EvalTask) -> EvalResult:
-    """A real short SFT run of ``task.plan`` at ``task.level``; held-out eval loss is the score.
+    """A real short SFT run of ``task.plan`` at ``task.level``, scored by held-out eval loss and the objective.
 
     Raises on broken input or crashes (the executor records those as failed); a non-finite loss is a
     ``failed`` result, a run stopped by the hopeless-loss threshold is ``stopped``.

@@ -148,13 +148,13 @@ def write_report(
     )
     evals = "".join(f"<li>{s} / {lv}: {n}</li>" for (s, lv), n in sorted(counts.items()))
     ratio = summary["search_steps"] / summary["final_finetune_steps"] if summary["final_finetune_steps"] else None
-    name = html.escape(summary["name"])
+    name, scored = html.escape(summary["name"]), html.escape(summary.get("objective", "high-fidelity eval loss"))
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>qra search: {name}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}td,th{{padding:2px 8px}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}img{{max-width:100%}}</style></head><body>
 <h1>qra search: {html.escape(summary["name"])}</h1>
 <p>Budget <b>{html.escape(summary["budget"])}</b> = {summary["budget_bytes"] / mib:.2f} MiB.
-Chosen plan: high-fidelity eval loss <b>{best.score:.4f}</b> at {best.memory / mib:.2f} MiB
+Chosen plan: {scored} <b>{best.score:.4f}</b> at {best.memory / mib:.2f} MiB
 (<code>{html.escape(config_key(best.config))}</code>), seed {summary["seed"]}.</p>
 <ul><li>evaluations (every one a real SFT run): {len(trace)}, failed {failed}
 (in the store for this recipe: {fails.get("transient", 0)} transient — timeout, OOM, dead worker, retried once on
@@ -206,7 +206,8 @@ def _next_steps_html(summary: dict[str, Any]) -> str:
     plan = html.escape(summary.get("plan_path", "plan.yaml"))
     gain = summary.get("predicted_gain")
     said = (
-        f"<p>Predicted gain over the budget's uniform plan: <b>{gain:+.4f}</b> nats of eval loss on the "
+        f"<p>Predicted gain over the budget's uniform plan: <b>{gain:+.4f}</b> in "
+        f"{html.escape(summary.get('objective', 'nats of eval loss'))} on the "
         f"{html.escape(summary.get('eval_split', 'selection'))} split at the high fidelity "
         f"({summary.get('seeds', 1)} seed(s); a final fine-tune with several seeds decides).</p>"
         if gain is not None

@@ -17,6 +17,7 @@ from typing import Any
 from planner.config import QRAConfig
 from planner.fidelity.contract import recipe_hash
 from planner.memory import estimate, estimate_settings
+from planner.objectives import describe, objective_for
 from planner.orchestration.progress import SearchProgress, planned_evaluations
 from planner.orchestration.report import write_report
 from planner.orchestration.setup import (
@@ -257,13 +258,14 @@ def _write_outputs(
     if best is None:
         raise QRAError("no evaluated plan fits the budget (every high-fidelity evaluation failed?)")
     best, set_aside = prefer_free(_free_allocations(run), points, best, s.budget_bytes, cfg.search.min_gain)
-    pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind)
+    scored = describe(cfg)
+    pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind, scored)
     search_meta = {
         "config": cfg.name,
         "seed": run.seed,
         "priors_seed": cfg.seed,
         "score": best.score,
-        "objective": "high-fidelity held-out eval loss",
+        "objective": scored,
         "memory_bytes": best.memory,
         "budget": cfg.budget,
         "budget_bytes": s.budget_bytes,
@@ -274,13 +276,13 @@ def _write_outputs(
     # the Axolotl YAML's qra_plan reads it at plan_target
     save_plan(cfg, plan, [out / PLAN_FILE] + ([run.plan_target] if run.plan_target is not None else []), out)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
-    summary["within_noise_of_free"] = set_aside
+    summary["within_noise_of_free"], summary["objective"] = set_aside, scored
     summary.update(_next_facts(run, best.config, summary))
     write_json_atomic(out / TRACE_FILE, summary)
     write_report(out, s.space, priors, summary, points, pareto, best)
     run.say(
-        f"[green]best plan[/green] loss {best.score:.4f}, {best.memory / 2**20:.2f} MiB of "
-        f"{s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
+        f"[green]best plan[/green] {objective_for(cfg).label} {objective_for(cfg).shown(best.score):.4f}, "
+        f"{best.memory / 2**20:.2f} MiB of {s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
     )
     if summary["best_is_free_allocation"]:
         run.say(

@@ -24,6 +24,7 @@ from planner.fidelity.quantized import cache_directory
 from planner.memory import Budget, plan_bytes
 from planner.memory.optimizers import fidelity_refusal
 from planner.model_info import load_model_info
+from planner.objectives import objective_for
 from planner.priors.pruning import fixed_pruning, searched_channels
 from planner.search.space import BudgetCost, Config, SearchSpace, config_key
 from qra_plugin.errors import QRAError
@@ -75,8 +76,9 @@ class Evaluator:
         return scores
 
     def _record(self, config: Config, level: str, stage: str, group: list[Any]) -> float | None:
-        ok = all(r.status == "ok" and r.eval_loss is not None for r in group)
-        score = round(sum(r.eval_loss for r in group) / len(group), SCORE_DIGITS) if ok else None
+        objective = objective_for(self.cfg)  # the search minimises its score, whichever objective it is
+        values = [objective.search_score(r) for r in group]
+        score = round(sum(values) / len(values), SCORE_DIGITS) if None not in values else None
         measured = [r.memory_measured for r in group if r.memory_measured]
         failed = next((r for r in group if r.status != "ok"), None)
         self.trace.append(
@@ -96,9 +98,10 @@ class Evaluator:
                 "error": next((r.error for r in group if r.error), None),
             }
         )
-        shown = f"{score:.4f}" if score is not None else f"[red]{self.trace[-1]['status']}[/red]"
+        shown = f"{objective.shown(score):.4f}" if score is not None else f"[red]{self.trace[-1]['status']}[/red]"
         self.say(
-            f"[dim]{stage}[/dim] {level:4s} loss {shown}  mem {self.cost(config) / 2**20:.2f} MiB  {config_key(config)}"
+            f"[dim]{stage}[/dim] {level:4s} {objective.label} {shown}  mem {self.cost(config) / 2**20:.2f} MiB  "
+            f"{config_key(config)}"
         )
         return score
 

@@ -47,15 +47,21 @@ def best_for_budget(points: Sequence[Point], budget: int) -> Point | None:
 
 
 def write_pareto(
-    path: str | Path, space: SearchSpace, points: Sequence[Point], budget: int, budget_text: str, kind: str
+    path: str | Path,
+    space: SearchSpace,
+    points: Sequence[Point],
+    budget: int,
+    budget_text: str,
+    kind: str,
+    objective: str = "high-fidelity held-out eval loss",
 ) -> list[Point]:
-    """Write ``pareto.json`` (front with full plans) atomically; return the front."""
+    """Write ``pareto.json`` (front with full plans) atomically; return the front. ``objective``: what a score is."""
     pts = front(points)
     data: dict[str, Any] = {
         "budget": budget_text,
         "budget_bytes": budget,
         "budget_kind": kind,
-        "objective": "high-fidelity held-out eval loss (lower is better)",
+        "objective": f"{objective} (lower is better)",
         "points": [
             {
                 "score": p.score,
