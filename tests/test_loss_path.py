@@ -15,7 +15,7 @@ import pytest
 from planner.config import LOSS_PATHS
 from planner.memory import estimate, uniform_plan
 from planner.memory.activations import trace_activations
-from planner.memory.breakdown import TRL_CHUNK_TOKENS
+from planner.memory.loss import TRL_CHUNK_TOKENS
 from planner.model_info import load_model_info
 from planner.tiny import build_tiny_model, save_tiny_model
 

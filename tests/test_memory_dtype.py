@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from planner.memory import estimate, trace_activations, uniform_plan
-from planner.memory.breakdown import TRL_CHUNK_TOKENS, _chunk_upcast
+from planner.memory.loss import TRL_CHUNK_TOKENS, _chunk_upcast
 from planner.model_info import load_model_info
 from planner.tiny import build_tiny_model
 from qra_plugin import apply_plan

@@ -1,5 +1,5 @@
 """The memory model: ``weights`` (bytes per module, by backend), ``optimizers`` (state bytes by HF ``optim``
-name), ``activations`` (traced once),
+name), ``activations`` (traced once), ``loss`` (what the loss the trainer runs holds),
 ``breakdown`` (a plan's predicted peak, part by part) and ``budget`` (the budget language)."""
 
 from planner.memory.activations import ActivationTrace, trace_activations

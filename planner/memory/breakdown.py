@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from planner.memory.activations import ActivationTrace, trace_activations
+from planner.memory.loss import loss_buffers
 from planner.memory.optimizers import optimizer_states, optimizer_tensor_bytes
 from planner.memory.weights import LORA_DTYPE, base_module_bytes, elem, lora_numel
 from planner.model_info import ModelInfo, pruned_info
@@ -199,41 +200,9 @@ def _estimate(
     grad_accum: int = 1,
     adapter_dtype: torch.dtype = LORA_DTYPE,
 ) -> MemoryBreakdown:
-    quantized = unquantized = planned = lora = optim = 0
-    by_backend: dict[str, int] = {}
-    block_extra = [0] * info.n_blocks
-    block_inputs: list[dict[int, int]] = [{} for _ in range(info.n_blocks)]
-    for spec in info.linears:
-        mp = plan.modules.get(spec.name)
-        if mp is None:
-            mp = ModulePlan(bits=16, rank=0)
-        cost = _module_cost(spec, mp, trace, tokens, optimizer, dtype, adapter_dtype)
-        planned += cost.base
-        if cost.is_quantized:
-            quantized += cost.base
-            tag = f"{mp.backend}{mp.bits}"
-            by_backend[tag] = by_backend.get(tag, 0) + cost.base
-        else:
-            unquantized += cost.base
-        lora += cost.lora
-        optim += cost.optim
-        if trace is not None:
-            block_extra[spec.block] += cost.act_extra
-            if mp.rank > 0 and module_adapter_dtype(mp, adapter_dtype) != adapter_dtype:
-                # an fp32 adapter on a traced bf16 one: lora_A saves its own fp32 copy of the input
-                copy = trace.input_bytes[spec.name] * elem(LORA_DTYPE) // elem(dtype)
-                block_inputs[spec.block][("fp32 input", spec.name)] = copy
-            elif mp.rank > 0:
-                # what lora_A saves: the module input (shared by sibling adapters) or, when the base dtype
-                # differs from the adapters', the module's own cast copy
-                for key, nbytes in trace.lora_saved[spec.name]:
-                    if key not in trace.base_keys:
-                        block_inputs[spec.block][key] = nbytes
-            # a quantized layer's autograd function saves its input only when one of its inputs requires grad
-            # (not in the first block's attention, whose input comes from the frozen embedding, unless a bias does)
-            needs_grad = trace.input_grad[spec.name] or cost.saves_input_always
-            if cost.saves_input and needs_grad and not trace.input_saved[spec.name]:
-                block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
+    sums = _sum_modules(info, plan, trace, tokens, optimizer, dtype, adapter_dtype)
+    quantized, unquantized, planned, lora, optim = sums.quantized, sums.unquantized, sums.planned, sums.lora, sums.optim
+    by_backend, block_extra, block_inputs = sums.by_backend, sums.block_extra, sums.block_inputs
     unquantized += info.other_bytes(dtype)
     # buffers one optimizer shares between all its parameters (bitsandbytes' quantile maps), held once
     numels = [r * c for spec in info.linears for r, c in _lora_shapes(spec, _rank(plan, spec))]
@@ -277,6 +246,67 @@ def _estimate(
     )
 
 
+@dataclass
+class _ModuleSums:
+    """Per-module costs summed over the model, and the plan-dependent activations per block."""
+
+    quantized: int
+    unquantized: int
+    planned: int
+    lora: int
+    optim: int
+    by_backend: dict[str, int]
+    block_extra: list[int]
+    block_inputs: list[dict[Any, int]]
+
+
+def _sum_modules(
+    info: ModelInfo,
+    plan: Plan,
+    trace: ActivationTrace | None,
+    tokens: int,
+    optimizer: str,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype,
+) -> _ModuleSums:
+    quantized = unquantized = planned = lora = optim = 0
+    by_backend: dict[str, int] = {}
+    block_extra = [0] * info.n_blocks
+    block_inputs: list[dict[int, int]] = [{} for _ in range(info.n_blocks)]
+    for spec in info.linears:
+        mp = plan.modules.get(spec.name)
+        if mp is None:
+            mp = ModulePlan(bits=16, rank=0)
+        cost = _module_cost(spec, mp, trace, tokens, optimizer, dtype, adapter_dtype)
+        planned += cost.base
+        if cost.is_quantized:
+            quantized += cost.base
+            tag = f"{mp.backend}{mp.bits}"
+            by_backend[tag] = by_backend.get(tag, 0) + cost.base
+        else:
+            unquantized += cost.base
+        lora += cost.lora
+        optim += cost.optim
+        if trace is not None:
+            block_extra[spec.block] += cost.act_extra
+            if mp.rank > 0 and module_adapter_dtype(mp, adapter_dtype) != adapter_dtype:
+                # an fp32 adapter on a traced bf16 one: lora_A saves its own fp32 copy of the input
+                copy = trace.input_bytes[spec.name] * elem(LORA_DTYPE) // elem(dtype)
+                block_inputs[spec.block][("fp32 input", spec.name)] = copy
+            elif mp.rank > 0:
+                # what lora_A saves: the module input (shared by sibling adapters) or, when the base dtype
+                # differs from the adapters', the module's own cast copy
+                for key, nbytes in trace.lora_saved[spec.name]:
+                    if key not in trace.base_keys:
+                        block_inputs[spec.block][key] = nbytes
+            # a quantized layer's autograd function saves its input only when one of its inputs requires grad
+            # (not in the first block's attention, whose input comes from the frozen embedding, unless a bias does)
+            needs_grad = trace.input_grad[spec.name] or cost.saves_input_always
+            if cost.saves_input and needs_grad and not trace.input_saved[spec.name]:
+                block_inputs[spec.block][trace.input_key[spec.name]] = trace.input_bytes[spec.name]
+    return _ModuleSums(quantized, unquantized, planned, lora, optim, by_backend, block_extra, block_inputs)
+
+
 def estimate_settings(train: Any) -> dict[str, Any]:
     """The ``estimate`` keyword arguments a ``planner.config.TrainSection`` says (the job as it trains)."""
     return {
@@ -314,61 +344,6 @@ def _activation_parts(
     else:
         activations = trace.pre_saved + sum(per_block)
     return activations, loss_buffers(info, trace, loss_path, dtype), recompute
-
-
-#: TRL 1.9 ``sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE``: valid tokens per chunk of its chunked NLL
-TRL_CHUNK_TOKENS = 256
-
-
-def loss_buffers(info: ModelInfo, trace: ActivationTrace, loss_path: str, dtype: torch.dtype) -> int:
-    """Bytes the loss adds at its peak (start of the backward) besides the blocks' activations, for the
-    loss the trainer runs. Every path keeps the final norm's saved tensors (``head_saved - loss_saved``).
-
-    - ``hf_full`` (transformers' model loss): the traced fp32 log-softmax of the full logits, then its
-      backward's incoming grad and produced grad (two more fp32 ``tokens x vocab``).
-    - ``trl_chunked`` (TRL 1.9 ``_chunked_cross_entropy_loss``): the shifted hidden states gathered into
-      one copy (+ int64 order and labels), and one checkpointed chunk of ``TRL_CHUNK_TOKENS`` tokens rebuilt
-      in the backward: four fp32 ``chunk x vocab`` buffers (logits, log-softmax, its exp, a gradient) and,
-      below fp32, what its upcast adds (``_chunk_upcast``).
-    - ``liger`` (fused linear cross-entropy): a shifted copy of the hidden states, the hidden-sized input
-      gradient it computes in the forward and one logits chunk of ~hidden x tokens elements (its own rule).
-    - ``cce`` (cut cross-entropy): the input gradient and an fp32 log-sum-exp per token; no logits.
-    Liger and cce are priced from their kernels' allocations (CUDA only: not measured here).
-    """
-    norm_part = trace.head_saved - trace.loss_saved
-    hidden, vocab, e = info.hidden_size, info.vocab_size, elem(dtype)
-    tokens = trace.tokens - trace.batch  # positions with a next-token label: each row loses its last one
-    if loss_path == "hf_full":
-        return trace.head_saved + 2 * trace.logits_elems * 4
-    if loss_path == "trl_chunked":
-        chunk = min(TRL_CHUNK_TOKENS, tokens)
-        return (
-            norm_part
-            + tokens * (hidden * e + 16)
-            + 4 * chunk * vocab * 4
-            + _chunk_upcast(tokens, chunk, hidden, vocab, e)
-        )
-    if loss_path == "liger":
-        chunk = _next_pow2(-(-tokens // -(-vocab // hidden)))
-        return norm_part + 2 * tokens * hidden * e + chunk * vocab * e + 8 * tokens
-    if loss_path == "cce":
-        return norm_part + tokens * hidden * e + 4 * tokens
-    raise QRAError(f"unknown loss path {loss_path!r}")
-
-
-def _chunk_upcast(tokens: int, chunk: int, hidden: int, vocab: int, e: int) -> int:
-    """What TRL's chunk (``h.float() @ w.float().t()``) adds below fp32, at the peak of its backward: the fp32
-    copy of the output weight the recomputed matmul saves for the input gradient and, with several chunks,
-    the gradient of the gathered hidden states they accumulate into (the chunk's own fp32 copy is gone by then).
-    Fitted to the allocator-level peak of ``_chunked_cross_entropy_loss`` on CPU in bf16 (vocab 512-49152,
-    hidden 256/576, 254 and 1020 tokens: within 22 KB). fp32 keeps its earlier, separately measured rule."""
-    if e == 4:
-        return 0
-    return vocab * hidden * 4 + (tokens * hidden * e if tokens > chunk else 0)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 #: what a budget counts: ``peak`` (predicted peak training memory), ``plan`` (what scales with the plan:
