@@ -24,7 +24,7 @@ from planner.priors.adapter_init import error_table
 from planner.priors.calibration import calibration_batch
 from planner.priors.moments import second_moments
 from planner.search.allocation import table_allocation
-from planner.search.space import BudgetCost, SearchSpace, config_key
+from planner.search.space import BudgetCost, SearchSpace, allocation_key
 from qra_plugin.io import write_json_atomic
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     result = {
         "command": "python benchmarks/error_table_smollm2.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
         "budget_mib": budget_bytes / 2**20,
-        "table_alloc": config_key(config),
+        "table_alloc": allocation_key(config),
         "table_alloc_mib": cost(config) / 2**20,
         "table_alloc_counts": {f"{b}/{r}": n for (b, r), n in sorted(Counter(config).items())},
         "starting_error": total,

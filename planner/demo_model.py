@@ -14,7 +14,6 @@ from pathlib import Path
 
 from qra_plugin.errors import QRAError
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIRNAME = "smollm2-135m-instruct"
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from planner.fidelity.contract import EvalKey, EvalResult, EvalTask, one_line
 from planner.fidelity.quantized import directory_in_use
@@ -26,12 +26,6 @@ from qra_plugin.errors import QRAError
 
 Evaluate = Callable[[EvalTask], EvalResult]
 OnResult = Callable[[EvalTask, EvalResult, bool], None]  # (task, result, came_from_store)
-
-
-class Executor(Protocol):
-    def run(self, tasks: Sequence[EvalTask]) -> list[EvalResult]: ...
-
-    def close(self) -> None: ...
 
 
 def checked(result: EvalResult) -> EvalResult:

@@ -235,9 +235,6 @@ class Plan(BaseModel):
         """Full names of modules that get an adapter (rank > 0), in plan order."""
         return [name for name, m in self.modules.items() if m.rank > 0]
 
-    def bits_used(self) -> set[int]:
-        return {m.bits for m in self.modules.values()}
-
     def backends_used(self) -> set[str]:
         return {m.backend for m in self.modules.values() if m.bits < 16}
 

@@ -18,7 +18,7 @@ from planner.config import ModelSection, SpaceSection, TinyModel
 from planner.loading import load_model
 from planner.search.allocation import Importance, repair
 from planner.search.evolution import Stage1Settings, crossover, mutate, nondominated_sort, run_stage1, select
-from planner.search.space import BudgetCost, Config, SearchSpace
+from planner.search.space import Allocation, BudgetCost, SearchSpace
 from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import fingerprint
 
@@ -61,16 +61,16 @@ def _tables() -> tuple[SearchSpace, dict, dict]:
 class QuantErrorObjective:
     """evaluate(configs, level) over the real error tables; counts calls per level."""
 
-    def __init__(self, fail: set[Config] | None = None) -> None:
+    def __init__(self, fail: set[Allocation] | None = None) -> None:
         self.space, self.high, self.low = _tables()
-        self.calls: dict[str, list[Config]] = {"low": [], "high": []}
+        self.calls: dict[str, list[Allocation]] = {"low": [], "high": []}
         self.fail = fail or set()
 
-    def score(self, config: Config, level: str) -> float:
+    def score(self, config: Allocation, level: str) -> float:
         table = self.high if level == "high" else self.low
         return 100 * sum(table[(u, b, r)] for u, (b, r) in enumerate(config))
 
-    def __call__(self, configs: list[Config], level: str) -> list[float | None]:
+    def __call__(self, configs: list[Allocation], level: str) -> list[float | None]:
         self.calls[level] += configs
         return [None if c in self.fail else self.score(c, level) for c in configs]
 
@@ -78,7 +78,7 @@ class QuantErrorObjective:
 def _cost(space: SearchSpace) -> BudgetCost:
     numel = space.unit_numel()
 
-    def total(c: Config) -> int:  # weight bytes (+ HQQ scale/zero per group) + fp32 LoRA with grads and Adam
+    def total(c: Allocation) -> int:  # weight bytes (+ HQQ scale/zero per group) + fp32 LoRA with grads and Adam
         return int(sum(n * b / 8 + n / 64 * 4 + r * 128 * 7 * 16 for n, (b, r) in zip(numel, c, strict=True)))
 
     return BudgetCost(space, total)
@@ -204,7 +204,7 @@ def test_screening_and_promotion_models_decide_what_is_evaluated(monkeypatch) ->
     assert honest.calls["low"][first:] != bypassed.calls["low"][first:]
     assert honest.calls["high"] != bypassed.calls["high"]
 
-    def mean_true(calls: list[Config]) -> float:
+    def mean_true(calls: list[Allocation]) -> float:
         return float(np.mean([honest.score(c, "high") for c in calls]))
 
     assert mean_true(honest.calls["low"][first:]) < mean_true(bypassed.calls["low"][first:])

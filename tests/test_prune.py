@@ -226,7 +226,7 @@ def test_pruning_axis_orders_cheapest_first_and_keys_round_trip():
     from planner.config import QRAConfig
     from planner.model_info import load_model_info
     from planner.priors.pruning import channel_importance
-    from planner.search.space import SearchSpace, config_key, parse_config_key
+    from planner.search.space import SearchSpace, allocation_key, parse_allocation_key
     from planner.tiny import build_tiny_model
 
     model = build_tiny_model("llama", seed=0, layers=3, hidden=64)
@@ -237,7 +237,7 @@ def test_pruning_axis_orders_cheapest_first_and_keys_round_trip():
     space = SearchSpace.from_config(cfg, info, channels=channels)
     assert space.prune == (0.5, 0.25, 0.0) and space.dim == 3 * 3
     config = ((4, 4, 0.5), (8, 16, 0.0), (4, 8, 0.25))
-    assert parse_config_key(config_key(config)) == config and space.decode(space.encode(config)) == config
+    assert parse_allocation_key(allocation_key(config)) == config and space.decode(space.encode(config)) == config
     plan = space.to_plan(config)
     assert sorted(plan.pruning) == [0, 2]  # block 1 keeps everything
     assert len(plan.pruning[0].mlp_keep) == round(len(channels.mlp[0]) * 0.5)
@@ -254,7 +254,7 @@ def test_joint_search_chooses_each_blocks_pruning_with_its_bits_and_rank(tmp_pat
     from planner.orchestration.search_run import run_search
     from planner.orchestration.setup import SearchSetup
     from planner.priors.profile import Priors
-    from planner.search.space import parse_config_key
+    from planner.search.space import parse_allocation_key
     from tests.test_search import _write_config
 
     small = {"population": 4, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1}
@@ -264,7 +264,7 @@ def test_joint_search_chooses_each_blocks_pruning_with_its_bits_and_rank(tmp_pat
     priors = Priors.load(tmp_path / "out" / "priors.json")
     assert sorted(priors.I_p) == [0.25, 0.5] and all(len(v) == 4 for v in priors.I_p.values())
     setup = SearchSetup.build(cfg)
-    evaluated = [parse_config_key(row["config"]) for row in result.trace]
+    evaluated = [parse_allocation_key(row["config"]) for row in result.trace]
     ratios_seen = {u[2] for c in evaluated for u in c}
     assert len(ratios_seen) >= 2, ratios_seen  # pruning really is a searched coordinate
     plan = Plan.load(tmp_path / "out" / "plan.yaml")

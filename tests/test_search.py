@@ -24,7 +24,7 @@ from planner.fidelity.contract import EvalResult, EvalTask
 from planner.fidelity.sft import run_fidelity
 from planner.orchestration.search_run import PARETO_FILE, PLAN_FILE, REPORT_FILE, TRACE_FILE, run_search
 from planner.orchestration.setup import STORE_FILE
-from planner.search.space import config_key
+from planner.search.space import allocation_key
 from qra_plugin.plan import Plan, block_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference)
     assert {("stage1", "low"), ("stage1", "high"), ("stage2", "high")} <= stages
     assert stages <= {("stage1", "low"), ("stage1", "high"), ("stage2", "high"), ("baseline", "high")}
     uniform = tuple((4, 16) for _ in range(cfg.model.tiny.layers))  # the plan the budget names
-    assert any(r["config"] == config_key(uniform) and r["level"] == "high" for r in result.trace)
+    assert any(r["config"] == allocation_key(uniform) and r["level"] == "high" for r in result.trace)
     s = cfg.search
     assert sum(r["level"] == "low" for r in result.trace) == s.population + s.generations * s.offspring
     assert sum(r["stage"] == "stage2" for r in result.trace) == s.tr_iterations * s.tr_batch
@@ -125,7 +125,7 @@ def test_the_first_generation_starts_from_the_budget_plan_and_both_prior_allocat
     assert all(r["stage"] == "stage1" and r["level"] == "low" for r in result.trace[: cfg.search.population])
     uniform = tuple((4, 16) for _ in range(cfg.model.tiny.layers))
     for config in (uniform, greedy, by_ilp):
-        assert config_key(config) in first
+        assert allocation_key(config) in first
     assert len(set(first)) == len(first)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from planner.config import ModelSection, SpaceSection, TinyModel
 from planner.loading import load_meta_model
-from planner.search.space import BudgetCost, SearchSpace, config_key, parse_config_key
+from planner.search.space import BudgetCost, SearchSpace, allocation_key, parse_allocation_key
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import quantizable_linears
 from qra_plugin.plan import block_pairs, fingerprint
@@ -27,7 +27,7 @@ def test_block_space_encodes_and_decodes_every_sample() -> None:
         x = space.encode(c)
         assert x.shape == (6,) and x.min() >= 0 and x.max() <= 1
         assert space.decode(x) == c
-        assert parse_config_key(config_key(c)) == c
+        assert parse_allocation_key(allocation_key(c)) == c
     assert space.encode(space.uniform(2, 4)).tolist() == [0.0] * 6
     assert space.encode(space.uniform(8, 32)).tolist() == [1.0] * 6
 

@@ -12,7 +12,7 @@ from planner.orchestration.setup import STORE_FILE, SearchSetup, exclusive_run, 
 from planner.priors import profile
 from planner.search.allocation import Importance
 from planner.search.baselines import METHODS, BaselineResult, choose
-from planner.search.space import config_key
+from planner.search.space import allocation_key
 from planner.store import Store
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
@@ -82,12 +82,12 @@ def _write_baseline(target: Path, cfg: QRAConfig, setup: SearchSetup, method: st
         target / "result.json",
         {
             "method": method,
-            "config": config_key(result.config),
+            "config": allocation_key(result.config),
             "score": result.score,
             "memory_bytes": memory,
             "budget_bytes": setup.budget_bytes,
             "evaluations": result.evaluations,
-            "history": [[config_key(c), s] for c, s in result.history],
+            "history": [[allocation_key(c), s] for c, s in result.history],
         },
     )
     return target / "plan.yaml"

@@ -15,7 +15,7 @@ from typing import Any
 from planner.memory import PART_LABELS
 from planner.priors.plot import plot_priors
 from planner.search.pareto import Point
-from planner.search.space import SearchSpace, config_key
+from planner.search.space import SearchSpace, allocation_key
 from qra_plugin.io import write_bytes_atomic, write_text_atomic
 
 STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange", "baseline": "tab:purple"}
@@ -143,7 +143,7 @@ def write_report(
     rows = "".join(
         f"<tr><td>{p.score:.4f}</td><td>{p.memory / mib:.2f}</td>"
         f"<td>{'yes' if p.memory <= summary['budget_bytes'] else 'no'}</td>"
-        f"<td>{html.escape(p.stage)}</td><td><code>{html.escape(config_key(p.config))}</code></td></tr>"
+        f"<td>{html.escape(p.stage)}</td><td><code>{html.escape(allocation_key(p.config))}</code></td></tr>"
         for p in front
     )
     evals = "".join(f"<li>{s} / {lv}: {n}</li>" for (s, lv), n in sorted(counts.items()))
@@ -155,7 +155,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}img{{ma
 <h1>qra search: {html.escape(summary["name"])}</h1>
 <p>Budget <b>{html.escape(summary["budget"])}</b> = {summary["budget_bytes"] / mib:.2f} MiB.
 Chosen plan: {scored} <b>{best.score:.4f}</b> at {best.memory / mib:.2f} MiB
-(<code>{html.escape(config_key(best.config))}</code>), seed {summary["seed"]}.</p>
+(<code>{html.escape(allocation_key(best.config))}</code>), seed {summary["seed"]}.</p>
 <ul><li>evaluations (every one a real SFT run): {len(trace)}, failed {failed}
 (in the store for this recipe: {fails.get("transient", 0)} transient — timeout, OOM, dead worker, retried once on
 resume — and {fails.get("deterministic", 0)} deterministic — the plan raised or its loss was not finite)</li>{evals}

@@ -33,7 +33,7 @@ from planner.priors.profile import profile
 from planner.search.allocation import Importance, named_prior_allocations, warm_start
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
 from planner.search.pareto import Point, against_free, best_for_budget, prefer_free, write_pareto
-from planner.search.space import Config, config_key
+from planner.search.space import Allocation, allocation_key
 from planner.search.surrogate import FIT_STATS
 from planner.search.trust_region import TRSettings, run_stage2
 from planner.store import Store
@@ -50,7 +50,7 @@ __all__ = ["PARETO_FILE", "PLAN_FILE", "REPORT_FILE", "STORE_FILE", "TRACE_FILE"
 @dataclass
 class SearchResult:
     out_dir: Path
-    best: Config
+    best: Allocation
     best_score: float
     best_memory: int
     budget_bytes: int
@@ -84,7 +84,7 @@ class _Run:
     axolotl_config: Path | None = None
     plan_target: Path | None = None
     #: the zero-evaluation allocations in the first population, by name (greedy_priors, ilp)
-    free: dict[str, Config] = field(default_factory=dict)
+    free: dict[str, Allocation] = field(default_factory=dict)
 
 
 def run_search(
@@ -137,13 +137,13 @@ def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
     return priors, Importance.from_priors(priors, s.space)
 
 
-def _first_population(run: _Run, importance: Importance) -> list[Config]:
+def _first_population(run: _Run, importance: Importance) -> list[Allocation]:
     """The budget's uniform plan (what the user would otherwise run), the priors' free allocations
     (greedy, ILP), then sampled warm starts; ``run_stage1`` keeps the first of any repeats."""
     s, search = run.setup, run.cfg.search
     n_warm = search.warm_start if search.warm_start is not None else max(1, search.population // 2)
     if not n_warm:
-        warm: list[Config] = []
+        warm: list[Allocation] = []
     else:
         named = s.budget.uniform[1] if s.budget.uniform is not None else None
         rank = named if named in s.space.ranks else sorted(s.space.ranks)[len(s.space.ranks) // 2]
@@ -155,8 +155,8 @@ def _first_population(run: _Run, importance: Importance) -> list[Config]:
 
 
 def _evaluate_stages(
-    run: _Run, importance: Importance, warm: list[Config], executor_kind: str | None, evaluate: Callable | None
-) -> tuple[Stage1Result, Any, dict[Config, float | None], Any, float]:
+    run: _Run, importance: Importance, warm: list[Allocation], executor_kind: str | None, evaluate: Callable | None
+) -> tuple[Stage1Result, Any, dict[Allocation, float | None], Any, float]:
     """Stage 1, stage 2 and the budget's uniform plan at the high fidelity, through the store."""
 
     s, search = run.setup, run.cfg.search
@@ -227,7 +227,7 @@ def _stage2(run: _Run, stage1: Stage1Result, evaluator: Any) -> Any:
     return run_stage2(s.space, s.fits, s.cost, evaluate, high, settings, progress=run.say)
 
 
-def _points(run: _Run, history: dict[Config, float | None], trace: list[dict[str, Any]]) -> list[Point]:
+def _points(run: _Run, history: dict[Allocation, float | None], trace: list[dict[str, Any]]) -> list[Point]:
     stage_of: dict[str, str] = {}
     for row in trace:
         if row["level"] == "high":
@@ -235,7 +235,7 @@ def _points(run: _Run, history: dict[Config, float | None], trace: list[dict[str
     measured = {row["config"]: row["memory_measured"] for row in trace if row["level"] == "high"}
     cost = run.setup.cost
     return [
-        Point(c, float(v), cost(c), measured.get(config_key(c)), stage_of.get(config_key(c), ""))
+        Point(c, float(v), cost(c), measured.get(allocation_key(c)), stage_of.get(allocation_key(c), ""))
         for c, v in sorted(history.items())
         if v is not None
     ]
@@ -246,7 +246,7 @@ def _write_outputs(
     priors: Any,
     stage1: Stage1Result,
     stage2: Any,
-    history: dict[Config, float | None],
+    history: dict[Allocation, float | None],
     evaluator: Any,
     planner_s: float,
     started: float,
@@ -316,7 +316,7 @@ def _summary(
     run: _Run,
     stage1: Stage1Result,
     stage2: Any,
-    history: dict[Config, float | None],
+    history: dict[Allocation, float | None],
     trace: list[dict[str, Any]],
     best: Point,
     planner_s: float,
@@ -330,7 +330,7 @@ def _summary(
         "priors_seed": cfg.seed,
         "budget": cfg.budget,
         "budget_bytes": s.budget_bytes,
-        "best": config_key(best.config),
+        "best": allocation_key(best.config),
         "best_score": best.score,
         "best_memory": best.memory,
         "surrogate_spearman": stage1.surrogate_spearman,
@@ -338,7 +338,7 @@ def _summary(
         "stage1_generations": stage1.generations,
         "stage2_restarts": stage2.restarts,
         "stage2_stopped_early_at": stage2.stopped_early_at,
-        "baseline": config_key(baseline) if baseline is not None else None,
+        "baseline": allocation_key(baseline) if baseline is not None else None,
         "baseline_score": history.get(baseline) if baseline is not None else None,
         **against_free(_free_allocations(run), best, history),
         "evaluations": trace,
@@ -355,7 +355,7 @@ def _summary(
     }
 
 
-def _free_allocations(run: _Run) -> dict[str, Config]:
+def _free_allocations(run: _Run) -> dict[str, Allocation]:
     """The allocations that cost no evaluation: the priors' (greedy, ILP) and the budget's uniform plan."""
     free = dict(run.free)
     baseline = run.setup.budget_plan()
@@ -364,7 +364,7 @@ def _free_allocations(run: _Run) -> dict[str, Config]:
     return free
 
 
-def _next_facts(run: _Run, best: Config, summary: dict[str, Any]) -> dict[str, Any]:
+def _next_facts(run: _Run, best: Allocation, summary: dict[str, Any]) -> dict[str, Any]:
     """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands."""
 
     s, train = run.setup, run.cfg.train

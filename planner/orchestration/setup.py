@@ -26,7 +26,7 @@ from planner.memory.optimizers import fidelity_refusal
 from planner.model_info import load_model_info
 from planner.objectives import objective_for
 from planner.priors.pruning import fixed_pruning, searched_channels
-from planner.search.space import BudgetCost, Config, SearchSpace, config_key
+from planner.search.space import Allocation, BudgetCost, SearchSpace, allocation_key
 from qra_plugin.errors import QRAError
 
 STORE_FILE = "store.sqlite"
@@ -43,13 +43,13 @@ class Evaluator:
         #: wall seconds spent waiting for evaluations; the rest of a search's wall time is the planner's own
         self.eval_wall_s = 0.0
 
-    def for_stage(self, stage: str) -> Callable[[list[Config], str], list[float | None]]:
-        def evaluate(configs: list[Config], level: str) -> list[float | None]:
+    def for_stage(self, stage: str) -> Callable[[list[Allocation], str], list[float | None]]:
+        def evaluate(configs: list[Allocation], level: str) -> list[float | None]:
             return self.run(configs, level, stage)
 
         return evaluate
 
-    def tasks(self, configs: list[Config], level: str, stage: str) -> list[Any]:
+    def tasks(self, configs: list[Allocation], level: str, stage: str) -> list[Any]:
 
         return [
             EvalTask(
@@ -57,14 +57,14 @@ class Evaluator:
                 level=level,  # type: ignore[arg-type]
                 seed=s,
                 config=self.cfg,
-                tag=f"{stage}:{config_key(c)}",
+                tag=f"{stage}:{allocation_key(c)}",
                 memory_predicted=self.cost(c),
             )
             for c in configs
             for s in self.cfg.fidelity.seeds
         ]
 
-    def run(self, configs: list[Config], level: str, stage: str) -> list[float | None]:
+    def run(self, configs: list[Allocation], level: str, stage: str) -> list[float | None]:
         n_seeds = len(self.cfg.fidelity.seeds)
         start = time.perf_counter()
         results = self.executor.run(self.tasks(configs, level, stage))
@@ -75,7 +75,7 @@ class Evaluator:
             scores.append(self._record(c, level, stage, group))
         return scores
 
-    def _record(self, config: Config, level: str, stage: str, group: list[Any]) -> float | None:
+    def _record(self, config: Allocation, level: str, stage: str, group: list[Any]) -> float | None:
         objective = objective_for(self.cfg)  # the search minimises its score, whichever objective it is
         values = [objective.search_score(r) for r in group]
         score = round(sum(values) / len(values), SCORE_DIGITS) if None not in values else None
@@ -86,7 +86,7 @@ class Evaluator:
                 "index": len(self.trace),
                 "stage": stage,
                 "level": level,
-                "config": config_key(config),
+                "config": allocation_key(config),
                 "score": score,
                 "memory": self.cost(config),
                 "memory_measured": max(measured) if measured else None,
@@ -101,7 +101,7 @@ class Evaluator:
         shown = f"{objective.shown(score):.4f}" if score is not None else f"[red]{self.trace[-1]['status']}[/red]"
         self.say(
             f"[dim]{stage}[/dim] {level:4s} {objective.label} {shown}  mem {self.cost(config) / 2**20:.2f} MiB  "
-            f"{config_key(config)}"
+            f"{allocation_key(config)}"
         )
         return score
 
@@ -149,13 +149,13 @@ class SearchSetup:
         cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
         return cls(cfg, info, budget, space, budget_bytes, cost)
 
-    def fits(self, config: Config) -> bool:
+    def fits(self, config: Allocation) -> bool:
         return self.cost(config) <= self.budget_bytes
 
     def evaluator(self, executor: Any, say: Callable) -> Evaluator:
         return Evaluator(self.cfg, self.space, self.cost, executor, say)
 
-    def budget_plan(self) -> Config | None:
+    def budget_plan(self) -> Allocation | None:
         """The uniform config a relative budget names (``uniform:4bit:r16``), if the space holds it and it fits."""
         if self.budget.uniform is None:
             return None

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.search.space import BudgetCost, Config, SearchSpace
+from planner.search.space import Allocation, BudgetCost, SearchSpace
 from qra_plugin.errors import QRAError
 
 Cost = BudgetCost  # exact bytes via __call__, per-unit move savings via .saving
@@ -136,7 +136,9 @@ def _to_units(space: SearchSpace, values: np.ndarray) -> np.ndarray:
     raise QRAError(f"priors have {len(values)} units but the search space has {space.n_units}: re-run qra profile")
 
 
-def repair(space: SearchSpace, config: Config, cost: Cost, budget: int, importance: Importance) -> Config | None:
+def repair(
+    space: SearchSpace, config: Allocation, cost: Cost, budget: int, importance: Importance
+) -> Allocation | None:
     """Downgrade the cheapest-to-lose choice per byte saved until ``config`` fits; None if it never can.
 
     Each step tries every one-step downgrade (a unit's bits, rank or pruning) and takes the one with the least
@@ -145,7 +147,7 @@ def repair(space: SearchSpace, config: Config, cost: Cost, budget: int, importan
     current = tuple(config)
     current_cost = cost(current)
     while current_cost > budget:
-        best: tuple[float, int, Config] | None = None
+        best: tuple[float, int, Allocation] | None = None
         for u, choice in enumerate(current):
             k = 0  # the move's place among this unit's possible moves (a deterministic tie-break)
             for axis, values in enumerate(space.axes):
@@ -176,7 +178,7 @@ def flat_importance(space: SearchSpace) -> Importance:
     return Importance(quant=quant, plasticity=np.ones(n), prune=prune)
 
 
-def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank: int | None = None) -> Config:
+def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank: int | None = None) -> Allocation:
     """The best uniform plan that fits: most bits first, then most rank (or the given rank)."""
     ranks = [rank] if rank is not None else sorted(space.ranks, reverse=True)
     for b in sorted(space.bits, reverse=True):
@@ -187,7 +189,7 @@ def uniform_under_budget(space: SearchSpace, cost: BudgetCost, budget: int, rank
     raise QRAError("no uniform plan in the search space fits the budget")
 
 
-def greedy_priors(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance) -> Config:
+def greedy_priors(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance) -> Allocation:
     """Importance-only allocation: start from the richest config and downgrade by least importance per byte."""
     config = repair(space, space.richest(), cost, budget, importance)
     if config is None:
@@ -195,7 +197,7 @@ def greedy_priors(space: SearchSpace, cost: BudgetCost, budget: int, importance:
     return config
 
 
-def ilp(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance, rank: int) -> Config:
+def ilp(space: SearchSpace, cost: BudgetCost, budget: int, importance: Importance, rank: int) -> Allocation:
     """LQ-LoRA-style ILP: choose bits per unit minimising summed I_q subject to the budget, uniform rank.
 
     Memory is linear in per-unit choices up to small cross terms (activations do not depend on bits), so
@@ -262,7 +264,9 @@ def _draw_importance(
     return Importance(quant=quant, plasticity=rank_weight * (r + 0.05), prune=prune)
 
 
-def warm_start(importance: Importance, space: SearchSpace, cost: Cost, budget: int, n: int, seed: int) -> list[Config]:
+def warm_start(
+    importance: Importance, space: SearchSpace, cost: Cost, budget: int, n: int, seed: int
+) -> list[Allocation]:
     """AutoQRA's warm start: ``n`` distinct budget-feasible configs mapped from the priors (high I_q → more
     bits, high I_r → more rank, high I_p → less pruning), fewer only if the space has no more.
 
@@ -281,7 +285,7 @@ def warm_start(importance: Importance, space: SearchSpace, cost: Cost, budget: i
     q, r = prior_scores(importance)
     p = _minmax(np.log1p(1e3 * importance.prune_importance())) if space.prune else None
     rng = np.random.default_rng(seed)
-    configs: list[Config] = []
+    configs: list[Allocation] = []
     for attempt in range(10 * n + 10):
         if len(configs) >= n:
             break
@@ -308,7 +312,9 @@ def warm_start(importance: Importance, space: SearchSpace, cost: Cost, budget: i
     return configs
 
 
-def prior_allocations(space: SearchSpace, cost: Cost, budget: int, importance: Importance, rank: int) -> list[Config]:
+def prior_allocations(
+    space: SearchSpace, cost: Cost, budget: int, importance: Importance, rank: int
+) -> list[Allocation]:
     """The two allocations the priors give for free: greedy importance-per-byte and the ILP at ``rank``.
 
     On SmolLM2 both beat a search that started without them (benchmarks/results/plan_quality_v1.json),
@@ -320,9 +326,9 @@ def prior_allocations(space: SearchSpace, cost: Cost, budget: int, importance: I
 
 def named_prior_allocations(
     space: SearchSpace, cost: Cost, budget: int, importance: Importance, rank: int
-) -> dict[str, Config]:
+) -> dict[str, Allocation]:
     """``prior_allocations`` by name (``greedy_priors``, ``ilp``): what a search must beat to earn its cost."""
-    found: dict[str, Config] = {}
+    found: dict[str, Allocation] = {}
     with contextlib.suppress(QRAError):
         found["greedy_priors"] = greedy_priors(space, cost, budget, importance)
     with contextlib.suppress(QRAError):
@@ -332,7 +338,7 @@ def named_prior_allocations(
 
 def table_allocation(
     space: SearchSpace, cost: BudgetCost, budget: int, table: dict[tuple[int, int, int], float]
-) -> Config:
+) -> Allocation:
     """Zero-evaluation allocation from the error table (``planner.priors.adapter_init.error_table``): start from
     the richest config and take, one step at a time, the downgrade (a unit's bits or rank) that adds the least
     starting output error per byte saved, until the config fits. Bits and rank are priced together: a rank
@@ -341,7 +347,7 @@ def table_allocation(
         raise QRAError("the error-table allocation does not search pruning")
     current = space.richest()
     while cost(current) > budget:
-        best: tuple[float, int, Config] | None = None
+        best: tuple[float, int, Allocation] | None = None
         for u, choice in enumerate(current):
             for axis, values in enumerate(space.axes):
                 i = values.index(choice[axis])

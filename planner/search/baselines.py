@@ -19,10 +19,10 @@ from functools import partial
 import numpy as np
 
 from planner.search.allocation import Importance, flat_importance, greedy_priors, ilp, repair, uniform_under_budget
-from planner.search.space import BudgetCost, Config, SearchSpace
+from planner.search.space import Allocation, BudgetCost, SearchSpace
 from qra_plugin.errors import QRAError
 
-Evaluate = Callable[[list[Config], str], list[float | None]]
+Evaluate = Callable[[list[Allocation], str], list[float | None]]
 METHODS = ("uniform", "random", "tpe", "ilp", "greedy_priors")
 #: random search gives up looking for new distinct configs after this many draws per evaluation asked for
 RANDOM_DRAWS_PER_EVALUATION = 50
@@ -31,10 +31,10 @@ RANDOM_DRAWS_PER_EVALUATION = 50
 @dataclass
 class BaselineResult:
     method: str
-    config: Config
+    config: Allocation
     score: float | None = None
     evaluations: int = 0
-    history: list[tuple[Config, float | None]] = field(default_factory=list)
+    history: list[tuple[Allocation, float | None]] = field(default_factory=list)
 
 
 def random_search(
@@ -46,7 +46,7 @@ def random_search(
     ``RANDOM_DRAWS_PER_EVALUATION`` draws per wanted config, and the distinct ones found are all evaluated."""
     rng = np.random.default_rng(seed)
     flat = flat_importance(space)
-    configs: list[Config] = []
+    configs: list[Allocation] = []
     for _ in range(RANDOM_DRAWS_PER_EVALUATION * evaluations):
         if len(configs) == evaluations:
             break
@@ -76,8 +76,8 @@ def tpe(
 
     flat = flat_importance(space)
     domain = {f"u{u}": hp.choice(f"u{u}", space.choices()) for u in range(space.n_units)}
-    history: list[tuple[Config, float | None]] = []
-    seen: dict[Config, float | None] = {}
+    history: list[tuple[Allocation, float | None]] = []
+    seen: dict[Allocation, float | None] = {}
 
     def objective(point: dict) -> dict:
         proposal = tuple(tuple(point[f"u{u}"]) for u in range(space.n_units))
@@ -153,7 +153,7 @@ def default_rank(space: SearchSpace) -> int:
     return max(below) if below else min(positive, default=0)
 
 
-def _best(method: str, history: Sequence[tuple[Config, float | None]]) -> BaselineResult:
+def _best(method: str, history: Sequence[tuple[Allocation, float | None]]) -> BaselineResult:
     scored = [(s, i) for i, (_, s) in enumerate(history) if s is not None]
     if not scored:
         raise QRAError(f"baseline {method!r}: every evaluation failed")

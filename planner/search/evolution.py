@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 
 from planner.search.allocation import Importance, repair
-from planner.search.space import BudgetCost, Config, SearchSpace
+from planner.search.space import Allocation, BudgetCost, SearchSpace
 from planner.search.surrogate import PerformanceModel, heldout_spearman
 from qra_plugin.errors import QRAError
 
-Evaluate = Callable[[list[Config], str], list[float | None]]
+Evaluate = Callable[[list[Allocation], str], list[float | None]]
 Cost = BudgetCost  # exact bytes via __call__, per-unit move savings via .saving
 
 
 def mutate(
-    space: SearchSpace, config: Config, importance: Importance, rng: np.random.Generator, rate: float | None = None
-) -> Config:
+    space: SearchSpace, config: Allocation, importance: Importance, rng: np.random.Generator, rate: float | None = None
+) -> Allocation:
     """Move some coordinates one step; important units tend to move up, unimportant ones down.
 
     The probability of an upward move is 0.2 + 0.6 × the unit's importance percentile (bits use the
@@ -59,7 +59,7 @@ def mutate(
     return space.from_indices(idx)
 
 
-def crossover(a: Config, b: Config, rng: np.random.Generator) -> Config:
+def crossover(a: Allocation, b: Allocation, rng: np.random.Generator) -> Allocation:
     """Uniform crossover by unit: each unit takes its whole (bits, rank) pair from one parent."""
     take_a = rng.random(len(a)) < 0.5
     return tuple(pa if t else pb for pa, pb, t in zip(a, b, take_a, strict=True))
@@ -124,7 +124,7 @@ def crowding(scores: Sequence[float], memory: Sequence[int]) -> np.ndarray:
 
 
 def select(
-    configs: Sequence[Config], scores: Sequence[float | None], memory: Sequence[int], budget: int, k: int
+    configs: Sequence[Allocation], scores: Sequence[float | None], memory: Sequence[int], budget: int, k: int
 ) -> list[int]:
     """Indices of the ``k`` survivors: by constrained front, then crowding distance, then index."""
     ranks = nondominated_sort(scores, memory, budget)
@@ -160,7 +160,7 @@ class Stage1Settings:
 class Record:
     """Everything stage 1 knows about one config."""
 
-    config: Config
+    config: Allocation
     memory: int
     low: float | None = None
     high: float | None = None
@@ -172,8 +172,8 @@ class Record:
 
 @dataclass
 class Stage1Result:
-    records: dict[Config, Record]
-    population: list[Config]
+    records: dict[Allocation, Record]
+    population: list[Allocation]
     surrogate_spearman: float | None
     screening_spearman: float | None
     generations: list[dict[str, Any]] = field(default_factory=list)
@@ -189,15 +189,15 @@ def run_stage1(
     budget: int,
     evaluate: Evaluate,
     settings: Stage1Settings,
-    warm: Sequence[Config] = (),
+    warm: Sequence[Allocation] = (),
     progress: Callable[[str], None] | None = None,
 ) -> Stage1Result:
     """Evolve a population under the budget; return every evaluated config with its scores."""
     rng = np.random.default_rng(settings.seed)
     say = progress or (lambda _msg: None)
-    records: dict[Config, Record] = {}
+    records: dict[Allocation, Record] = {}
 
-    def record(config: Config, gen: int, origin: str) -> Record:
+    def record(config: Allocation, gen: int, origin: str) -> Record:
         if config not in records:
             records[config] = Record(config, cost(config), generation=gen, origin=origin)
         return records[config]
@@ -217,7 +217,7 @@ def run_stage1(
         scores = [records[c].low for c in population]
         mem = [records[c].memory for c in population]
         ranks = nondominated_sort(scores, mem, budget)
-        drafts: list[Config] = []
+        drafts: list[Allocation] = []
         for _ in range(50 * settings.offspring):
             if len(drafts) >= settings.screen_factor * settings.offspring:
                 break
@@ -259,17 +259,17 @@ def _initial_population(
     importance: Importance,
     cost: Cost,
     budget: int,
-    warm: Sequence[Config],
+    warm: Sequence[Allocation],
     size: int,
     rng: np.random.Generator,
-) -> list[tuple[Config, str]]:
+) -> list[tuple[Allocation, str]]:
     """Repaired warm starts first, then the most diverse of many random members, as (config, origin)."""
-    chosen: list[tuple[Config, str]] = []
+    chosen: list[tuple[Allocation, str]] = []
     for c in warm:
         fixed = repair(space, tuple(c), cost, budget, importance)
         if fixed is not None and all(fixed != o for o, _ in chosen) and len(chosen) < size:
             chosen.append((fixed, "prior"))
-    pool: list[Config] = []
+    pool: list[Allocation] = []
     for _ in range(8 * size):
         fixed = repair(space, space.sample(rng), cost, budget, importance)
         if fixed is not None and all(fixed != o for o, _ in chosen) and fixed not in pool:
@@ -282,7 +282,7 @@ def _initial_population(
     return chosen
 
 
-def _farthest(space: SearchSpace, chosen: Sequence[Config], pool: Sequence[Config]) -> int:
+def _farthest(space: SearchSpace, chosen: Sequence[Allocation], pool: Sequence[Allocation]) -> int:
     """Index in ``pool`` of the member farthest (min L1 distance) from everything chosen so far."""
     if not chosen:
         return 0
@@ -295,7 +295,7 @@ def _tournament(ranks: Sequence[int], rng: np.random.Generator) -> int:
     return int(a if (ranks[a], a) <= (ranks[b], b) else b)
 
 
-def _evaluate_low(configs: Sequence[Config], records: dict[Config, Record], evaluate: Evaluate) -> None:
+def _evaluate_low(configs: Sequence[Allocation], records: dict[Allocation, Record], evaluate: Evaluate) -> None:
     todo = [c for c in configs if not records[c].low_done]
     if not todo:
         return
@@ -315,7 +315,9 @@ class _Models:
         return PerformanceModel(self.space, use_low, seed, self.importance, self.features)
 
 
-def _screen(models: _Models, records: dict[Config, Record], drafts: list[Config], k: int, seed: int) -> list[Config]:
+def _screen(
+    models: _Models, records: dict[Allocation, Record], drafts: list[Allocation], k: int, seed: int
+) -> list[Allocation]:
     """Pick ``k`` drafts to evaluate: lowest lower-confidence bound of the low-fidelity screening model."""
     if len(drafts) <= k:
         return drafts
@@ -331,7 +333,7 @@ def _screen(models: _Models, records: dict[Config, Record], drafts: list[Config]
 
 def _promote(
     models: _Models,
-    records: dict[Config, Record],
+    records: dict[Allocation, Record],
     evaluate: Evaluate,
     k: int,
     seed: int,
@@ -360,7 +362,9 @@ def _promote(
     say(f"promoted {len(chosen)} to high fidelity")
 
 
-def _generation_summary(gen: int, records: dict[Config, Record], population: Sequence[Config]) -> dict[str, Any]:
+def _generation_summary(
+    gen: int, records: dict[Allocation, Record], population: Sequence[Allocation]
+) -> dict[str, Any]:
     lows = [records[c].low for c in population if records[c].low is not None]
     highs = [r.high for r in records.values() if r.high is not None]
     return {

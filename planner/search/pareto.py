@@ -6,14 +6,12 @@ so a user with a smaller or larger budget picks ``best_for_budget`` instead of s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.search.space import Config, SearchSpace, config_key
-from qra_plugin.errors import QRAError
+from planner.search.space import Allocation, SearchSpace, allocation_key
 from qra_plugin.io import write_json_atomic
 
 
@@ -21,7 +19,7 @@ from qra_plugin.io import write_json_atomic
 class Point:
     """One finished high-fidelity evaluation: score (eval loss, lower is better) and predicted bytes."""
 
-    config: Config
+    config: Allocation
     score: float
     memory: int
     memory_measured: int | None = None
@@ -69,7 +67,7 @@ def write_pareto(
                 "memory_measured": p.memory_measured,
                 "fits_budget": p.memory <= budget,
                 "stage": p.stage,
-                "config": config_key(p.config),
+                "config": allocation_key(p.config),
                 "plan": space.to_plan(p.config).to_dict(),
             }
             for p in pts
@@ -79,20 +77,8 @@ def write_pareto(
     return pts
 
 
-def load_pareto(path: str | Path) -> dict[str, Any]:
-
-    path = Path(path)
-    if not path.is_file():
-        raise QRAError(f"pareto file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise QRAError(f"{path}: malformed pareto file ({exc.msg})") from None
-
-
-# ---------------------------------------------------------------- against the zero-evaluation allocations
 def prefer_free(
-    free: dict[str, Config], points: list[Point], best: Point, budget_bytes: int, min_gain: float
+    free: dict[str, Allocation], points: list[Point], best: Point, budget_bytes: int, min_gain: float
 ) -> tuple[Point, dict[str, Any] | None]:
     """With ``search.min_gain`` set (the seed noise of a high-fidelity score), a best plan that beats the best
     zero-evaluation allocation (``free``: the priors' greedy and ILP, the budget's uniform plan) by no more than
@@ -102,7 +88,7 @@ def prefer_free(
     top = best_for_budget([p for p in points if p.config in configs], budget_bytes)
     if top is None or best.config in configs or not within_noise(best.score, top.score, min_gain):
         return best, None
-    return top, {"config": config_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
+    return top, {"config": allocation_key(best.config), "score": best.score, "gain": round(top.score - best.score, 6)}
 
 
 def within_noise(best_score: float, free_score: float, min_gain: float) -> bool:
@@ -110,7 +96,7 @@ def within_noise(best_score: float, free_score: float, min_gain: float) -> bool:
     return min_gain > 0 and free_score - best_score <= min_gain
 
 
-def against_free(free: dict[str, Config], best: Point, history: dict[Config, float | None]) -> dict[str, Any]:
+def against_free(free: dict[str, Allocation], best: Point, history: dict[Allocation, float | None]) -> dict[str, Any]:
     """Did the evaluations earn their cost? The best plan against the allocations that cost no evaluation, at
     the high fidelity, one seed each."""
     scored = {name: history.get(c) for name, c in free.items() if history.get(c) is not None}

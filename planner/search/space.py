@@ -25,7 +25,8 @@ from qra_plugin.modules import LinearSpec
 from qra_plugin.plan import Fingerprint, Plan
 
 Pair = tuple  # one unit's choice: (bits, rank) or (bits, rank, prune ratio)
-Config = tuple[Pair, ...]
+#: a candidate allocation: one choice per unit (the word "config" means the settings, ``QRAConfig``)
+Allocation = tuple[Pair, ...]
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,6 @@ class SearchSpace:
     def n_units(self) -> int:
         return len(self.specs) if self.unit == "module" else max(s.block for s in self.specs) + 1
 
-    @property
-    def unit_names(self) -> list[str]:
-        if self.unit == "module":
-            return [s.name for s in self.specs]
-        return [f"block.{i}" for i in range(self.n_units)]
-
-    @property
     def unit_blocks(self) -> list[int]:
         """The transformer block each unit belongs to (maps block-level priors onto module units)."""
         return [s.block for s in self.specs] if self.unit == "module" else list(range(self.n_units))
@@ -152,17 +146,17 @@ class SearchSpace:
         return self.n_axes * self.n_units
 
     # ---------------------------------------------------------------- indices and encoding
-    def indices(self, config: Config) -> np.ndarray:
+    def indices(self, config: Allocation) -> np.ndarray:
         """(n_units, n_axes) int array of choice indices; raises QRAError on a choice outside the space."""
         self.check(config)
         lookup = [{v: i for i, v in enumerate(axis)} for axis in self.axes]
         return np.array([[lookup[d][v] for d, v in enumerate(c)] for c in config], dtype=np.int64)
 
-    def from_indices(self, idx: np.ndarray) -> Config:
+    def from_indices(self, idx: np.ndarray) -> Allocation:
         rows = np.asarray(idx).reshape(-1, self.n_axes)
         return tuple(tuple(axis[int(i)] for axis, i in zip(self.axes, row, strict=True)) for row in rows)
 
-    def check(self, config: Config) -> None:
+    def check(self, config: Allocation) -> None:
         if len(config) != self.n_units:
             shape = "(bits, rank, prune) choices" if self.prune else "(bits, rank) pairs"
             raise QRAError(f"a config needs {self.n_units} {shape}, one per unit, got {len(config)}")
@@ -173,26 +167,26 @@ class SearchSpace:
                     + (f", prune {list(self.prune)})" if self.prune else ")")
                 )
 
-    def encode(self, config: Config) -> np.ndarray:
+    def encode(self, config: Allocation) -> np.ndarray:
         """Ordinal encoding in [0, 1]^dim: each coordinate's index per unit, scaled by its max."""
         idx = self.indices(config).astype(np.float64)
         idx /= np.maximum(np.array(self.sizes) - 1, 1)
         return idx.reshape(-1)
 
-    def decode(self, x: np.ndarray) -> Config:
+    def decode(self, x: np.ndarray) -> Allocation:
         """Nearest config to a point of [0, 1]^dim (inverse of ``encode`` on the grid)."""
         x = np.clip(np.asarray(x, dtype=np.float64).reshape(-1, self.n_axes), 0.0, 1.0)
         return self.from_indices(np.rint(x * (np.array(self.sizes) - 1)).astype(np.int64))
 
-    def distance(self, a: Config, b: Config) -> int:
+    def distance(self, a: Allocation, b: Allocation) -> int:
         """L1 distance in choice indices: how many one-step moves separate two configs."""
         return int(np.abs(self.indices(a) - self.indices(b)).sum())
 
     # ---------------------------------------------------------------- moves
-    def neighbours(self, config: Config) -> list[Config]:
+    def neighbours(self, config: Allocation) -> list[Allocation]:
         """Every config one ordinal step away in one coordinate (a unit's bits, rank or pruning)."""
         idx = self.indices(config)
-        out: list[Config] = []
+        out: list[Allocation] = []
         for u in range(self.n_units):
             for d, size in enumerate(self.sizes):
                 for step in (-1, 1):
@@ -203,26 +197,26 @@ class SearchSpace:
                         out.append(self.from_indices(moved))
         return out
 
-    def sample(self, rng: np.random.Generator) -> Config:
+    def sample(self, rng: np.random.Generator) -> Allocation:
         """A uniformly random config."""
         cols = [rng.integers(0, size, size=self.n_units) for size in self.sizes]
         return self.from_indices(np.stack(cols, axis=1))
 
-    def uniform(self, bits: int, rank: int, prune: float | None = None) -> Config:
+    def uniform(self, bits: int, rank: int, prune: float | None = None) -> Allocation:
         """Every unit at the same choice (the uniform baselines; least pruned unless ``prune`` is given)."""
         config = tuple(self.choice(bits, rank, prune) for _ in range(self.n_units))
         self.check(config)
         return config
 
-    def richest(self) -> Config:
+    def richest(self) -> Allocation:
         """The most expensive config: most bits, most rank, least pruning everywhere."""
         return self.from_indices(np.tile(np.array(self.sizes) - 1, (self.n_units, 1)))
 
-    def cheapest(self) -> Config:
+    def cheapest(self) -> Allocation:
         return self.from_indices(np.zeros((self.n_units, self.n_axes), dtype=np.int64))
 
     # ---------------------------------------------------------------- plans
-    def to_plan(self, config: Config, meta: dict[str, Any] | None = None) -> Plan:
+    def to_plan(self, config: Allocation, meta: dict[str, Any] | None = None) -> Plan:
         """The plan training applies for ``config`` (per block or per module, with the space's backend)."""
         self.check(config)
         pairs = [(int(c[0]), int(c[1])) for c in config]
@@ -245,7 +239,7 @@ class SearchSpace:
             plan.meta.update(meta)
         return plan
 
-    def _searched_pruning(self, config: Config) -> dict[int, Any]:
+    def _searched_pruning(self, config: Allocation) -> dict[int, Any]:
         """Each block's kept channels for its chosen ratio (none when the ratio is not searched)."""
         if not self.prune:
             return {}
@@ -253,13 +247,13 @@ class SearchSpace:
         return pruning_for_ratios(self.channels, [float(c[2]) for c in config])
 
 
-def config_key(config: Config) -> str:
-    """A compact, stable text form of a config (for JSON output and logs): ``4/16,8/8,...`` (with a pruning
+def allocation_key(config: Allocation) -> str:
+    """A compact, stable text form of an allocation (for JSON output and logs): ``4/16,8/8,...`` (with a pruning
     ratio: ``4/16/0.25,...``)."""
     return ",".join("/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in c) for c in config)
 
 
-def parse_config_key(text: str) -> Config:
+def parse_allocation_key(text: str) -> Allocation:
     def one(part: str) -> Pair:
         values = part.split("/")
         return (int(values[0]), int(values[1]), *(float(v) for v in values[2:]))
@@ -277,10 +271,10 @@ class BudgetCost:
     fits/does-not-fit decision still uses the exact total.
     """
 
-    def __init__(self, space: SearchSpace, total: Any, reference: Config | None = None) -> None:
+    def __init__(self, space: SearchSpace, total: Any, reference: Allocation | None = None) -> None:
         self.space = space
         self._total = total
-        self._cache: dict[Config, int] = {}
+        self._cache: dict[Allocation, int] = {}
         ref = reference or space.richest()
         ref_cost = self(ref)
         self.marginal: list[dict[Pair, int]] = []
@@ -288,7 +282,7 @@ class BudgetCost:
             row = {c: self(ref[:u] + (c,) + ref[u + 1 :]) - ref_cost for c in space.choices()}
             self.marginal.append(row)
 
-    def __call__(self, config: Config) -> int:
+    def __call__(self, config: Allocation) -> int:
         config = tuple(config)
         if config not in self._cache:
             self._cache[config] = int(self._total(config))

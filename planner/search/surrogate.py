@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from planner.search.space import Config, SearchSpace
+from planner.search.space import Allocation, SearchSpace
 
 log = logging.getLogger("qra")
 
@@ -26,7 +26,7 @@ log = logging.getLogger("qra")
 FIT_STATS = {"fits": 0, "failed": 0}
 
 
-def features(space: SearchSpace, configs: Sequence[Config]) -> np.ndarray:
+def features(space: SearchSpace, configs: Sequence[Allocation]) -> np.ndarray:
     """Per-unit ordinal coordinates in [0, 1], then mean bits and mean log2(1 + rank) (and mean pruning
     ratio), each in [0, 1]."""
     enc = np.stack([space.encode(c) for c in configs]) if configs else np.zeros((0, space.dim))
@@ -51,7 +51,7 @@ def features(space: SearchSpace, configs: Sequence[Config]) -> np.ndarray:
 FEATURE_SETS = ("ordinal", "prior", "both")
 
 
-def prior_features(space: SearchSpace, importance: Any, configs: Sequence[Config]) -> np.ndarray:
+def prior_features(space: SearchSpace, importance: Any, configs: Sequence[Allocation]) -> np.ndarray:
     """What the priors say about each config, in [0, 1]: mean quantization damage at the chosen bits, the
     plasticity-weighted share of the largest log-rank, mean pruning damage (pruned spaces); then the means."""
     n = space.n_units
@@ -120,7 +120,7 @@ class PerformanceModel:
         self._model = None
         self._low_range = (0.0, 1.0)
 
-    def _features(self, configs: Sequence[Config]) -> np.ndarray:
+    def _features(self, configs: Sequence[Allocation]) -> np.ndarray:
         if self.feature_set == "ordinal":
             return features(self.space, configs)
         prior = prior_features(self.space, self.importance, configs)
@@ -128,7 +128,7 @@ class PerformanceModel:
             return prior
         return np.concatenate([features(self.space, configs)[:, : self.space.dim], prior], axis=1)
 
-    def _inputs(self, configs: Sequence[Config], lows: Sequence[float] | None) -> np.ndarray:
+    def _inputs(self, configs: Sequence[Allocation], lows: Sequence[float] | None) -> np.ndarray:
         x = self._features(configs)
         if not self.use_low:
             return x
@@ -139,7 +139,7 @@ class PerformanceModel:
         return np.concatenate([x, low[:, None]], axis=1)
 
     def fit(
-        self, configs: Sequence[Config], lows: Sequence[float] | None, targets: Sequence[float]
+        self, configs: Sequence[Allocation], lows: Sequence[float] | None, targets: Sequence[float]
     ) -> PerformanceModel:
         if len(configs) < 2:
             raise ValueError("the performance model needs at least two training points")
@@ -150,7 +150,7 @@ class PerformanceModel:
         self._model = fit_gp(self._inputs(configs, lows), np.asarray(targets, dtype=np.float64), self.seed)
         return self
 
-    def predict(self, configs: Sequence[Config], lows: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, configs: Sequence[Allocation], lows: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and standard deviation of the target for each config."""
         if self._model is None:
             raise RuntimeError("fit the performance model first")
@@ -173,7 +173,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 def heldout_spearman(
     space: SearchSpace,
-    configs: Sequence[Config],
+    configs: Sequence[Allocation],
     lows: Sequence[float] | None,
     targets: Sequence[float],
     seed: int = 0,

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from planner.search.space import Config, SearchSpace
+from planner.search.space import Allocation, SearchSpace
 from planner.search.surrogate import fit_gp
 
-Evaluate = Callable[[list[Config], str], list[float | None]]
+Evaluate = Callable[[list[Allocation], str], list[float | None]]
 
 
 @dataclass
@@ -48,12 +48,12 @@ class TRSettings:
 class TRState:
     """The trust region: its centre, length (in one-step moves) and success/failure counters."""
 
-    centre: Config
+    centre: Allocation
     length: int
     successes: int = 0
     failures: int = 0
     restarts: int = 0
-    used_centres: list[Config] = field(default_factory=list)
+    used_centres: list[Allocation] = field(default_factory=list)
 
     def update(self, improved: bool, settings: TRSettings) -> None:
         """Grow after enough successes, shrink after enough failures (TuRBO's rule)."""
@@ -74,9 +74,9 @@ class TRState:
 
 @dataclass
 class Stage2Result:
-    history: dict[Config, float | None]
+    history: dict[Allocation, float | None]
     evaluated: list[dict[str, Any]]
-    best: Config | None
+    best: Allocation | None
     restarts: int
     #: the iteration stage 2 stopped at for lack of gain (None: it ran every iteration)
     stopped_early_at: int | None = None
@@ -84,16 +84,16 @@ class Stage2Result:
 
 def region_candidates(
     space: SearchSpace,
-    centre: Config,
+    centre: Allocation,
     length: int,
-    fits: Callable[[Config], bool],
-    exclude: Mapping[Config, Any] | set[Config],
+    fits: Callable[[Allocation], bool],
+    exclude: Mapping[Allocation, Any] | set[Allocation],
     rng: np.random.Generator,
     n: int,
     with_trades: bool = False,
-) -> list[Config]:
+) -> list[Allocation]:
     """Feasible, not yet evaluated configs within ``length`` one-step moves of ``centre`` (sorted, unique)."""
-    found: set[Config] = set()
+    found: set[Allocation] = set()
     if length >= 1:
         found.update(space.neighbours(centre))
     sizes = np.array(space.sizes)
@@ -113,14 +113,14 @@ def region_candidates(
     return out
 
 
-def trades(space: SearchSpace, centre: Config, rng: np.random.Generator, n: int) -> set[Config]:
+def trades(space: SearchSpace, centre: Allocation, rng: np.random.Generator, n: int) -> set[Allocation]:
     """Up to ``n`` two-step moves that raise one coordinate and lower another (rank for bits, bits for rank,
     one unit's channels for another's): under a binding budget a single step up never fits, a trade can."""
     base = space.indices(centre)
     sizes = np.array(space.sizes)
     ups = [(u, d) for u in range(space.n_units) for d in range(space.n_axes) if base[u, d] < sizes[d] - 1]
     downs = [(u, d) for u in range(space.n_units) for d in range(space.n_axes) if base[u, d] > 0]
-    out: set[Config] = set()
+    out: set[Allocation] = set()
     if not ups or not downs:
         return out
     for _ in range(n):
@@ -135,8 +135,8 @@ def trades(space: SearchSpace, centre: Config, rng: np.random.Generator, n: int)
 
 
 def propose(
-    space: SearchSpace, history: Mapping[Config, float | None], candidates: Sequence[Config], k: int, seed: int
-) -> list[Config]:
+    space: SearchSpace, history: Mapping[Allocation, float | None], candidates: Sequence[Allocation], k: int, seed: int
+) -> list[Allocation]:
     """The ``k`` candidates of highest log expected improvement under a GP on the finished evaluations."""
     from botorch.acquisition.analytic import LogExpectedImprovement
 
@@ -156,20 +156,20 @@ def propose(
 
 def run_stage2(
     space: SearchSpace,
-    fits: Callable[[Config], bool],
-    memory: Callable[[Config], int],
+    fits: Callable[[Allocation], bool],
+    memory: Callable[[Allocation], int],
     evaluate: Evaluate,
-    history: Mapping[Config, float | None],
+    history: Mapping[Allocation, float | None],
     settings: TRSettings,
     progress: Callable[[str], None] | None = None,
 ) -> Stage2Result:
     """Refine the best feasible high-fidelity configs with trust-region BO; return every evaluation."""
     say = progress or (lambda _msg: None)
     rng = np.random.default_rng(settings.seed)
-    hist: dict[Config, float | None] = dict(history)
+    hist: dict[Allocation, float | None] = dict(history)
     evaluated: list[dict[str, Any]] = []
 
-    def ranked() -> list[Config]:
+    def ranked() -> list[Allocation]:
         ok = [c for c, s in hist.items() if s is not None and fits(c)]
         return sorted(ok, key=lambda c: (hist[c], memory(c), c))
 
