@@ -21,39 +21,34 @@ Methods per budget (plan memory of uniform 4-bit r16 and 3-bit r16):
 G = (uniform − method) / (uniform − unquantized_r16) on mean test loss, both sides tuned. Every run is
 stored as it finishes (SQLite under ``--out``); a re-run computes only what is missing.
 
-  nice python benchmarks/adapter_init.py --recipe cpu --out benchmarks/results/adapter_init_stores
+  nice python -m benchmarks.adapter_init --recipe cpu --out benchmarks/results/adapter_init_stores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import RESULTS, command_line, mean, run_tasks, write_result
+from benchmarks.harness.benchmark import RECIPES as PLAN_QUALITY_RECIPES
+from benchmarks.harness.benchmark import uniform_plan
+from planner.config import FidelityLevel, QRAConfig
+from planner.fidelity.contract import EvalTask
+from planner.memory import plan_bytes
+from planner.orchestration.baseline_run import run_baseline
+from planner.orchestration.search_run import run_search
+from planner.orchestration.setup import SearchSetup
+from planner.search.allocation import table_allocation
+from planner.stats import paired
+from qra_plugin.plan import Plan
 
-from planner.config import FidelityLevel, QRAConfig  # noqa: E402
-from planner.fidelity.contract import EvalTask  # noqa: E402
-from planner.memory import plan_bytes  # noqa: E402
-from planner.orchestration.baseline_run import run_baseline  # noqa: E402
-from planner.orchestration.search_run import run_search  # noqa: E402
-from planner.orchestration.setup import SearchSetup, open_executor  # noqa: E402
-from planner.search.allocation import table_allocation  # noqa: E402
-from planner.stats import paired  # noqa: E402
-from planner.store import Store  # noqa: E402
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
-from qra_plugin.plan import Plan  # noqa: E402
-
-RECIPES = {
-    "cpu": ("benchmarks/recipes/plan_quality-cpu.yaml", 96, (0, 1, 2), 2),
-    "tiny": ("benchmarks/recipes/plan_quality-tiny.yaml", 8, (0, 1), 2),
-}
+#: the plan-quality recipes this benchmark runs (config, test rows, seeds, final workers and final steps are theirs)
+RECIPES = {name: PLAN_QUALITY_RECIPES[name] for name in ("cpu", "tiny")}
 BUDGETS = {"uniform4_r16": ("plan:uniform:4bit:r16", 4), "uniform3_r16": ("plan:uniform:3bit:r16", 3)}
 #: learning rates tried per method (the round-2 protocol ran every method at 5e-4, under-tuned for all)
 LR_GRID = (1e-3, 2e-3, 4e-3)
@@ -70,17 +65,18 @@ PAIRS = (
     ("qra_init", "unquantized_r16"),
     ("table_alloc", "unquantized_r16"),
 )
-ERROR_TABLE = ROOT / "benchmarks" / "results" / "error_table_smollm2.json"
+ERROR_TABLE = RESULTS / "error_table_smollm2.json"
 
 
 class Bench:
     def __init__(self, recipe: str, out: Path, results: Path, command: str) -> None:
-        config, self.test_rows, self.seeds, self.workers = RECIPES[recipe]
+        spec = RECIPES[recipe]
+        self.test_rows, self.seeds, self.workers = spec.final_eval_examples, spec.seeds, spec.final_workers
         self.recipe, self.out, self.results, self.command = recipe, out, results, command
-        base = QRAConfig.load(ROOT / config)
+        base = spec.load()
         fidelity = base.fidelity.model_copy(update={"layer_cache": str(out / "layers")})
         self.base = base.model_copy(update={"fidelity": fidelity})
-        self.final_steps = max(5 * base.fidelity.high.steps, -(-base.data.train_examples // base.train.batch))
+        self.final_steps = spec.final_steps(base)
         out.mkdir(parents=True, exist_ok=True)
         self.store_path = out / "runs.sqlite"
         self.summary: dict[str, Any] = {}
@@ -107,8 +103,7 @@ class Bench:
         table = self.error_table(error)
         chosen = table_allocation(error.space, error.cost, error.budget_bytes, table)
         greedy = run_baseline(zero.cfg, self.out / name / "greedy", "greedy_priors", rank=16, progress=False)
-        ceiling = Plan.from_block_pairs(zero.space.fingerprint, zero.space.specs, [(16, 16)] * zero.space.n_units,
-                                        zero.space.backend)  # fmt: skip
+        ceiling = uniform_plan(zero.space, 16, 16)
         return {
             CEILING: (ceiling, "zero"),
             "uniform": (zero.space.to_plan(zero.space.uniform(bits, 16)), "zero"),
@@ -154,13 +149,7 @@ class Bench:
 
     # ----------------------------------------------------------------------------- runs
     def run_tasks(self, tasks: list[EvalTask]) -> list[Any]:
-        store = Store(self.store_path)
-        executor = open_executor(tasks[0].config, store, kind="local")
-        try:
-            return executor.run(tasks)
-        finally:
-            executor.close()
-            store.close()
+        return run_tasks(self.store_path, tasks)
 
     def tune_and_finish(self, name: str, plans: dict[str, tuple[Plan, str]]) -> dict[str, dict[str, Any]]:
         """Per method: seed 0 at every rate on selection, then the finals at the best rate on test."""
@@ -192,8 +181,8 @@ class Bench:
                 "lr_at_grid_edge": best[m] in (LR_GRID[0], LR_GRID[-1]),
                 "final_eval_losses": {s: r.eval_loss for s, r in results},
                 "final_accuracies": {s: r.accuracy for s, r in results},
-                "final_eval_loss_mean": _mean([r.eval_loss for _, r in results]),
-                "step_s": _mean([r.wall_s / max(r.steps, 1) for _, r in results]),
+                "final_eval_loss_mean": _mean5([r.eval_loss for _, r in results]),
+                "step_s": _mean5([r.wall_s / max(r.steps, 1) for _, r in results]),
                 "plan_hash": plan.content_hash(),
                 "bits_rank_counts": _counts(plan),
             }
@@ -254,8 +243,7 @@ class Bench:
             },
             "budgets": self.summary,
         }
-        write_json_atomic(self.results, result)
-        write_text_atomic(self.results.with_suffix(".md"), markdown(result))
+        write_result(self.results, result, markdown(result))
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -273,9 +261,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean(values: list[float | None]) -> float | None:
-    values = [float(v) for v in values if v is not None]
-    return round(sum(values) / len(values), 5) if values else None
+def _mean5(values: list[float | None]) -> float | None:
+    return mean(values, 5)
 
 
 def _lowest(losses: dict[float, float | None]) -> float:
@@ -301,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="benchmarks/results/adapter_init.json")
     parser.add_argument("--budgets", default=",".join(BUDGETS))
     args = parser.parse_args(argv)
-    command = "python benchmarks/adapter_init.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("adapter_init", argv)
     bench = Bench(args.recipe, Path(args.out), Path(args.results), command.strip())
     for name in args.budgets.split(","):
         bench.budget(name.strip())

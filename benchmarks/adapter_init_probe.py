@@ -6,7 +6,7 @@ Zero init = the quantized model (B = 0). Also, per module at 4-bit: does the ini
 the held-out rows (the accept-if-better question: it cannot be worse on the calibration rows)?
 One thread: on a shared 2-core machine two threads made each eigh/SVD ~100x slower (spin-waiting).
 
-Run: nice -n 10 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD python benchmarks/adapter_init_probe.py
+Run: nice -n 10 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.adapter_init_probe
 """
 
 from __future__ import annotations

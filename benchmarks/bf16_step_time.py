@@ -6,19 +6,17 @@ machine noise hits both alike; the measured quantity is seconds inside ``trainer
 (``EvalResult.train_s / steps``: dequantize + matmuls + LoRA + loss + backward + optimizer). In bf16 HQQ
 keeps scale/zero in 16 bits, as on GPUs.
 
-    python benchmarks/bf16_step_time.py   # ≈ 10 min; one torch thread, as each benchmark worker runs
+    python -m benchmarks.bf16_step_time   # ≈ 10 min; one torch thread, as each benchmark worker runs
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness import ROOT
 
 RESULT = ROOT / "benchmarks" / "results" / "bf16_step_time.json"
 
@@ -66,7 +64,7 @@ def main() -> None:
     write_json_atomic(
         args.out,
         {
-            "command": "python benchmarks/bf16_step_time.py"
+            "command": "python -m benchmarks.bf16_step_time"
             + (f" --steps {args.steps}" if args.steps != 6 else "")
             + (f" --repeats {args.repeats}" if args.repeats != 3 else ""),
             "what": f"seconds per optimizer step inside trainer.train(), SmolLM2-135M, HQQ {args.bits}-bit r16, "

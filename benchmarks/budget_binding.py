@@ -7,21 +7,17 @@ the top of a range that activations dominate hardly constrains a plan; the paper
 Also the compute-dtype question: HQQ keeps scale/zero in the compute dtype, so the 3-bit g32 budget is looser
 than 4-bit g64 in fp32 and tighter in bf16. Meta-device pricing only (seconds, no weights).
 
-  python benchmarks/budget_binding.py
+  python -m benchmarks.budget_binding
 """
 
 from __future__ import annotations
 
-import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from planner.config import QRAConfig  # noqa: E402
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line
+from planner.config import QRAConfig
+from qra_plugin.io import write_json_atomic, write_text_atomic
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "plan_quality-cpu.yaml"
 MIB = 2**20
@@ -86,9 +82,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = QRAConfig.load(RECIPE)
     result = {
-        "command": (
-            "python benchmarks/budget_binding.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        ).strip(),
+        "command": (command_line("budget_binding", argv)).strip(),
         "recipe": str(RECIPE.relative_to(ROOT)),
         "setting": f"batch {cfg.train.batch} x {cfg.train.seq_len} tokens, {cfg.train.optimizer}",
         "dtypes": [price(cfg, dtype) for dtype in ("float32", "bfloat16")],

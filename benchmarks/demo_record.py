@@ -6,7 +6,7 @@ same config: the record then says whether both chose the same plan with the same
 not change a score) and the wall-time ratio measured in one session.
 
   /usr/bin/time -v make demo RUN=runs/demo-a > a.log 2>&1
-  python benchmarks/demo_record.py runs/demo-a a.log --commit SHA [--before runs/demo-b b.log --before-commit SHA]
+  python -m benchmarks.demo_record runs/demo-a a.log --commit SHA [--before runs/demo-b b.log --before-commit SHA]
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line
+from qra_plugin.io import write_json_atomic, write_text_atomic
 
 TIME_FIELDS = {
     "wall_s": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)",
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "demo_smollm2.json")
     args = parser.parse_args(argv)
     record: dict[str, Any] = {
-        "command": "python benchmarks/demo_record.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command_line("demo_record", argv),
         "demo_command": "make demo (qra demo-model; qra profile …; qra search example_configs/smollm2-demo.yaml)",
         "conditions": args.conditions,
         "run": run_facts(args.run, args.time_log, args.commit),

@@ -5,7 +5,7 @@ error left after an error-aware init, summed over the block's linears (second mo
 rows x 128). ``table_allocation`` then picks per block (bits, rank) at the plan budget of uniform 4-bit r16.
 What it says: where the table spends the budget (bits vs rank), and how much starting error it leaves.
 
-Run: nice -n 10 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD python benchmarks/error_table_smollm2.py
+Run: nice -n 10 env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.error_table_smollm2
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
         "uniform4_r16": sum(table[(u, *c)] for u, c in enumerate(uniform)),
     }
     result = {
-        "command": "python benchmarks/error_table_smollm2.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+        "command": "python -m benchmarks.error_table_smollm2 " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
         "budget_mib": budget_bytes / 2**20,
         "table_alloc": allocation_key(config),
         "table_alloc_mib": cost(config) / 2**20,

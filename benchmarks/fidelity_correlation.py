@@ -7,26 +7,19 @@ those scores with the plans' mean **test** loss (and task accuracy) after the fi
 whose correlation is low cannot tell the search which plan will fine-tune better, whatever the optimizer.
 Every run is stored (SQLite under ``--out``) and a re-run resumes.
 
-  python benchmarks/fidelity_correlation.py --out benchmarks/results/fidelity_correlation_store
+  python -m benchmarks.fidelity_correlation --out benchmarks/results/fidelity_correlation_store
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from plan_quality import BUDGETS, RECIPES  # noqa: E402
-
-from planner.config import FidelityLevel, QRAConfig  # noqa: E402
-from qra_plugin.io import write_json_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line, run_tasks, write_result
+from benchmarks.harness.benchmark import BUDGETS, RECIPES, uniform_plan
+from planner.config import FidelityLevel, QRAConfig
 
 
 def _plans(stores: Path, name: str, methods: dict[str, Any], space: Any) -> dict[str, Any]:
@@ -41,7 +34,7 @@ def _plans(stores: Path, name: str, methods: dict[str, Any], space: Any) -> dict
             plan = Plan.load(path)
         else:  # the uniform plan and the unquantized ceiling are not searched for
             bits, rank = (16, 16) if method == "unquantized_r16" else BUDGETS[name][1:]
-            plan = Plan.from_block_pairs(space.fingerprint, space.specs, [(bits, rank)] * space.n_units, space.backend)
+            plan = uniform_plan(space, bits, rank)
         if plan.content_hash() != facts.get("plan_hash"):
             raise SystemExit(f"{name}/{method}: plan on disk is not the one the benchmark fine-tuned")
         out[f"{name}/{method}"] = (plan, facts)
@@ -51,24 +44,14 @@ def _plans(stores: Path, name: str, methods: dict[str, Any], space: Any) -> dict
 def _scores(cfg: QRAConfig, plans: dict[str, Any], steps: list[int], store_path: Path) -> dict[int, dict[str, float]]:
     """Selection-split eval loss of every plan after each number of steps (seed 0), through one store."""
     from planner.fidelity.contract import EvalTask
-    from planner.orchestration.setup import open_executor
-    from planner.store import Store
 
     scores: dict[int, dict[str, float]] = {}
-    store = Store(store_path)
-    try:
-        for n in steps:
-            level_cfg = cfg.model_copy(deep=True)
-            level_cfg.fidelity.high = FidelityLevel(steps=n, eval_examples=cfg.fidelity.high.eval_examples)
-            tasks = [EvalTask(plan=p, level="high", seed=0, config=level_cfg, tag=k) for k, (p, _) in plans.items()]
-            executor = open_executor(level_cfg, store, kind="local")
-            try:
-                results = executor.run(tasks)
-            finally:
-                executor.close()
-            scores[n] = {t.tag: r.eval_loss for t, r in zip(tasks, results, strict=True) if r.eval_loss is not None}
-    finally:
-        store.close()
+    for n in steps:
+        level_cfg = cfg.model_copy(deep=True)
+        level_cfg.fidelity.high = FidelityLevel(steps=n, eval_examples=cfg.fidelity.high.eval_examples)
+        tasks = [EvalTask(plan=p, level="high", seed=0, config=level_cfg, tag=k) for k, (p, _) in plans.items()]
+        results = run_tasks(store_path, tasks)
+        scores[n] = {t.tag: r.eval_loss for t, r in zip(tasks, results, strict=True) if r.eval_loss is not None}
     return scores
 
 
@@ -113,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from planner.orchestration.setup import SearchSetup
 
     bench = json.loads(Path(args.benchmark).read_text())
-    cfg = QRAConfig.load(ROOT / RECIPES[args.recipe].config)
+    cfg = RECIPES[args.recipe].load()
     plans: dict[str, Any] = {}
     for name, budget in bench["budgets"].items():
         setup = SearchSetup.build(cfg.model_copy(update={"budget": BUDGETS[name][0]}))
@@ -123,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(s) for s in args.steps.split(",")]
     scores = _scores(cfg, plans, steps, Path(args.out) / "store.sqlite")
     results = {
-        "command": "python benchmarks/fidelity_correlation.py "
-        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "command": command_line("fidelity_correlation", argv),
         "benchmark": str(Path(args.benchmark).relative_to(ROOT))
         if args.benchmark.startswith(str(ROOT))
         else args.benchmark,
@@ -139,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "ladder": _correlations(scores, plans),
     }
-    write_json_atomic(Path(args.results), results)
+    write_result(Path(args.results), results)
     for row in results["ladder"]:
         print(json.dumps(row))
     return 0

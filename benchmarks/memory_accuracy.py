@@ -13,7 +13,7 @@ held by tensors at every moment; its maximum is the peak. That is the same quant
 ``torch.cuda.max_memory_allocated`` reports on a GPU (bytes held by live tensors, without allocator
 caching or fragmentation, which depend on the allocator rather than on the plan).
 
-Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --model demo \
+Run:  OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.memory_accuracy --model demo \
           --out benchmarks/results/memory_accuracy.json     (--grid plans: the bits / backend / checkpointing mix)
 """
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,17 +30,15 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from planner.config import ModelSection, TinyModel  # noqa: E402
-from planner.data.wiki import as_plain_text, wiki_split  # noqa: E402
-from planner.loading import load_model, load_tokenizer  # noqa: E402
-from planner.memory import estimate  # noqa: E402
-from planner.model_info import load_model_info  # noqa: E402
-from qra_plugin import apply_plan  # noqa: E402
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
-from qra_plugin.plan import Plan  # noqa: E402
-from qra_plugin.weight_memory import memory_report, storage_bytes  # noqa: E402
+from planner.config import ModelSection, TinyModel
+from planner.data.wiki import as_plain_text, wiki_split
+from planner.loading import load_model, load_tokenizer
+from planner.memory import estimate
+from planner.model_info import load_model_info
+from qra_plugin import apply_plan
+from qra_plugin.io import write_json_atomic, write_text_atomic
+from qra_plugin.plan import Plan
+from qra_plugin.weight_memory import memory_report, storage_bytes
 
 METHOD = (
     "Two optimizer steps on full rows of trl.SFTTrainer (the trainer fidelity runs use; loss_type chunked_nll "
@@ -289,7 +286,7 @@ def main() -> None:
     section = model_section(args.model, args.dtype)
     info = load_model_info(section)
     command = (
-        f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/memory_accuracy.py --model {args.model} "
+        f"OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.memory_accuracy --model {args.model} "
         f"--dtype {args.dtype} --grid {grid}{' --merge' if args.merge else ''} --out {args.out}"
     )
     rows = []

@@ -8,21 +8,18 @@ The memory model over-predicted ``torch.cuda.max_memory_allocated`` by 639 MiB a
 * the activation trace's saved bytes at three sequence lengths: linear growth means no seq x seq
   attention matrix is counted, so attention kernels cannot explain the offset.
 
-  python benchmarks/memory_offset_probe.py --out benchmarks/results/memory_offset_probe.json
+  python -m benchmarks.memory_offset_probe --out benchmarks/results/memory_offset_probe.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qra_plugin.io import write_json_atomic  # noqa: E402
+from benchmarks.harness import ROOT
+from qra_plugin.io import write_json_atomic
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "plan_quality-gpu.yaml"
 MIB = 2**20
@@ -91,7 +88,7 @@ def main() -> int:
     write_json_atomic(
         Path(args.out),
         {
-            "command": f"python benchmarks/memory_offset_probe.py --out {args.out}",
+            "command": f"python -m benchmarks.memory_offset_probe --out {args.out}",
             "recipe": str(RECIPE.relative_to(ROOT)),
             "padded_batch_lengths": lengths,
             "max_padded_length": {

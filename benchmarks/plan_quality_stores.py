@@ -6,7 +6,7 @@ per budget: each method's best search-time score (one seed, the recipe's high fi
 uniform plan at the same fidelity, and the memory model's error against what every evaluation measured
 (``torch.cuda.max_memory_allocated`` on a GPU), plus optimizer-step times.
 
-  python benchmarks/plan_quality_stores.py WORKDIR --out benchmarks/results/plan_quality_gpu_partial.json
+  python -m benchmarks.plan_quality_stores WORKDIR --out benchmarks/results/plan_quality_gpu_partial.json
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qra_plugin.io import write_json_atomic  # noqa: E402
+from qra_plugin.io import write_json_atomic
 
 
 def store_rows(path: Path) -> list[dict[str, Any]]:

@@ -4,22 +4,17 @@ a 20 ms limit per plan) is measured here instead, where timing belongs.
 A 30-block tiny Llama (the block count of SmolLM2-135M), 40 random block plans over HQQ {2, 3, 4, 8} bits ×
 ranks {4, 8, 16, 32}: seconds for the first call (activation trace + module costs) and per later call.
 
-  python benchmarks/planner_speed.py
+  python -m benchmarks.planner_speed
 """
 
 from __future__ import annotations
 
 import random
-import shlex
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line
+from qra_plugin.io import write_json_atomic, write_text_atomic
 
 OUT = ROOT / "benchmarks" / "results" / "planner_speed.json"
 
@@ -51,7 +46,7 @@ def measure(plans: int = 40, repeats: int = 3) -> dict:
 
 
 def main() -> None:
-    result = {"command": "python " + shlex.join(["benchmarks/planner_speed.py", *sys.argv[1:]]), **measure()}
+    result = {"command": command_line("planner_speed"), **measure()}
     write_json_atomic(OUT, result)
     write_text_atomic(
         OUT.with_suffix(".md"),

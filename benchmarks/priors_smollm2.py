@@ -7,7 +7,7 @@
    block plan), versus the k highest, versus random k-sets; KL and loss increase on held-out wiki text
    (the eval split, never used for calibration).
 
-Run: OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/priors_smollm2.py [--k 5] [--examples 8]
+Run: OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.priors_smollm2 [--k 5] [--examples 8]
 Profiles are cached/resumable under runs/bench_priors_{a,b}; the JSON goes to benchmarks/results/.
 """
 
@@ -17,11 +17,11 @@ import argparse
 import os
 import random
 import time
-from pathlib import Path
 
 import torch
 from scipy.stats import spearmanr
 
+from benchmarks.harness import ROOT
 from planner.config import DataSection, ModelSection, ProfileSection, QRAConfig
 from planner.loading import load_model, load_tokenizer
 from planner.priors.calibration import calibration_texts
@@ -31,7 +31,6 @@ from qra_plugin.io import write_json_atomic
 from qra_plugin.plan import Plan
 from qra_plugin.quantize import quantize_model
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "priors_smollm2.json"
 
 
@@ -78,19 +77,8 @@ def _monotonic(p: Priors) -> float:
     return sum(p.I_q[2][i] >= p.I_q[3][i] >= p.I_q[4][i] for i in range(n)) / n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--examples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--offset-b", type=int, default=5000)
-    parser.add_argument("--random-sets", type=int, default=3)
-    parser.add_argument("--note", default="2-core CPU shared with 4 other engineers' jobs during the run")
-    args = parser.parse_args()
-    load_start = os.getloadavg()
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-
+def _two_profiles(args: argparse.Namespace) -> tuple[Priors, Priors, tuple[float, float], tuple[float, float]]:
+    """The priors profiled twice on disjoint calibration samples, with each profile's wall and CPU seconds."""
     cfg_a = _config(0, args.examples, args.seq_len)
     cfg_b = _config(args.offset_b, args.examples, args.seq_len)
     # disjointness of the two calibration samples, checked on the texts themselves
@@ -106,6 +94,22 @@ def main() -> None:
     pb = profile(cfg_b, ROOT / "runs" / "bench_priors_b", progress=False)
     wall_b, cpu_b = time.perf_counter() - t0, time.process_time() - c0
     print(f"profiles: wall {wall_a:.0f}/{wall_b:.0f} s, cpu {cpu_a:.0f}/{cpu_b:.0f} s", flush=True)
+    return pa, pb, (wall_a, wall_b), (cpu_a, cpu_b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--examples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--offset-b", type=int, default=5000)
+    parser.add_argument("--random-sets", type=int, default=3)
+    parser.add_argument("--note", default="2-core CPU shared with 4 other engineers' jobs during the run")
+    args = parser.parse_args()
+    load_start = os.getloadavg()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    pa, pb, (wall_a, wall_b), (cpu_a, cpu_b) = _two_profiles(args)
 
     by_bits = {b: float(spearmanr(pa.I_q[b], pb.I_q[b]).statistic) for b in sorted(pa.I_q)}
     spearman_ir = float(spearmanr(pa.I_r, pb.I_r).statistic)
@@ -126,7 +130,7 @@ def main() -> None:
 
     result = {
         "command": (
-            "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/priors_smollm2.py "
+            "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m benchmarks.priors_smollm2 "
             f"--k {args.k} --examples {args.examples} --seq-len {args.seq_len} "
             f"--offset-b {args.offset_b} --random-sets {args.random_sets}"
         ),

@@ -5,24 +5,17 @@ eval, profiled on CPU; the ops are grouped into the parts the issue asks about (
 attention, the loss over the 49k vocabulary, the optimizer, the rest) by their self CPU time. The machine is
 shared and noisy: read shares within one run, not seconds across runs.
 
-  python benchmarks/profile_fidelity.py --bits 3,4 --steps 2
+  python -m benchmarks.profile_fidelity --bits 3,4 --steps 2
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from throughput import _config  # noqa: E402
-
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line, speed_run_config
+from qra_plugin.io import write_json_atomic, write_text_atomic
 
 OUT = ROOT / "benchmarks" / "results" / "profile_fidelity.json"
 #: op-name fragments -> part (first match wins; names are aten ops and our own record_function labels)
@@ -43,7 +36,7 @@ def profile_run(bits: int, steps: int, reuse: bool, threads: int, model: str = "
     from planner.loading import load_meta_model
     from qra_plugin import Plan
 
-    cfg = _config(steps, reuse, threads, model)
+    cfg = speed_run_config(steps, reuse, threads, model)
     plan = Plan.uniform(load_meta_model(cfg.model), bits=bits, rank=16, backend=None if bits < 16 else "none")
     run_fidelity(EvalTask(plan=plan, level="low", seed=1, config=cfg))  # warm caches (model, data) first
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.bits.split(",")
         for reuse in (False, True)
     ]
-    command = "python " + shlex.join(["benchmarks/profile_fidelity.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("profile_fidelity", argv)
     write_json_atomic(out, {"command": command, "steps": args.steps, "runs": runs})
     lines = ["# Where a fidelity run's time goes", "", f"Command: `{command}`", "",
              "Self CPU time of the profiled ops by part (shares of all op time; the machine was shared, so shares "

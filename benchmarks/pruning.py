@@ -1,6 +1,6 @@
 """Pruning benchmark: at one memory, does pruning + searched bits/ranks fine-tune better than not pruning?
 
-Protocol (the plan-quality protocol, ``benchmarks/plan_quality.py``, with its recipe, splits and finals):
+Protocol (the plan-quality protocol, ``benchmarks.harness.benchmark``, with its recipe, splits and finals):
 
 * the budget is the ``plan`` memory (planned weights + quantization metadata + LoRA + its gradients and
   optimizer states) of ``uniform_prune_lora``: every block's MLP channels and key/value groups pruned by
@@ -18,30 +18,30 @@ Protocol (the plan-quality protocol, ``benchmarks/plan_quality.py``, with its re
 
 Differences are paired by seed (``planner.stats``: the same seed gives every method the same data order and init).
 
-  python benchmarks/pruning.py --recipe cpu --out benchmarks/results/pruning_stores
-  python benchmarks/pruning.py --reread benchmarks/results/pruning.json   # statistics only, no run
+  python -m benchmarks.pruning --recipe cpu --out benchmarks/results/pruning_stores
+  python -m benchmarks.pruning --reread benchmarks/results/pruning.json   # statistics only, no run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from plan_quality import RECIPES, Benchmark, Recipe  # noqa: E402
-from plan_quality_report import STATISTICS, compare, summarize_method  # noqa: E402
-
-from planner.config import QRAConfig  # noqa: E402
-from planner.stats import markdown as comparison_text  # noqa: E402
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import command_line, write_result
+from benchmarks.harness.benchmark import RECIPES, Benchmark, Recipe, recipe_paths
+from benchmarks.harness.report import (
+    DIFFERENCES_NOTE,
+    STATISTICS,
+    differences_table,
+    final_cells,
+    loss_and_accuracy,
+    summarize_method,
+)
+from planner.config import QRAConfig
 
 #: the ratios ``qra_prune`` chooses from per block (the reduction itself must be one of them)
 SEARCHED_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5)
@@ -60,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reread:
         reread(args.reread)
         return 0
-    out = Path(args.out or ROOT / "runs" / f"pruning-{args.recipe}")
-    suffix = "" if args.recipe == "cpu" else f"_{args.recipe}"
-    results = Path(args.results or ROOT / "benchmarks" / "results" / f"pruning{suffix}.json")
-    command = "python benchmarks/pruning.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    PruningBenchmark(RECIPES[args.recipe], args.recipe, out, results, command.strip(), args.reduction).run_all()
+    out, results = recipe_paths("pruning", args.recipe, args.out, args.results)
+    command = command_line("pruning", argv)
+    PruningBenchmark(RECIPES[args.recipe], args.recipe, out, results, command, args.reduction).run_all()
     return 0
 
 
@@ -110,8 +108,6 @@ class PruningBenchmark(Benchmark):
         self._write_pruning(budget, unpruned.budget_bytes, methods, time.time() - started)
 
     def _search(self, method: str, cfg: QRAConfig) -> tuple[Any, dict[str, Any]]:
-        import json
-
         from planner.orchestration.search_run import run_search
         from planner.orchestration.setup import SearchSetup
 
@@ -167,20 +163,13 @@ class PruningBenchmark(Benchmark):
             "wall_s_this_run": round(wall_s, 1),
             "priors_wall_s": self.progress.get("priors_wall_s"),
         }
-        write_json_atomic(self.results_path, results)
-        write_text_atomic(self.results_path.with_suffix(".md"), markdown(results))
+        write_result(self.results_path, results, markdown(results))
 
 
 def differences(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The pairs ``_pairs`` names, test loss and accuracy, paired by seed."""
     best_unpruned = min(("qra", "uniform_unpruned"), key=lambda m: methods[m]["final_eval_loss_mean"] or 9e9)
-    return {
-        f"{a}-{b}": {
-            "eval_loss": compare(methods[a], methods[b]).as_dict(),
-            "accuracy": compare(methods[a], methods[b], "final_accuracy").as_dict(),
-        }
-        for a, b in _pairs(best_unpruned)
-    }
+    return {f"{a}-{b}": loss_and_accuracy(methods[a], methods[b]) for a, b in _pairs(best_unpruned)}
 
 
 def reread(path: Path) -> dict[str, Any]:
@@ -188,8 +177,7 @@ def reread(path: Path) -> dict[str, Any]:
     results = json.loads(path.read_text())
     results["statistics"] = STATISTICS
     results["differences"] = differences(results["methods"])
-    write_json_atomic(path, results)
-    write_text_atomic(path.with_suffix(".md"), markdown(results))
+    write_result(path, results, markdown(results))
     return results
 
 
@@ -217,26 +205,12 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, m in results["methods"].items():
-        loss = m["final_eval_loss_mean"]
-        shown = f"{loss:.4f} ± {m['final_eval_loss_sd']:.4f}" if loss is not None else "—"
-        acc = f"{m['final_accuracy_mean']:.3f}" if m.get("final_accuracy_mean") is not None else "—"
+        shown, acc = final_cells(m)
         lines.append(
             f"| {name} | {shown} | {acc} | {m['params_kept_fraction']:.3f} | "
             f"{m['memory_predicted'] / 2**20:.2f} | {m.get('evaluations') or 0} |"
         )
-    lines += [
-        "",
-        "Differences, paired by seed: mean ± s.e. of the per-seed difference (paired t, df, two-sided p); * = p < 0.05 "
-        "(|t| > 4.30 at n = 3). Loss: negative = first better; accuracy: positive = first better.",
-        "",
-        "| first − second | test loss | sign-flip p | accuracy |",
-        "|---|---|---|---|",
-    ]
-    for name, both in results["differences"].items():
-        loss, acc = both["eval_loss"], both["accuracy"]
-        perm = loss.get("perm_p") if loss else None
-        shown = "—" if perm is None else f"{perm:.3f}"
-        lines.append(f"| {name} | {comparison_text(loss)} | {shown} | {comparison_text(acc, 3)} |")
+    lines += ["", DIFFERENCES_NOTE, "", *differences_table(results["differences"])]
     return "\n".join(lines) + "\n"
 
 

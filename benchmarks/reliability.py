@@ -1,6 +1,6 @@
 """Fault figures: kill -9 during the tiny search, a fuzz of malformed inputs, and a changed-recipe resume.
 
-    python benchmarks/reliability.py            # ~15-25 min on 2 cores; writes benchmarks/results/reliability.json
+    python -m benchmarks.reliability            # ~15-25 min on 2 cores; writes benchmarks/results/reliability.json
 
 * **kills**: one clean ``qra search example_configs/tiny-search.yaml`` gives the reference plan. Then the same
   search on a fresh ``--out`` is SIGKILLed at ``--kills`` random moments spread over the whole search (seeded:
@@ -32,8 +32,9 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "example_configs" / "tiny-search.yaml"
+from benchmarks.harness import ROOT
+from benchmarks.harness.fuzz import TINY, fuzz
+
 RESULT = ROOT / "benchmarks" / "results" / "reliability.json"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -140,9 +141,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from reliability_fuzz import fuzz
-
     from planner.quiet import quiet_libraries
 
     quiet_libraries()
@@ -153,7 +151,7 @@ def main() -> None:
         fuzz_result = fuzz(work / "fuzz", args.fuzz, args.seed)
         kill_result = kills(work, args.kills, args.seed)
         recipe_result = changed_recipe(Path(kill_result.pop("reference_out")), work)
-    command = "python benchmarks/reliability.py" + "".join(
+    command = "python -m benchmarks.reliability" + "".join(
         f" --{k} {v}" for k, v in (("kills", args.kills), ("fuzz", args.fuzz), ("seed", args.seed))
         if v != parser.get_default(k)
     )  # fmt: skip

@@ -1,36 +1,36 @@
 """Do issue 12's search levers make the evaluations earn their cost? qra variants on the plan-quality yardstick.
 
-Runs on the plan-quality benchmark's own stores and protocol (``benchmarks/plan_quality.py``: same recipe, priors,
-splits, budgets, 40-step test finals over 3 seeds, one finals store), so the round-2 ``qra``, ``greedy_priors`` and
-the uniform plan are read from it, not recomputed. Each variant is a ``qra search`` with some search settings
-changed (``VARIANTS``), in ``<out>/<budget>/qra_<variant>/``; its evaluations score on the selection split only.
+Runs on the plan-quality benchmark's own stores and protocol (``benchmarks.harness.benchmark``: same recipe,
+priors, splits, budgets, 40-step test finals over 3 seeds, one finals store), so the round-2 ``qra``,
+``greedy_priors`` and the uniform plan are read from it, not recomputed. Each variant is a ``qra search`` with
+some search settings changed (``VARIANTS``), in ``<out>/<budget>/qra_<variant>/``; its evaluations score on the
+selection split only.
 The result compares every variant with the zero-evaluation greedy prior plan and with round 2's qra — paired by
 seed (``planner.stats``: mean ± s.e. of the per-seed difference, paired t, resolved at p < 0.05) — and reports its
 cost in finals with and without the priors.
 
-  python benchmarks/search_levers.py --recipe cpu --out benchmarks/results/plan_quality_stores
-  python benchmarks/search_levers.py --reread benchmarks/results/search_levers.json   # statistics only, no run
+  python -m benchmarks.search_levers --recipe cpu --out benchmarks/results/plan_quality_stores
+  python -m benchmarks.search_levers --reread benchmarks/results/search_levers.json   # statistics only, no run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from plan_quality import BUDGETS, DEFAULT_BUDGETS, RECIPES, Benchmark  # noqa: E402
-from plan_quality_report import STATISTICS, compare, summarize_method  # noqa: E402
-
-from planner.stats import markdown as comparison_text  # noqa: E402
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import command_line, write_result
+from benchmarks.harness.benchmark import BUDGETS, DEFAULT_BUDGETS, RECIPES, Benchmark, recipe_paths
+from benchmarks.harness.report import (
+    STATISTICS,
+    differences_table,
+    final_cells,
+    loss_and_accuracy,
+    summarize_method,
+)
 
 #: search settings each variant changes (everything else is the recipe's)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -61,11 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reread:
         reread(args.reread)
         return 0
-    out = Path(args.out or ROOT / "runs" / f"plan-quality-{args.recipe}")
-    suffix = "" if args.recipe == "cpu" else f"_{args.recipe}"
-    results = Path(args.results or ROOT / "benchmarks" / "results" / f"search_levers{suffix}.json")
-    command = "python benchmarks/search_levers.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    bench = LeversBenchmark(RECIPES[args.recipe], args.recipe, out, results, command.strip())
+    out, results = recipe_paths("search_levers", args.recipe, args.out, args.results, work="plan-quality")
+    bench = LeversBenchmark(RECIPES[args.recipe], args.recipe, out, results, command_line("search_levers", argv))
     bench.run_levers(args.budgets.split(","), args.variants.split(","))
     return 0
 
@@ -142,17 +139,13 @@ class LeversBenchmark(Benchmark):
             "budgets": report,
             "wall_s_this_run": round(wall_s, 1),
         }
-        write_json_atomic(self.results_path, results)
-        write_text_atomic(self.results_path.with_suffix(".md"), markdown(results))
+        write_result(self.results_path, results, markdown(results))
 
 
 def differences(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every qra variant − each reference, test loss and accuracy, paired by seed."""
     return {
-        f"{v}-{ref}": {
-            "eval_loss": compare(methods[v], methods[ref]).as_dict(),
-            "accuracy": compare(methods[v], methods[ref], "final_accuracy").as_dict(),
-        }
+        f"{v}-{ref}": loss_and_accuracy(methods[v], methods[ref])
         for v in methods
         if v.startswith("qra_")
         for ref in REFERENCES
@@ -165,8 +158,7 @@ def reread(path: Path) -> dict[str, Any]:
     results["statistics"] = STATISTICS
     for budget in results["budgets"].values():
         budget["differences"] = differences(budget["methods"])
-    write_json_atomic(path, results)
-    write_text_atomic(path.with_suffix(".md"), markdown(results))
+    write_result(path, results, markdown(results))
     return results
 
 
@@ -183,11 +175,9 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for method, m in budget["methods"].items():
-            loss = m["final_eval_loss_mean"]
-            shown = f"{loss:.4f} ± {m['final_eval_loss_sd']:.4f}" if loss is not None else "—"
-            acc = m.get("final_accuracy_mean")
+            shown, acc = final_cells(m)
             lines.append(
-                f"| {method} | {shown} | {'—' if acc is None else f'{acc:.3f}'} | {m['evaluations']} | "
+                f"| {method} | {shown} | {acc} | {m['evaluations']} | "
                 f"{m['search_cost']:.2f} ({m['search_cost_with_priors']:.2f}) |"
             )
         lines += [
@@ -195,17 +185,9 @@ def markdown(results: dict[str, Any]) -> str:
             "Variant − reference, paired by seed: mean ± s.e. of the per-seed difference (paired t, df, two-sided p); "
             "* = p < 0.05 (|t| > 4.30 at n = 3). Loss: negative = variant better; accuracy: positive.",
             "",
-            "| variant − reference | test loss | sign-flip p | accuracy |",
-            "|---|---|---|---|",
+            *differences_table(budget["differences"], "variant − reference"),
         ]
-        for key, both in budget["differences"].items():
-            loss, acc = both["eval_loss"], both["accuracy"]
-            lines.append(f"| {key} | {comparison_text(loss)} | {_p(loss.get('perm_p'))} | {comparison_text(acc, 3)} |")
     return "\n".join(lines) + "\n"
-
-
-def _p(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Bytes per rank, predicted (``planner.sharding.per_rank``) vs held by the real run, and step time vs one process.
 
-    PYTHONPATH=$PWD python benchmarks/sharded_memory.py             # ~4 min on 2 CPU cores
-    PYTHONPATH=$PWD python benchmarks/sharded_memory.py --smollm2   # + SmolLM2-135M rows, ~8 min more
+    python -m benchmarks.sharded_memory             # ~4 min on 2 CPU cores
+    python -m benchmarks.sharded_memory --smollm2   # + SmolLM2-135M rows, ~8 min more
 
 Runs tests/sharded_worker.py on the tiny Llama with the mixed HQQ 2/3/4/8 + 16-bit plan of tests/test_sharded.py
 (ranks 0/4/8/12, a pruned block; global batch 4 x 32 tokens, 3 steps) in one process and on 2 CPU ranks under
@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import ROOT, write_result
+
 RESULTS = ROOT / "benchmarks" / "results"
 PARTS = ("weights", "lora_params", "master_params", "optimizer_states")
 MODES = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp2": "fsdp2"}
@@ -75,7 +76,6 @@ def smollm2_runs() -> list[dict]:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT))
     from planner.tiny import build_tiny_model, save_tiny_model
     from tests.test_sharded import sharded_plan
 
@@ -87,9 +87,8 @@ def main() -> None:
         model_dir = save_tiny_model(root / "model", seed=0)
         sharded_plan(build_tiny_model("llama", seed=0)).save(root / "plan.yaml")
         runs = measure(model_dir, root, MODES, TINY)
-    command = "PYTHONPATH=$PWD python benchmarks/sharded_memory.py [--smollm2]"
-    (RESULTS / "sharded_memory.json").write_text(json.dumps({"command": command, "runs": runs}, indent=1) + "\n")
-    (RESULTS / "sharded_memory.md").write_text(_markdown(command, runs))
+    command = "python -m benchmarks.sharded_memory [--smollm2]"
+    write_result(RESULTS / "sharded_memory.json", {"command": command, "runs": runs}, _markdown(command, runs))
     print(_markdown(command, runs))
 
 

@@ -8,7 +8,7 @@ of the GP's prediction with the real score — for the screening model (features
 for the promotion model (features + the low-fidelity score) on the configs that have both. No new training
 runs: GP fits only (seconds).
 
-  python benchmarks/surrogate_quality.py
+  python -m benchmarks.surrogate_quality
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from planner.config import QRAConfig  # noqa: E402
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line
+from planner.config import QRAConfig
+from qra_plugin.io import write_json_atomic, write_text_atomic
 
 BUDGETS = {"uniform4_r16": "plan:uniform:4bit:r16", "uniform3_r16": "plan:uniform:3bit:r16"}
 
@@ -40,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     stores = Path(args.stores)
     budgets = {name: measure(base.model_copy(update={"budget": b}), stores / name, args.folds)
                for name, b in BUDGETS.items() if (stores / name).is_dir()}  # fmt: skip
-    command = "python benchmarks/surrogate_quality.py " + " ".join(argv or sys.argv[1:])
+    command = command_line("surrogate_quality", argv)
     results = {"command": command.strip(), "folds": args.folds, "budgets": budgets}
     write_json_atomic(Path(args.results), results)
     write_text_atomic(Path(args.results).with_suffix(".md"), markdown(results))

@@ -6,46 +6,22 @@ bit-width (HQQ 3/4/8, and 16 = unquantized as a control that the lever cannot to
 back to back in one process, alternating, so their ratio is measured under the same machine load; the
 losses of both are recorded and must be equal to the last bit (the math did not change).
 
-  python benchmarks/throughput.py                    # SmolLM2-135M fp32, batch 4 x 128, 2 threads
-  python benchmarks/throughput.py --steps 2 --bits 4  # quicker
+  python -m benchmarks.throughput                    # SmolLM2-135M fp32, batch 4 x 128, 2 threads
+  python -m benchmarks.throughput --steps 2 --bits 4  # quicker
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qra_plugin.io import write_json_atomic, write_text_atomic  # noqa: E402
+from benchmarks.harness import ROOT, command_line, speed_run_config
+from qra_plugin.io import write_json_atomic, write_text_atomic
 
 OUT = ROOT / "benchmarks" / "results" / "throughput.json"
-
-
-def _config(steps: int, reuse: bool, threads: int, model: str) -> Any:
-    from planner.config import QRAConfig
-
-    return QRAConfig.model_validate(
-        {
-            "name": "throughput",
-            "model": {"path": model, "dtype": "float32"} if model != "tiny" else {"tiny": {"layers": 4}},
-            "data": {"source": "wiki", "train_examples": 64, "eval_examples": 16},
-            "train": {"batch": 4, "seq_len": 128, "lr": 5e-4},
-            "fidelity": {
-                "low": {"steps": steps, "eval_examples": 16},
-                "high": {"steps": steps, "eval_examples": 16},
-                "torch_threads": threads,
-                "reuse_dequantized": reuse,
-                "layer_cache": "off",
-            },
-        }
-    )
 
 
 def one_run(bits: int, steps: int, reuse: bool, threads: int, model: str) -> dict[str, Any]:
@@ -54,7 +30,7 @@ def one_run(bits: int, steps: int, reuse: bool, threads: int, model: str) -> dic
     from planner.loading import load_meta_model
     from qra_plugin import Plan
 
-    cfg = _config(steps, reuse, threads, model)
+    cfg = speed_run_config(steps, reuse, threads, model)
     plan = Plan.uniform(load_meta_model(cfg.model), bits=bits, rank=16, backend=None if bits < 16 else "none")
     result = run_fidelity(EvalTask(plan=plan, level="low", seed=0, config=cfg))
     if result.status != "ok":
@@ -123,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bits_list = [int(b) for b in args.bits.split(",")]
     step_s = measure(bits_list, args.steps, args.repeats, args.threads, args.model)
     result: dict[str, Any] = {
-        "command": "python " + shlex.join(["benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("throughput", argv),
         "model": "SmolLM2-135M-Instruct fp32" if args.model == "demo" else "tiny Llama",
         "threads": args.threads,
         "steps": args.steps,

@@ -59,13 +59,13 @@ def test_gradient_accumulation_keeps_the_lora_gradients_through_the_next_forward
 
 @pytest.mark.parametrize("loss", ["trl_chunked", "hf_full"])
 def test_the_peak_measured_through_trls_sft_trainer_is_predicted(loss: str, tmp_path) -> None:
-    """benchmarks/memory_accuracy.py on a tiny Llama with a 4096-token vocabulary (the loss buffers are most of
+    """benchmarks.memory_accuracy on a tiny Llama with a 4096-token vocabulary (the loss buffers are most of
     the step): allocator-level peak of the second SFTTrainer step vs the prediction for that loss path."""
     model_dir = save_tiny_model(tmp_path / "model", layers=2, hidden=64, vocab_size=4096)
     out = tmp_path / "memory.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     only = f"hqq4-r16/adamw_torch/{loss}"
-    cmd = [sys.executable, "benchmarks/memory_accuracy.py", "--model", str(model_dir), "--out", str(out)]
+    cmd = [sys.executable, "-m", "benchmarks.memory_accuracy", "--model", str(model_dir), "--out", str(out)]
     cmd += ["--only", only]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -244,15 +244,9 @@ def test_static_parts_smollm2() -> None:
 @pytest.mark.parametrize("gc", [False, True])
 def test_peak_matches_profiler_measurement(gc: bool, tmp_path) -> None:
     """Predicted peak vs the allocator-level measurement of the benchmark (one real training step)."""
-    import importlib.util
-    from pathlib import Path
-
+    from benchmarks import memory_accuracy as bench
     from planner.tiny import save_tiny_model
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_accuracy.py"
-    spec = importlib.util.spec_from_file_location("memory_accuracy", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     model_dir = save_tiny_model(tmp_path / "m", "llama", layers=4, hidden=128, vocab_size=512)
     section = ModelSection(path=str(model_dir))
     info = load_model_info(section)

@@ -39,15 +39,15 @@ def _rows(out: Path) -> int:
     return total
 
 
-def run_tiny(script: str, out: Path, results: Path, timeout: int = 1500) -> None:
-    """Run a benchmark script on its tiny recipe; fail with the end of its stderr."""
-    cmd = [sys.executable, script, "--recipe", "tiny", "--out", str(out), "--results", str(results)]
+def run_tiny(module: str, out: Path, results: Path, timeout: int = 1500) -> None:
+    """Run a benchmark script (``benchmarks.<name>``) on its tiny recipe; fail with the end of its stderr."""
+    cmd = [sys.executable, "-m", module, "--recipe", "tiny", "--out", str(out), "--results", str(results)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _run(out: Path, results: Path) -> None:
-    run_tiny("benchmarks/plan_quality.py", out, results)
+    run_tiny("benchmarks.plan_quality", out, results)
 
 
 @pytest.mark.benchmark
@@ -55,7 +55,7 @@ def test_tiny_recipe_writes_the_schema_and_resumes_without_recomputing(tmp_path)
     out, results = tmp_path / "work", tmp_path / "plan_quality.json"
     _run(out, results)
     data = json.loads(results.read_text())
-    assert data["complete"] is True and data["command"].startswith("python benchmarks/plan_quality.py")
+    assert data["complete"] is True and data["command"].startswith("python -m benchmarks.plan_quality")
     assert set(data["budgets"]) == {"uniform4_r16", "uniform3_r16"}
     proto = data["protocol"]
     assert proto["splits_disjoint"] is True and proto["final_eval_split"] == "test"
@@ -98,7 +98,7 @@ def test_tiny_recipe_writes_the_schema_and_resumes_without_recomputing(tmp_path)
 
     # the fidelity ladder over the plans the finals fine-tuned: a real run per plan and step count, resumable
     ladder = tmp_path / "fidelity_correlation.json"
-    cmd = [sys.executable, "benchmarks/fidelity_correlation.py", "--recipe", "tiny", "--benchmark", str(results),
+    cmd = [sys.executable, "-m", "benchmarks.fidelity_correlation", "--recipe", "tiny", "--benchmark", str(results),
            "--stores", str(out), "--steps", "0,2", "--out", str(tmp_path / "ladder"),
            "--results", str(ladder)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)

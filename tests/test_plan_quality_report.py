@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from plan_quality_report import (  # noqa: E402
+from benchmarks.harness.report import (
     budget_summary,
     comparisons,
     gap_closure,
@@ -149,7 +146,7 @@ def test_reread_refuses_a_round_1_result(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- priors cost
 def test_priors_cost_is_what_the_profile_measured_wall_and_cpu_apart() -> None:
-    from plan_quality import cost_with_priors, priors_seconds
+    from benchmarks.harness.benchmark import cost_with_priors, priors_seconds
 
     timings = {"I_q": 339.2, "I_q_cpu": 475.8, "I_r": 68.7, "I_r_cpu": 62.0}
     assert priors_seconds(timings) == (407.9, 537.8)  # wall and CPU seconds are never added together
@@ -162,7 +159,7 @@ def test_priors_cost_is_what_the_profile_measured_wall_and_cpu_apart() -> None:
 def test_a_parallel_child_reports_the_priors_cost_not_its_cache_hit(tmp_path) -> None:
     """``--parallel`` children find the priors cached by their parent: they must report the seconds the
     profile took, not the ~0 s of their own cache hit (it made search_cost_with_priors ~20x too low)."""
-    from plan_quality import RECIPES, Benchmark, priors_seconds
+    from benchmarks.harness.benchmark import RECIPES, Benchmark, priors_seconds
 
     out = tmp_path / "work"
     parent = Benchmark(RECIPES["tiny"], "tiny", out, tmp_path / "r.json", "test")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ FIELDS = {"final_eval_loss_mean", "final_eval_loss_sd", "seeds", "memory_predict
 
 
 def _run(out: Path, results: Path) -> None:
-    run_tiny("benchmarks/pruning.py", out, results, timeout=2400)
+    run_tiny("benchmarks.pruning", out, results, timeout=2400)
 
 
 @pytest.mark.benchmark
@@ -23,7 +22,7 @@ def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory
     out, results = tmp_path / "work", tmp_path / "pruning.json"
     _run(out, results)
     data = json.loads(results.read_text())
-    assert data["command"].startswith("python benchmarks/pruning.py") and data["reduction"] == 0.25
+    assert data["command"].startswith("python -m benchmarks.pruning") and data["reduction"] == 0.25
     assert data["protocol"]["splits_disjoint"] is True and data["protocol"]["final_eval_split"] == "test"
     methods = data["methods"]
     assert {"uniform_prune_lora", "rankadaptor", "qra_prune", "qra", "uniform_unpruned"} <= set(methods)
@@ -55,8 +54,7 @@ def test_tiny_pruning_benchmark_compares_pruned_and_unpruned_plans_at_one_memory
 def test_committed_result_is_the_paired_reread_of_its_finals(tmp_path):
     """Paired by seed, RankAdaptor − uniform ranks stays unresolved (t −4.22, p 0.052) and no accuracy difference
     resolves (qra_prune − uniform_unpruned was "resolved" at 2 s.e.); --reread rebuilds the committed file."""
-    sys.path.insert(0, str(RESULTS.parent))
-    from pruning import reread
+    from benchmarks.pruning import reread
 
     committed = json.loads((RESULTS / "pruning.json").read_text())
     rank = committed["differences"]["rankadaptor-uniform_prune_lora"]["eval_loss"]

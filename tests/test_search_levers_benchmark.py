@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 @pytest.mark.benchmark
 def test_tiny_levers_benchmark_compares_each_variant_with_greedy_priors_and_qra(tmp_path):
     out, results = tmp_path / "work", tmp_path / "search_levers.json"
-    run_tiny("benchmarks/search_levers.py", out, results)
+    run_tiny("benchmarks.search_levers", out, results)
     data = json.loads(results.read_text())
-    assert data["command"].startswith("python benchmarks/search_levers.py")
+    assert data["command"].startswith("python -m benchmarks.search_levers")
     assert data["protocol"]["splits_disjoint"] is True and data["variants"]["levers"]["tr_trades"] is True
     for budget in data["budgets"].values():
         methods = budget["methods"]
@@ -30,15 +29,14 @@ def test_tiny_levers_benchmark_compares_each_variant_with_greedy_priors_and_qra(
         assert levers["evaluation_time"]["setup_share"] is not None
         assert budget["differences"]["qra_levers-greedy_priors"]["eval_loss"] is not None
     before = _rows(out)
-    run_tiny("benchmarks/search_levers.py", out, results)  # searches, references and finals all come from stores
+    run_tiny("benchmarks.search_levers", out, results)  # searches, references and finals all come from stores
     assert _rows(out) == before
 
 
 def test_committed_result_is_the_paired_reread_of_its_finals(tmp_path):
     """The lever bundle − greedy_priors at uniform-4 is resolved paired by seed (issue 21: t −13.9, p 0.005; the
     independent 2 s.e. rule called it unresolved), and --reread rebuilds the committed file from its finals."""
-    sys.path.insert(0, str(RESULTS.parent))
-    from search_levers import reread
+    from benchmarks.search_levers import reread
 
     committed = json.loads((RESULTS / "search_levers.json").read_text())
     levers = committed["budgets"]["uniform4_r16"]["differences"]["qra_levers-greedy_priors"]["eval_loss"]

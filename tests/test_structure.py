@@ -7,12 +7,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("qra_plugin", "planner")
+#: held to the same caps as the packages
+CAPPED = (*PACKAGES, "benchmarks")
 MAX_MODULE_LINES = 420
 MAX_FUNCTION_LINES = 80
 
 
 def _sources() -> list[Path]:
-    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+    return sorted(p for pkg in CAPPED for p in (ROOT / pkg).rglob("*.py"))
 
 
 def test_modules_and_functions_fit_on_a_screen() -> None:
@@ -42,11 +44,36 @@ def test_the_runtime_never_imports_the_planner() -> None:
 
 def test_benchmarks_import_no_private_names() -> None:
     private = []
-    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
                 private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert private == []
+
+
+def _imported_modules(tree: ast.AST) -> list[str]:
+    """Every absolute module an import names (``from a import b`` names ``a`` and ``a.b``)."""
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return names
+
+
+def test_benchmark_scripts_share_only_the_harness() -> None:
+    """A script imports the harness, planner, qra_plugin and libraries: never another script, never ``sys.path``
+    edits (each runs as ``python -m benchmarks.<name>`` from the repository root)."""
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__"}
+    offenders = []
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        text, where = path.read_text(), path.relative_to(ROOT)
+        if "sys.path" in text:
+            offenders.append(f"{where}: edits sys.path")
+        for name in _imported_modules(ast.parse(text)):
+            parts = name.split(".")
+            if parts[0] in scripts or (parts[:1] == ["benchmarks"] and len(parts) > 1 and parts[1] in scripts):
+                offenders.append(f"{where}: imports the script {name}")
+    assert offenders == []
 
 
 def test_the_trl_example_is_a_plain_trl_script() -> None:

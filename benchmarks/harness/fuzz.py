@@ -1,4 +1,4 @@
-"""Generated malformed inputs for ``benchmarks/reliability.py``: plans, configs, budgets and jsonl data.
+"""Generated malformed inputs for ``benchmarks.reliability``: plans, configs, budgets and jsonl data.
 
 Every input is malformed by construction (a wrong type, an unknown name, a negative rank, bits a backend
 cannot store, truncated YAML, a foreign fingerprint, a bad budget, a broken data file …). Each is fed to the
@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import ROOT
+
 TINY = ROOT / "example_configs" / "tiny-search.yaml"
 
 
