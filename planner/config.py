@@ -264,7 +264,8 @@ class FidelitySection(_Section):
 
     @model_validator(mode="after")
     def _lm_eval_needs_its_objective(self) -> FidelitySection:
-        if "lm_eval" in self.model_fields_set and self.objective != "lm_eval":
+        # a dumped-and-reloaded config carries the default section: only a non-default one is "set"
+        if self.lm_eval != LMEvalSection() and self.objective != "lm_eval":
             raise ValueError(f"lm_eval is set but objective is {self.objective}: set fidelity.objective: lm_eval")
         if self.objective == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
             raise ValueError("objective lm_eval needs lm-evaluation-harness: pip install 'lm_eval>=0.4.8'")

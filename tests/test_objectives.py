@@ -200,3 +200,10 @@ def test_a_tiny_qra_search_with_the_lm_eval_objective_writes_a_plan(tmp_path) ->
     values = [r["objective_value"] for r in results]
     assert values and all(v is not None and 0 <= v <= 1 and v * 8 == round(v * 8) for v in values)
     assert all(-1 <= p["score"] <= 0 for p in pareto["points"])  # the search minimised minus the accuracy
+
+
+def test_a_dumped_default_config_reloads() -> None:
+    """model_dump() writes the default lm_eval section; reloading it is not "lm_eval set without its objective"
+    (benchmarks rebuild configs this way)."""
+    cfg = QRAConfig.model_validate({"model": {"tiny": {"arch": "llama"}}})
+    assert QRAConfig.model_validate(cfg.model_dump()).fidelity == cfg.fidelity
