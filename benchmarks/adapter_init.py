@@ -260,7 +260,8 @@ class Bench:
                 "tuning": {
                     "knob": "learning rate",
                     "grid": list(LR_GRID),
-                    "how": "per method: seed 0, the final's steps, scored on the selection split; lowest loss wins; a best rate at the edge of what was tried gets one more rate x2 beyond it (at most 2 more)",
+                    "how": "per method: seed 0, the final's steps, scored on the selection split; lowest loss wins; "
+                    "a best rate at the edge of what was tried gets one more rate x2 beyond it (at most 2 more)",
                     "search_lr": "the rate tuned for the budget's uniform plan with the search's init",
                 },
                 "round2_lr": 5e-4,
