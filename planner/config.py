@@ -268,7 +268,7 @@ class FidelitySection(_Section):
         if self.lm_eval != LMEvalSection() and self.objective != "lm_eval":
             raise ValueError(f"lm_eval is set but objective is {self.objective}: set fidelity.objective: lm_eval")
         if self.objective == "lm_eval" and importlib.util.find_spec("lm_eval") is None:
-            raise ValueError("objective lm_eval needs lm-evaluation-harness: pip install "qra[lmeval]"")
+            raise ValueError('objective lm_eval needs lm-evaluation-harness: pip install "qra[lmeval]"')
         return self
 
 
