@@ -53,9 +53,10 @@ def test_the_shipped_backends_declare_everything() -> None:
     assert set(backends) >= {"hqq", "bnb", "none"}
     assert backends["hqq"].bits == {2, 3, 4, 8} and backends["bnb"].bits == {4, 8} and backends["none"].bits == {16}
     assert backends["hqq"].default_group == {2: 16, 3: 32, 4: 64, 8: 64}
-    assert backends["bnb"].shardable(4, True) and not backends["bnb"].shardable(4, False)
+    assert backends["bnb"].shardable(4, True) and backends["bnb"].shardable(4, False)  # nf4: bf16 and fp32
     assert not backends["bnb"].shardable(8, True) and all(backends["hqq"].shardable(b, False) for b in (2, 3, 4, 8))
     assert not backends["hqq"].flat_shardable(4, True) and backends["bnb"].flat_shardable(4, True)
+    assert not backends["bnb"].flat_shardable(4, False)  # FSDP1 flattens nf4 only in a half dtype
     assert not backends["hqq"].axolotl_kernels and backends["bnb"].axolotl_kernels
 
 
