@@ -129,6 +129,7 @@ class SearchSpace:
     def n_units(self) -> int:
         return len(self.specs) if self.unit == "module" else max(s.block for s in self.specs) + 1
 
+    @property
     def unit_blocks(self) -> list[int]:
         """The transformer block each unit belongs to (maps block-level priors onto module units)."""
         return [s.block for s in self.specs] if self.unit == "module" else list(range(self.n_units))
