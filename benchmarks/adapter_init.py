@@ -203,8 +203,8 @@ class Bench:
                 "lr_at_grid_edge": best[m] in (min(by_method[m]), max(by_method[m])),
                 "final_eval_losses": {s: r.eval_loss for s, r in results},
                 "final_accuracies": {s: r.accuracy for s, r in results},
-                "final_eval_loss_mean": _mean5([r.eval_loss for _, r in results]),
-                "step_s": _mean5([r.wall_s / max(r.steps, 1) for _, r in results]),
+                "final_eval_loss_mean": mean([r.eval_loss for _, r in results], 5),
+                "step_s": mean([r.wall_s / max(r.steps, 1) for _, r in results], 5),
                 "plan_hash": plan.content_hash(),
                 "bits_rank_counts": _counts(plan),
             }
@@ -284,10 +284,6 @@ def markdown(result: dict[str, Any]) -> str:
         for k, c in b["paired"].items():
             lines.append(f"| {k} | {c['mean']} | {c['se']} | {c['t']} | {c['p']} ({c['df']}) |")
     return "\n".join(lines) + "\n"
-
-
-def _mean5(values: list[float | None]) -> float | None:
-    return mean(values, 5)
 
 
 def _lowest(losses: dict[float, float | None]) -> float:
