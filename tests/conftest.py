@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+import tests.launch  # noqa: E402,F401  (snapshots the environment launches start from, before any test runs)
 from qra_plugin.plan import ModulePlan, Plan  # noqa: E402
 
 #: Cycled over the modules: every bits/backend combination, ranks including 0.

@@ -14,6 +14,7 @@ import pytest
 from planner.data.wiki import write_jsonl
 from planner.tiny import build_tiny_model, save_tiny_model
 from tests.conftest import mixed_plan
+from tests.launch import launch_env
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _launch(tmp_path: Path, *extra: str) -> list[dict]:
         "--model", str(model_dir), "--plan", str(tmp_path / "plan.yaml"), "--data", str(data), "--batch", "2",
         "--out", str(out), *extra,
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = launch_env(HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ from qra_plugin import apply_plan, load_for_inference
 from qra_plugin.adapter_init import read_init_tensors
 from qra_plugin.errors import QRAError
 from qra_plugin.plan import ModulePlan, Plan
+from tests.launch import launch_env
 
 #: Plan.uniform(tiny llama seed 0, 4 bits, r16).content_hash() before ``init`` existed (main 03b0d71)
 UNIFORM4_R16_HASH = "478e220036b1b09b836a"
@@ -320,7 +321,7 @@ def test_two_ddp_ranks_start_from_the_init_file(tmp_path):
     (tmp_path / "zero").mkdir()
     Plan.uniform(model, bits=3, rank=4).save(tmp_path / "zero" / "plan.yaml")
     _init_plan(model, Plan.uniform(model, bits=3, rank=4), _tokens(), tmp_path / "init")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = launch_env(HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     first = {}
     for kind in ("zero", "init"):

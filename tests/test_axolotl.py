@@ -14,6 +14,7 @@ import yaml
 
 from planner.data.wiki import write_alpaca_jsonl
 from tests.conftest import mixed_plan
+from tests.launch import launch_env
 
 pytest.importorskip("axolotl")
 pytestmark = pytest.mark.axolotl
@@ -57,7 +58,7 @@ def _config(tmp_path: Path, model_dir: Path, **extra) -> Path:
 
 
 def _run(config: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    env = launch_env(HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1")
     # axolotl re-launches itself through `accelerate` found on PATH: make it this interpreter's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return subprocess.run([AXOLOTL, "train", str(config)], capture_output=True, text=True, env=env, timeout=900)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.launch import launch_env
 from tests.test_axolotl import _config as axolotl_config
 from tests.test_estimate_cli import qra_inprocess
 
@@ -49,7 +50,7 @@ def axolotl_yaml(tmp_path: Path, model_dir: Path, **extra) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    env = launch_env(HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1")
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # axolotl re-launches itself via accelerate
     exe = shutil.which(args[0], path=str(BIN)) or str(BIN / args[0])
     return subprocess.run([exe, *args[1:]], capture_output=True, text=True, env=env, timeout=1200)

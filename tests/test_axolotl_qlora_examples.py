@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from planner.data.wiki import write_alpaca_jsonl
+from tests.launch import launch_env
 from tests.test_axolotl_planning import QRA_SECTION
 from tests.test_estimate_cli import qra_inprocess
 
@@ -128,7 +129,7 @@ def _cli(cwd: Path, *args: str):
     import sys
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}
+    env = launch_env(HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", DO_NOT_TRACK="1")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # axolotl re-launches itself via accelerate
     exe = shutil.which(args[0], path=str(bin_dir)) or str(bin_dir / args[0])
     return subprocess.run([exe, *args[1:]], capture_output=True, text=True, env=env, timeout=1200, cwd=cwd)

@@ -4,6 +4,8 @@ from an Axolotl YAML; packing only where the model keeps packed rows apart."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -137,7 +139,10 @@ def test_an_axolotl_yamls_training_keys_arrive_in_the_train_section(extra, loss_
     path, raw = as_user_would(FIXTURES / "llama3-qlora-1b.yml", tmp_path, tiny_model_dir)
     raw = {**raw, "warmup_steps": 7, "warmup_ratio": None, "weight_decay": 0.02, **extra}
     raw["plugins"] = [*(extra.get("plugins") or []), "qra_plugin.QRAPlugin"]
+    environment = dict(os.environ)
     cfg, _, _ = load_axolotl(Path(path), raw, tmp_path / "out", prepare_data=False)
+    # Axolotl's load_cfg exports ACCELERATE_* / log levels; what later launches inherit stays as it was
+    assert dict(os.environ) == environment
     train = cfg.train
     assert (train.batch, train.gradient_accumulation_steps, train.lr_scheduler) == (2, 4, "cosine")
     assert (train.warmup_steps, train.weight_decay, train.lora_dropout) == (7, 0.02, 0.05)

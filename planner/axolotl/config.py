@@ -66,24 +66,37 @@ def axolotl_settings(path: Path, raw: dict[str, Any]) -> Any:
 
     ``qra_plan`` is left out: the plan may not exist yet (``qra search`` writes it).
     """
-    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
-    os.environ.setdefault("AXOLOTL_LOG_LEVEL", "WARNING")  # else it prints the whole normalised config
-    from axolotl.cli.config import load_cfg
-    from axolotl.utils.dict import DictDefault
-
     config = {k: v for k, v in raw.items() if k != "qra_plan"}
     take_over_quantization(config)  # validate the job the plugin will run: the plan quantizes, not Axolotl
     for key in KERNEL_KEYS:  # no plan yet: keep Axolotl from auto-enabling kernels (and from printing so)
         if config.get(key) is None:
             config[key] = False
     try:
-        with _no_sharded_launch():
-            return load_cfg(DictDefault(config))
+        with _environment_restored():  # before axolotl.cli's import: it configures Axolotl's logging
+            from axolotl.cli.config import load_cfg
+            from axolotl.utils.dict import DictDefault
+
+            with _no_sharded_launch():
+                return load_cfg(DictDefault(config))
     except ValidationError as exc:
         raise QRAError(f"{path}: Axolotl rejects this config: {one_line_validation_error(exc)}") from None
     except (ValueError, OSError, TypeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QRAError(f"{path}: Axolotl rejects this config: {first}") from None
+
+
+@contextmanager
+def _environment_restored() -> Iterator[None]:
+    """``load_cfg`` exports ``ACCELERATE_*`` / ``FSDP_*`` / log levels into ``os.environ``; reading a YAML must
+    not change what the planner's later launches (fidelity workers, a user's ``axolotl train``) inherit. Axolotl
+    logs at WARNING meanwhile (else it prints the whole normalised config)."""
+    before = dict(os.environ)
+    os.environ.update(AXOLOTL_DO_NOT_TRACK="1", AXOLOTL_LOG_LEVEL="WARNING")
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 #: the keys with which Axolotl's ``prepare_optim_env`` readies this process for a sharded launch
