@@ -54,14 +54,25 @@ def setting():
     importance = Importance.from_arrays(
         space, {b: [unit_error(u, b) for u in range(space.n_units)] for b in (2, 3, 4)}, [1.0] * space.n_units
     )
-    return space, cost, budget_bytes, evaluate, importance, calls
+    return space, cost, budget_bytes, evaluate, importance, calls, _error_table(model, space)
+
+
+def _error_table(model, space):
+    """The real error table of the tiny model (second moments of random token rows)."""
+    from planner.priors.adapter_init import error_table
+    from planner.priors.moments import second_moments
+
+    tokens = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    return error_table(model, space, second_moments(model, tokens, [s.name for s in space.specs]))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_baseline_fits_the_budget(setting, method):
-    space, cost, budget, evaluate, importance, calls = setting
+    space, cost, budget, evaluate, importance, calls, table = setting
     calls.clear()
-    result = choose(method, space, cost, budget, evaluate, importance=importance, evaluations=6, rank=8, seed=0)
+    result = choose(
+        method, space, cost, budget, evaluate, importance=importance, table=table, evaluations=6, rank=8, seed=0
+    )
     assert cost(result.config) <= budget
     assert result.score is not None
     assert len(result.config) == space.n_units
@@ -72,19 +83,21 @@ def test_every_baseline_fits_the_budget(setting, method):
         assert result.evaluations == 1
 
 
-@pytest.mark.parametrize("method", ["uniform", "ilp", "greedy_priors"])
+@pytest.mark.parametrize("method", ["uniform", "ilp", "greedy_priors", "table_alloc"])
 def test_choosing_without_scoring_spends_no_evaluation(setting, method):
-    space, cost, budget, evaluate, importance, calls = setting
+    space, cost, budget, evaluate, importance, calls, table = setting
     calls.clear()
-    scored = choose(method, space, cost, budget, evaluate, importance=importance, rank=8)
+    scored = choose(method, space, cost, budget, evaluate, importance=importance, table=table, rank=8)
     calls.clear()
-    unscored = choose(method, space, cost, budget, evaluate, importance=importance, rank=8, score_choice=False)
+    unscored = choose(
+        method, space, cost, budget, evaluate, importance=importance, table=table, rank=8, score_choice=False
+    )
     assert calls == [] and unscored.evaluations == 0 and unscored.score is None
     assert unscored.config == scored.config  # the choice never depends on its own score
 
 
 def test_baselines_are_deterministic_for_a_seed(setting):
-    space, cost, budget, evaluate, importance, _ = setting
+    space, cost, budget, evaluate, importance, _, _ = setting
     for method in ("random", "tpe"):
         a = choose(method, space, cost, budget, evaluate, evaluations=5, seed=3)
         b = choose(method, space, cost, budget, evaluate, evaluations=5, seed=3)
@@ -92,7 +105,7 @@ def test_baselines_are_deterministic_for_a_seed(setting):
 
 
 def test_ilp_minimises_summed_iq_better_than_uniform(setting):
-    space, cost, budget, evaluate, importance, _ = setting
+    space, cost, budget, evaluate, importance, _, _ = setting
     ilp = choose("ilp", space, cost, budget, evaluate, importance=importance, rank=8)
     uniform = choose("uniform", space, cost, budget, evaluate, rank=8)
 
@@ -103,9 +116,11 @@ def test_ilp_minimises_summed_iq_better_than_uniform(setting):
 
 
 def test_priors_methods_need_priors_and_unknown_method_errors(setting):
-    space, cost, budget, evaluate, _, _ = setting
+    space, cost, budget, evaluate, _, _, _ = setting
     with pytest.raises(QRAError, match="needs the priors"):
         choose("ilp", space, cost, budget, evaluate)
+    with pytest.raises(QRAError, match="needs the error table"):
+        choose("table_alloc", space, cost, budget, evaluate)
     with pytest.raises(QRAError, match="unknown baseline"):
         choose("magic", space, cost, budget, evaluate)
     assert flat_importance(space).plasticity.tolist() == [1.0] * space.n_units
@@ -152,7 +167,7 @@ def test_tpe_leaves_its_random_start_up_and_models_the_rest(setting, monkeypatch
     (what hyperopt's default start-up of 20 trials would do) and score better."""
     import planner.search.baselines as baselines
 
-    space, cost, budget_bytes, evaluate, _, _ = setting
+    space, cost, budget_bytes, evaluate, _, _, _ = setting
     assert baselines.tpe_startup(12) == 4 and baselines.tpe_startup(3) == 2
     guided = baselines.tpe(space, cost, budget_bytes, evaluate, 12, seed=0)
     monkeypatch.setattr(baselines, "tpe_startup", lambda evaluations: 20)  # hyperopt's default start-up
@@ -171,7 +186,7 @@ def test_random_search_ends_on_a_space_with_fewer_configs_than_asked(setting) ->
     draws instead of drawing for ever (``qra baseline random`` on ``bits: [4]``, ``ranks: [16]`` hung)."""
     from planner.search.baselines import random_search
 
-    _, _, _, evaluate, _, _ = setting
+    _, _, _, evaluate, _, _, _ = setting
     cfg = QRAConfig.model_validate(
         {"model": {"tiny": {"layers": 4}}, "budget": "uniform:4bit:r16", "space": {"bits": [4], "ranks": [16]}}
     )
@@ -188,7 +203,7 @@ def test_random_search_ends_on_a_space_with_fewer_configs_than_asked(setting) ->
 def test_a_uniform_rank_outside_the_space_is_a_one_line_error(setting) -> None:
     from planner.search.baselines import default_rank
 
-    space, cost, budget_bytes, evaluate, importance, _ = setting
+    space, cost, budget_bytes, evaluate, importance, _, _ = setting
     assert 16 not in space.ranks or default_rank(space) == 16
     for method in ("ilp", "uniform"):
         with pytest.raises(QRAError, match=r"rank 5 is not in the search space's ranks"):
@@ -211,3 +226,36 @@ def test_default_rank_is_16_if_the_space_has_it_else_the_largest_below() -> None
     assert default_rank(SimpleNamespace(ranks=(0, 32, 64))) == 32
     assert default_rank(SimpleNamespace(ranks=(0,))) == 0
     assert default_rank(SimpleNamespace(ranks=(32, 64))) == 32
+
+
+def test_table_alloc_is_the_zero_evaluation_fast_path_with_its_init_file(tmp_path) -> None:
+    """`qra baseline table_alloc --no-score`: no fine-tuning run, error-init adapters (the init file beside the
+    plan, its hash in the plan), the error table cached next to the priors and read back on a second call."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qra_plugin import Plan
+
+    config = Path(__file__).resolve().parents[1] / "example_configs" / "tiny-search.yaml"
+    cmd = [sys.executable, "-m", "planner.cli", "baseline", "table_alloc", str(config), "--out", str(tmp_path)]
+    first = subprocess.run([*cmd, "--no-score"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "table_alloc" / "result.json").read_text())
+    assert result["evaluations"] == 0 and result["score"] is None
+    assert result["memory_bytes"] <= result["budget_bytes"]
+    plan = Plan.load(tmp_path / "table_alloc" / "plan.yaml")
+    assert plan.init_file and (tmp_path / "table_alloc" / plan.init_file).is_file()
+    assert any(m.init == "error" for m in plan.modules.values())
+    table = tmp_path / "error_table.json"
+    stamp = table.stat().st_mtime_ns
+    if (tmp_path / "store.sqlite").exists():
+        from planner.store import Store
+
+        store = Store(tmp_path / "store.sqlite")
+        assert store.records() == []  # no fidelity run
+        store.close()
+    second = subprocess.run([*cmd, "--no-score"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and table.stat().st_mtime_ns == stamp  # the cached table, not measured again
+    assert Plan.load(tmp_path / "table_alloc" / "plan.yaml").modules == plan.modules

@@ -10,6 +10,8 @@ from rich.console import Console
 from planner.config import QRAConfig
 from planner.orchestration.setup import STORE_FILE, SearchSetup, exclusive_run, open_executor
 from planner.priors import profile
+from planner.priors.adapter_init import save_plan
+from planner.priors.error_table import cached_error_table
 from planner.search.allocation import Importance
 from planner.search.baselines import METHODS, BaselineResult, choose
 from planner.search.space import allocation_key
@@ -41,9 +43,13 @@ def run_baseline(
     out = Path(out_dir)
     seed = cfg.seed if seed is None else int(seed)
     console = Console(stderr=True, quiet=not progress, highlight=False, log_path=False)
+    if method == "table_alloc" and cfg.adapter.init != "error":  # the table prices ranks as error-init repairs
+        console.log("table_alloc: adapters start from the quantization error (adapter.init: error)")
+        cfg = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init": "error"})})
     setup = SearchSetup.build(cfg)  # bad input fails before anything is written
     with exclusive_run(out):
         importance = _importance(cfg, out, setup, progress) if method in ("ilp", "greedy_priors") else None
+        table = cached_error_table(cfg, setup.space, out) if method == "table_alloc" else None
         store = Store(out / STORE_FILE)
         executor = open_executor(cfg, store, kind=executor_kind)
         try:
@@ -55,6 +61,7 @@ def run_baseline(
                 setup.budget_bytes,
                 evaluate,
                 importance=importance,
+                table=table,
                 evaluations=evaluations,
                 rank=rank,
                 bits=bits,
@@ -66,7 +73,8 @@ def run_baseline(
             store.close()
         target = _write_baseline(out / method, cfg, setup, method, result)
     mib = setup.cost(result.config) / 2**20
-    console.log(f"[green]{method}[/green] loss {result.score} at {mib:.2f} MiB → {target}")
+    scored = f"loss {result.score}" if result.evaluations else "not fine-tuned (--no-score)"
+    console.log(f"[green]{method}[/green] {scored} at {mib:.2f} MiB → {target}")
     return result
 
 
@@ -77,7 +85,7 @@ def _importance(cfg: QRAConfig, out: Path, setup: SearchSetup, progress: bool) -
 def _write_baseline(target: Path, cfg: QRAConfig, setup: SearchSetup, method: str, result: BaselineResult) -> Path:
     memory = setup.cost(result.config)
     meta = {"qra_baseline": {"method": method, "score": result.score, "memory_bytes": memory, "budget": cfg.budget}}
-    setup.space.to_plan(result.config, meta=meta).save(target / "plan.yaml")
+    save_plan(cfg, setup.space.to_plan(result.config, meta=meta), [target / "plan.yaml"], target.parent)
     write_json_atomic(
         target / "result.json",
         {

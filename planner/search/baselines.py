@@ -18,12 +18,22 @@ from functools import partial
 
 import numpy as np
 
-from planner.search.allocation import Importance, flat_importance, greedy_priors, ilp, repair, uniform_under_budget
+from planner.search.allocation import (
+    Importance,
+    flat_importance,
+    greedy_priors,
+    ilp,
+    repair,
+    table_allocation,
+    uniform_under_budget,
+)
 from planner.search.space import Allocation, BudgetCost, SearchSpace
 from qra_plugin.errors import QRAError
 
 Evaluate = Callable[[list[Allocation], str], list[float | None]]
-METHODS = ("uniform", "random", "tpe", "ilp", "greedy_priors")
+#: ``table_alloc``: the error table's allocation (bits and rank priced together, adapters from the quantization
+#: error), the zero-evaluation plan
+METHODS = ("uniform", "random", "tpe", "ilp", "greedy_priors", "table_alloc")
 #: random search gives up looking for new distinct configs after this many draws per evaluation asked for
 RANDOM_DRAWS_PER_EVALUATION = 50
 
@@ -110,6 +120,7 @@ def choose(
     evaluate: Evaluate,
     *,
     importance: Importance | None = None,
+    table: dict[tuple[int, int, int], float] | None = None,
     evaluations: int = 8,
     rank: int | None = None,
     bits: int | None = None,
@@ -117,7 +128,8 @@ def choose(
     score_choice: bool = True,
 ) -> BaselineResult:
     """Run one baseline method; score its choice at the high fidelity unless ``score_choice`` is False
-    (uniform/ILP/greedy choose without evaluating; a benchmark that fine-tunes the choice anyway skips it)."""
+    (uniform/ILP/greedy/table_alloc choose without evaluating; a benchmark that fine-tunes the choice anyway
+    skips it)."""
     if method == "random":
         return random_search(space, cost, budget, evaluate, evaluations, seed)
     if method == "tpe":
@@ -137,6 +149,10 @@ def choose(
             if method == "ilp"
             else greedy_priors(space, cost, budget, importance)
         )
+    elif method == "table_alloc":
+        if table is None:
+            raise QRAError("baseline 'table_alloc' needs the error table (planner.priors.error_table)")
+        config = table_allocation(space, cost, budget, table)
     else:
         raise QRAError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     if not score_choice:
