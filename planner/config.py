@@ -310,6 +310,9 @@ class SearchSection(_Section):
     tr_batch: int = Field(1, ge=1)
     #: members of the first population drawn from the priors (default: half the population)
     warm_start: int | None = Field(default=None, ge=0)
+    #: with ``adapter.init: error``, start from the error table's allocation too (``qra baseline table_alloc``'s
+    #: plan, a zero-evaluation allocation the search must beat); the table costs minutes, once per model and space
+    table_start: bool = True
     #: offspring drafted per offspring evaluated; the screening model picks which get a low-fidelity run
     screen_factor: int = Field(3, ge=1)
     #: initial trust-region length (one-step moves from the centre) and candidates sampled per iteration

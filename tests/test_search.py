@@ -346,3 +346,24 @@ def test_min_gain_boundary(best, free, min_gain, gives_way) -> None:
     from planner.search.pareto import within_noise
 
     assert within_noise(best, free, min_gain) is gives_way
+
+
+def test_with_error_init_the_search_starts_from_and_measures_itself_against_the_tables_allocation(tmp_path) -> None:
+    """``adapter.init: error``: the error table's allocation (cached next to the priors) is in the first
+    population and among the zero-evaluation allocations the report compares the best plan with."""
+    from planner.orchestration.setup import SearchSetup
+    from planner.priors.error_table import TABLE_FILE, cached_error_table
+    from planner.search.allocation import table_allocation
+
+    small = {"population": 4, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1}
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", search=small, adapter={"init": "error"}))
+    out = tmp_path / "out"
+    result = run_search(cfg, out, seed=0, executor_kind="local", progress=False)
+    setup = SearchSetup.build(cfg)
+    chosen = table_allocation(setup.space, setup.cost, setup.budget_bytes, cached_error_table(cfg, setup.space, out))
+    assert (out / TABLE_FILE).is_file()
+    assert allocation_key(chosen) in [r["config"] for r in result.trace[: cfg.search.population]]
+    trace = json.loads((out / TRACE_FILE).read_text())
+    assert "table_alloc" in trace["free_allocation_scores"]
+    plan = Plan.load(out / PLAN_FILE)
+    assert plan.init_file and any(m.init == "error" for m in plan.modules.values())

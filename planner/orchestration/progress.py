@@ -15,7 +15,8 @@ from typing import Any
 def planned_evaluations(cfg: Any) -> int:
     s = cfg.search
     low = s.population + s.generations * s.offspring
-    high = s.promote * (s.generations + 1) + s.tr_iterations * s.tr_batch + 1
+    table = cfg.adapter.init == "error" and s.table_start  # the error table's allocation, scored at high
+    high = s.promote * (s.generations + 1) + s.tr_iterations * s.tr_batch + 1 + int(table)
     return (low + high) * len(cfg.fidelity.seeds)
 
 

@@ -29,8 +29,9 @@ from planner.orchestration.setup import (
     time_split,
 )
 from planner.priors.adapter_init import save_plan
+from planner.priors.error_table import cached_error_table
 from planner.priors.profile import profile
-from planner.search.allocation import Importance, named_prior_allocations, warm_start
+from planner.search.allocation import Importance, named_prior_allocations, table_allocation, warm_start
 from planner.search.evolution import Stage1Result, Stage1Settings, run_stage1
 from planner.search.pareto import Point, against_free, best_for_budget, prefer_free, write_pareto
 from planner.search.space import Allocation, allocation_key
@@ -83,7 +84,7 @@ class _Run:
     failures: dict[str, int] = field(default_factory=lambda: {"transient": 0, "deterministic": 0})
     axolotl_config: Path | None = None
     plan_target: Path | None = None
-    #: the zero-evaluation allocations in the first population, by name (greedy_priors, ilp)
+    #: the zero-evaluation allocations in the first population, by name (greedy_priors, ilp, table_alloc)
     free: dict[str, Allocation] = field(default_factory=dict)
 
 
@@ -148,10 +149,23 @@ def _first_population(run: _Run, importance: Importance) -> list[Allocation]:
         named = s.budget.uniform[1] if s.budget.uniform is not None else None
         rank = named if named in s.space.ranks else sorted(s.space.ranks)[len(s.space.ranks) // 2]
         sampled = warm_start(importance, s.space, s.cost, s.budget_bytes, min(n_warm, search.population), run.seed)
-        run.free = named_prior_allocations(s.space, s.cost, s.budget_bytes, importance, rank)
+        run.free = named_prior_allocations(s.space, s.cost, s.budget_bytes, importance, rank) | _table_start(run)
         warm = [*run.free.values(), *sampled]
     budget_plan = s.budget_plan()
     return [budget_plan, *warm] if budget_plan is not None else warm
+
+
+def _table_start(run: _Run) -> dict[str, Allocation]:
+    """With ``adapter.init: error``, the error table's allocation (bits and rank priced together, as the init
+    repairs): one more zero-evaluation allocation for the first population and for the report to compare with."""
+    s, cfg = run.setup, run.cfg
+    if cfg.adapter.init != "error" or not cfg.search.table_start or s.space.prune:
+        return {}
+    table = cached_error_table(cfg, s.space, run.out)
+    try:
+        return {"table_alloc": table_allocation(s.space, s.cost, s.budget_bytes, table)}
+    except QRAError:  # the budget is below the space's cheapest config: the search says so itself
+        return {}
 
 
 def _evaluate_stages(
@@ -200,6 +214,10 @@ def _evaluate_stages(
             run.say("[bold]baseline[/bold]: the uniform plan that defines the budget, at the high fidelity")
             run.bar.stage("baseline · high fidelity")
             history[baseline] = evaluator.run([baseline], "high", "baseline")[0]
+        table = run.free.get("table_alloc")
+        if table is not None and table not in history:  # the fast path's plan: the report says if the search beat it
+            run.say("[bold]table_alloc[/bold]: the error table's allocation, at the high fidelity")
+            history[table] = evaluator.run([table], "high", "table_alloc")[0]
         run.failures = store.failure_counts({recipe_hash(run.cfg, "low"), recipe_hash(run.cfg, "high")})
     finally:
         executor.close()
@@ -356,7 +374,8 @@ def _summary(
 
 
 def _free_allocations(run: _Run) -> dict[str, Allocation]:
-    """The allocations that cost no evaluation: the priors' (greedy, ILP) and the budget's uniform plan."""
+    """The allocations that cost no evaluation: the priors' (greedy, ILP), the error table's and the budget's
+    uniform plan."""
     free = dict(run.free)
     baseline = run.setup.budget_plan()
     if baseline is not None:
