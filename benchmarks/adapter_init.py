@@ -228,7 +228,7 @@ class Bench:
         setup = SearchSetup.build(self.config(BUDGETS[name][0], "zero", LR_GRID[0]))
         uniform, ceiling = methods["uniform"]["final_eval_loss_mean"], methods[CEILING]["final_eval_loss_mean"]
         for m, row in methods.items():
-            row["memory_predicted"] = int(plan_bytes(setup.info, plans[m][0], setup.cfg.train, setup.budget.kind))
+            row["memory_predicted"] = int(plan_bytes(setup.info, plans[m][0], setup.settings, setup.budget.kind))
             row["within_budget"] = m == CEILING or row["memory_predicted"] <= setup.budget_bytes
             gap = uniform - ceiling
             row["G"] = round((uniform - row["final_eval_loss_mean"]) / gap, 4) if gap > 0 else None

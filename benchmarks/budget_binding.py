@@ -40,7 +40,7 @@ def price(cfg: QRAConfig, dtype: str) -> dict[str, Any]:
     rows: dict[str, dict[str, int]] = {}
     for name, (bits, rank) in corners.items():
         plan = space.to_plan(space.uniform(bits, rank))
-        rows[name] = {kind: int(plan_bytes(setup.info, plan, cfg.train, kind)) for kind in ("plan", "peak")}
+        rows[name] = {kind: int(plan_bytes(setup.info, plan, setup.settings, kind)) for kind in ("plan", "peak")}
     out: dict[str, Any] = {
         "dtype": dtype,
         "plans_mib": {n: {k: v / MIB for k, v in r.items()} for n, r in rows.items()},

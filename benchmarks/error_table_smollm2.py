@@ -25,6 +25,7 @@ from planner.priors.calibration import calibration_batch
 from planner.priors.moments import second_moments
 from planner.search.allocation import table_allocation
 from planner.search.space import BudgetCost, SearchSpace, allocation_key
+from planner.settings import TrainingSettings
 from qra_plugin.io import write_json_atomic
 
 
@@ -42,8 +43,9 @@ def main() -> None:
     info = load_model_info(cfg.model)
     budget = Budget.parse(cfg.budget)
     space = SearchSpace.from_config(cfg, info)
-    budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
-    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+    settings = TrainingSettings.of(cfg)
+    budget_bytes = int(budget.check_feasible(info, settings, space.bits, space.ranks, space.backend))
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), settings, budget.kind))
     model = load_model(cfg.model).eval()
     tokens = calibration_batch(load_tokenizer(cfg.model), cfg.data, 32, 128)
     moments = second_moments(model, tokens, [s.name for s in space.specs])

@@ -35,6 +35,7 @@ from planner.data.wiki import as_plain_text, wiki_split
 from planner.loading import load_model, load_tokenizer
 from planner.memory import estimate
 from planner.model_info import load_model_info
+from planner.settings import TrainingSettings
 from qra_plugin import apply_plan
 from qra_plugin.io import write_json_atomic, write_text_atomic
 from qra_plugin.plan import Plan
@@ -229,15 +230,15 @@ def measure(section: ModelSection, cfg: dict[str, Any], info: Any, seed: int) ->
 def predict(info: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     plan = Plan.from_block_pairs(info.fingerprint, info.linears, cfg["blocks"], cfg["backend"])
     t0 = time.perf_counter()
-    est = estimate(
-        info,
-        plan,
+    job = TrainingSettings(
         batch=cfg["batch"],
         seq_len=cfg["seq"],
         grad_checkpointing=cfg["gc"],
         optimizer=cfg["optimizer"],
         loss_path=cfg["loss_path"],
+        precision=info.dtype,
     )
+    est = estimate(info, plan, job)
     static = est.quantized_weights + est.unquantized_weights + est.lora_params + est.optimizer_states
     return {
         "breakdown": est.to_dict(),

@@ -20,14 +20,14 @@ OUT = ROOT / "benchmarks" / "results" / "planner_speed.json"
 
 
 def measure(plans: int = 40, repeats: int = 3) -> dict:
-    from planner.config import TrainSection
     from planner.memory import plan_bytes
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
     from planner.tiny import build_tiny_model
     from qra_plugin.plan import Plan
 
     info = load_model_info(build_tiny_model("llama", layers=30, hidden=64))
-    train = TrainSection(batch=4, seq_len=64)
+    train = TrainingSettings(batch=4, seq_len=64)
     rng = random.Random(0)
     pairs = [[(rng.choice([2, 3, 4, 8]), rng.choice([4, 8, 16, 32])) for _ in range(30)] for _ in range(plans)]
     built = [Plan.from_block_pairs(info.fingerprint, info.linears, p) for p in pairs]

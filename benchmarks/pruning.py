@@ -89,7 +89,7 @@ class PruningBenchmark(Benchmark):
         fixed = self._cfg(space={**space, "prune": [self.reduction]}, budget="plan:uniform:4bit:r16")
         fixed_setup = SearchSetup.build(fixed)
         reference = fixed_setup.space.to_plan(fixed_setup.space.uniform(4, 16))
-        budget = f"plan:{plan_bytes(fixed_setup.info, reference, fixed.train, 'plan')}"
+        budget = f"plan:{plan_bytes(fixed_setup.info, reference, fixed_setup.settings, 'plan')}"
         cfgs = {
             "rankadaptor": self._cfg(space={**space, "prune": [self.reduction], "bits": [4]}, budget=budget),
             "qra_prune": self._cfg(space={**space, "prune": list(SEARCHED_RATIOS)}, budget=budget),
@@ -129,7 +129,7 @@ class PruningBenchmark(Benchmark):
 
         summary = summarize_method(finals, memory_key="plan_bytes_measured")
         kept = sum(s.numel for s in pruned_info(setup.info, plan).linears) / setup.info.linear_numel
-        memory = int(plan_bytes(setup.info, plan, setup.cfg.train, "plan"))
+        memory = int(plan_bytes(setup.info, plan, setup.settings, "plan"))
         summary.update(
             {
                 "plan_hash": plan.content_hash(),

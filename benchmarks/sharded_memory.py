@@ -35,11 +35,12 @@ SMOLLM2_MODES = ("zero3", "fsdp2")
 def predicted(model_dir: Path, plan_path: Path, sharding: str, world_size: int) -> dict[str, int]:
     from planner.memory import estimate
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
     from planner.sharding import per_rank
     from qra_plugin import Plan
 
     info, plan = load_model_info(str(model_dir)), Plan.load(plan_path)
-    breakdown = estimate(info, plan, batch=4 // world_size, seq_len=32)
+    breakdown = estimate(info, plan, TrainingSettings(batch=4 // world_size, seq_len=32, precision=info.dtype))
     rank = per_rank(info, plan, breakdown, world_size=world_size, sharding=sharding)
     return {part: rank[part] for part in PARTS}
 

@@ -126,7 +126,7 @@ def rank_budget_bytes(
 
 
 def is_single_device(train: Any) -> bool:
-    """A ``TrainSection`` (or anything with its fields) that prices one device: no ranks, no sharding."""
+    """Training settings (``TrainingSettings``, or a train section) that price one device: no ranks, no sharding."""
     return getattr(train, "world_size", 1) == 1 and getattr(train, "sharding", None) in (None, "ddp")
 
 

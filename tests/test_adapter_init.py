@@ -238,6 +238,7 @@ def test_error_table_allocation_fits_and_prices_bits_with_rank():
     from planner.priors.adapter_init import error_table
     from planner.search.allocation import table_allocation
     from planner.search.space import BudgetCost, SearchSpace
+    from planner.settings import TrainingSettings
 
     cfg = QRAConfig.model_validate(
         {"model": {"tiny": {"layers": 2}}, "budget": "uniform:4bit:r8", "space": {"bits": [3, 4, 8], "ranks": [4, 16]}}
@@ -245,8 +246,9 @@ def test_error_table_allocation_fits_and_prices_bits_with_rank():
     info = load_model_info(cfg.model)
     budget = Budget.parse(cfg.budget)
     space = SearchSpace.from_config(cfg, info)
-    budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
-    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+    settings = TrainingSettings.of(cfg)
+    budget_bytes = int(budget.check_feasible(info, settings, space.bits, space.ranks, space.backend))
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), settings, budget.kind))
     model = build_tiny_model("llama", layers=2, seed=0).eval()
     moments = second_moments(model, _tokens(4), [s.name for s in space.specs])
     table = error_table(model, space, moments)

@@ -57,6 +57,7 @@ def test_qra_estimate_prices_the_job_as_written(example, tmp_path, tiny_model_di
     optimizer, micro batch and sequence length)."""
     from planner.memory import estimate, uniform_plan
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
 
     config, raw = as_user_would(example, tmp_path, tiny_model_dir)
     code, out, err = qra_inprocess(capsys, "estimate", str(config), "--json")
@@ -69,12 +70,15 @@ def test_qra_estimate_prices_the_job_as_written(example, tmp_path, tiny_model_di
     job = estimate(
         info,
         uniform_plan(info, 4, int(raw["lora_r"]), "bnb"),
-        batch=int(raw["micro_batch_size"]),
-        seq_len=int(raw["sequence_len"]),
-        optimizer=raw["optimizer"],
-        grad_checkpointing=bool(raw.get("gradient_checkpointing")),
-        loss_path="cce" if any("CutCrossEntropy" in p for p in raw["plugins"]) else "hf_full",  # plugin default: on
-        grad_accum=int(raw.get("gradient_accumulation_steps") or 1),
+        TrainingSettings(
+            batch=int(raw["micro_batch_size"]),
+            seq_len=int(raw["sequence_len"]),
+            optimizer=raw["optimizer"],
+            grad_checkpointing=bool(raw.get("gradient_checkpointing")),
+            loss_path="cce" if any("CutCrossEntropy" in p for p in raw["plugins"]) else "hf_full",
+            gradient_accumulation_steps=int(raw.get("gradient_accumulation_steps") or 1),
+            precision=info.dtype,
+        ),
     )
     assert got["total"] == job.total and got["optimizer_states"] == job.optimizer_states
 

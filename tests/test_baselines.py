@@ -18,6 +18,7 @@ from planner.model_info import load_model_info
 from planner.search.allocation import Importance, flat_importance
 from planner.search.baselines import METHODS, choose
 from planner.search.space import BudgetCost, SearchSpace
+from planner.settings import TrainingSettings
 from planner.tiny import build_tiny_model
 from qra_plugin import QRAError
 from qra_plugin.backends import get_backend
@@ -30,8 +31,9 @@ def setting():
     info = load_model_info(cfg.model)
     budget = Budget.parse(cfg.budget)
     space = SearchSpace.from_config(cfg, info)
-    budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
-    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
+    settings = TrainingSettings.of(cfg)
+    budget_bytes = int(budget.check_feasible(info, settings, space.bits, space.ranks, space.backend))
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), settings, budget.kind))
     model = build_tiny_model("llama", seed=0)
 
     @cache
@@ -192,8 +194,9 @@ def test_random_search_ends_on_a_space_with_fewer_configs_than_asked(setting) ->
     )
     info = load_model_info(cfg.model)
     space = SearchSpace.from_config(cfg, info)
-    budget = Budget.parse(cfg.budget).resolve(info, cfg.train)
-    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, "peak"))
+    settings = TrainingSettings.of(cfg)
+    budget = Budget.parse(cfg.budget).resolve(info, settings)
+    cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), settings, "peak"))
     result = random_search(space, cost, budget, evaluate, evaluations=8, seed=0)
     assert result.evaluations == 1 and result.config == space.uniform(4, 16)
     with pytest.raises(QRAError, match="no sampled config fits the budget"):

@@ -12,6 +12,7 @@ import pytest
 
 from planner.memory import estimate, uniform_plan
 from planner.model_info import load_model_info
+from planner.settings import TrainingSettings
 from planner.tiny import save_tiny_model
 
 FIELDS = ("quantized_weights", "unquantized_weights", "lora_params", "lora_grads", "optimizer_states", "activations")
@@ -35,7 +36,7 @@ def test_estimate_json_matches_library(model_dir: Path) -> None:
     for key in (*FIELDS, "total"):
         assert isinstance(data[key], int) and data[key] >= 0, key
     info = load_model_info(model_dir)
-    expected = estimate(info, uniform_plan(info, 4, 16), batch=2, seq_len=32)
+    expected = estimate(info, uniform_plan(info, 4, 16), TrainingSettings(batch=2, seq_len=32))
     assert data["total"] == expected.total
     assert data["quantized_weights"] == expected.quantized_weights > 0
 

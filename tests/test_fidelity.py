@@ -190,6 +190,7 @@ def test_plan_budget_bytes_predicted_equal_the_real_tensors_of_a_run(cfg, meta):
     """A ``plan:`` budget counts planned modules + LoRA + grads + optimizer states: a real run holds exactly that."""
     from planner.memory import plan_bytes
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
 
     info = load_model_info(cfg.model)
     mixed = Plan.from_module_pairs(  # HQQ 2/3/4/8 and 16-bit modules, ranks 0..16
@@ -199,7 +200,7 @@ def test_plan_budget_bytes_predicted_equal_the_real_tensors_of_a_run(cfg, meta):
     )
     for plan in (Plan.uniform(meta, bits=4, rank=8), mixed):
         result = run_fidelity(task(cfg, plan, "low"))
-        assert result.plan_bytes_measured == plan_bytes(info, plan, cfg.train, "plan")
+        assert result.plan_bytes_measured == plan_bytes(info, plan, TrainingSettings.of(cfg), "plan")
 
 
 def test_the_three_splits_are_disjoint_and_the_task_has_exact_answers():

@@ -17,6 +17,7 @@ from planner.memory import estimate, uniform_plan
 from planner.memory.activations import trace_activations
 from planner.memory.loss import TRL_CHUNK_TOKENS
 from planner.model_info import load_model_info
+from planner.settings import TrainingSettings
 from planner.tiny import build_tiny_model, save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,18 +42,22 @@ def test_the_loss_part_of_the_trace_is_the_full_logits_log_softmax(info) -> None
 
 def test_each_loss_path_is_priced_and_only_the_full_logits_one_grows_with_tokens_x_vocab(info) -> None:
     plan = uniform_plan(info, 4, 8)
-    parts = {p: estimate(info, plan, batch=4, seq_len=256, loss_path=p).logits_loss for p in LOSS_PATHS}
+    parts = {
+        p: estimate(info, plan, TrainingSettings(batch=4, seq_len=256, loss_path=p)).logits_loss for p in LOSS_PATHS
+    }
     assert parts["hf_full"] > parts["trl_chunked"] > parts["liger"] > parts["cce"] > 0
-    doubled = {p: estimate(info, plan, batch=8, seq_len=256, loss_path=p).logits_loss for p in LOSS_PATHS}
+    doubled = {
+        p: estimate(info, plan, TrainingSettings(batch=8, seq_len=256, loss_path=p)).logits_loss for p in LOSS_PATHS
+    }
     assert doubled["hf_full"] / parts["hf_full"] == pytest.approx(2, rel=0.02)
     assert doubled["trl_chunked"] / parts["trl_chunked"] < 1.1  # one 256-token chunk of logits at a time
-    assert estimate(info, plan, batch=4, seq_len=256).settings["loss_path"] == "trl_chunked"
+    assert estimate(info, plan, TrainingSettings(batch=4, seq_len=256)).settings["loss_path"] == "trl_chunked"
 
 
 def test_gradient_accumulation_keeps_the_lora_gradients_through_the_next_forward(info) -> None:
     plan = uniform_plan(info, 4, 8)
-    once = estimate(info, plan, batch=2, seq_len=64)
-    accumulated = estimate(info, plan, batch=2, seq_len=64, grad_accum=4)
+    once = estimate(info, plan, TrainingSettings(batch=2, seq_len=64))
+    accumulated = estimate(info, plan, TrainingSettings(batch=2, seq_len=64, gradient_accumulation_steps=4))
     assert once.peak_phase == accumulated.peak_phase == "loss"
     assert accumulated.total - once.total == once.lora_grads > 0
 

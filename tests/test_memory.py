@@ -7,9 +7,10 @@ import tempfile
 import pytest
 import torch
 
-from planner.config import ModelSection, TrainSection
+from planner.config import ModelSection
 from planner.memory import Budget, estimate, min_plan_bytes, parse_size, plan_bytes, uniform_plan
 from planner.model_info import load_model_info
+from planner.settings import TrainingSettings
 from planner.tiny import build_tiny_model
 from qra_plugin import apply_plan
 from qra_plugin.errors import QRAError
@@ -86,7 +87,7 @@ def test_static_parts_match_real_tensors(arch: str, optimizer: str) -> None:
     model = build_tiny_model(arch, seed=0, layers=3, hidden=64)
     info = load_model_info(model)
     plan = mixed_plan(model, info, offset=1 if arch == "qwen2" else 0)
-    pred = estimate(info, plan, batch=2, seq_len=16, optimizer=optimizer)
+    pred = estimate(info, plan, TrainingSettings(batch=2, seq_len=16, optimizer=optimizer))
     meas = measured_static(model, plan, optimizer)
     assert_static_close(pred, meas)
     assert pred.quantized_weights > 0 and pred.lora_params > 0
@@ -99,7 +100,7 @@ def test_static_parts_bf16_storage() -> None:
     model = build_tiny_model("llama", seed=1, layers=2, hidden=64, dtype=torch.bfloat16)
     info = load_model_info(model)
     plan = mixed_plan(model, info)
-    pred = estimate(info, plan, batch=1, seq_len=8, compute_dtype=torch.bfloat16)
+    pred = estimate(info, plan, TrainingSettings(batch=1, seq_len=8, precision=torch.bfloat16))
     meas = measured_static(model, plan, "adamw_torch", batch=1, seq=8)
     assert_static_close(pred, meas)
 
@@ -151,7 +152,7 @@ def test_saved_activations_match_autograd(arch: str) -> None:
     model = build_tiny_model(arch, seed=0, layers=3, hidden=128)
     info = load_model_info(model)
     plan = mixed_plan(model, info)
-    pred = estimate(info, plan, batch=2, seq_len=32)
+    pred = estimate(info, plan, TrainingSettings(batch=2, seq_len=32))
     trace = trace_activations(info, 2, 32, torch.float32)
     predicted_saved = pred.activations + trace.head_saved  # head_saved: the loss's fp32 log-softmax
     measured = saved_activation_bytes(model, plan, 2, 32)
@@ -162,13 +163,13 @@ def test_activations_scale_and_checkpointing() -> None:
     model = build_tiny_model("llama", seed=0, layers=4, hidden=64)
     info = load_model_info(model)
     plan = uniform_plan(info, 4, 8)
-    a1 = estimate(info, plan, batch=1, seq_len=32)
-    a2 = estimate(info, plan, batch=2, seq_len=32)
+    a1 = estimate(info, plan, TrainingSettings(batch=1, seq_len=32))
+    a2 = estimate(info, plan, TrainingSettings(batch=2, seq_len=32))
     assert 1.9 < a2.activations / a1.activations < 2.1
-    gc = estimate(info, plan, batch=2, seq_len=32, grad_checkpointing=True)
+    gc = estimate(info, plan, TrainingSettings(batch=2, seq_len=32, grad_checkpointing=True))
     assert gc.activations < a2.activations
     assert gc.quantized_weights == a2.quantized_weights and gc.total < a2.total
-    r32 = estimate(info, uniform_plan(info, 4, 32), batch=2, seq_len=32)
+    r32 = estimate(info, uniform_plan(info, 4, 32), TrainingSettings(batch=2, seq_len=32))
     assert r32.activations > a2.activations and r32.lora_params == 4 * a2.lora_params
 
 
@@ -176,9 +177,9 @@ def test_wrong_model_and_bad_optimizer() -> None:
     info = load_model_info(build_tiny_model("llama", layers=2))
     other = load_model_info(build_tiny_model("llama", layers=3))
     with pytest.raises(QRAError, match="plan is for"):
-        estimate(info, uniform_plan(other, 4, 8), batch=1, seq_len=8)
+        estimate(info, uniform_plan(other, 4, 8), TrainingSettings(batch=1, seq_len=8))
     with pytest.raises(QRAError, match="unknown optimizer"):
-        estimate(info, uniform_plan(info, 4, 8), batch=1, seq_len=8, optimizer="lamb9000")
+        estimate(info, uniform_plan(info, 4, 8), TrainingSettings(batch=1, seq_len=8, optimizer="lamb9000"))
 
 
 # ---------------------------------------------------------------- budgets
@@ -209,10 +210,10 @@ def test_budget_parse_kinds() -> None:
 
 def test_budget_resolve_relative_and_infeasible() -> None:
     info = load_model_info(build_tiny_model("llama", layers=4, hidden=64))
-    train = TrainSection(batch=2, seq_len=32)
+    train = TrainingSettings(batch=2, seq_len=32)
     peak = Budget.parse("uniform:4bit:r16").resolve(info, train)
     assert peak == plan_bytes(info, uniform_plan(info, 4, 16), train, "peak")
-    assert peak == estimate(info, uniform_plan(info, 4, 16), batch=2, seq_len=32).total
+    assert peak == estimate(info, uniform_plan(info, 4, 16), TrainingSettings(batch=2, seq_len=32)).total
     weights = Budget.parse("weights:uniform:4bit:r16").resolve(info, train)
     assert weights < peak
     bnb = Budget.parse("uniform:4bit-bnb:r16").resolve(info, train)
@@ -236,7 +237,7 @@ def test_static_parts_smollm2() -> None:
     assert info.n_blocks == 30 and len(info.linears) == 210 and info.tied_embeddings
     model = load_model(section)
     plan = mixed_plan(model, info)
-    pred = estimate(info, plan, batch=1, seq_len=8)
+    pred = estimate(info, plan, TrainingSettings(batch=1, seq_len=8))
     meas = measured_static(model, plan, "adamw_torch", batch=1, seq=8)
     assert_static_close(pred, meas)
 

@@ -10,6 +10,7 @@ import torch
 from planner.memory import estimate, trace_activations, uniform_plan
 from planner.memory.loss import TRL_CHUNK_TOKENS, _chunk_upcast
 from planner.model_info import load_model_info
+from planner.settings import TrainingSettings
 from planner.tiny import build_tiny_model
 from qra_plugin import apply_plan
 from qra_plugin.errors import QRAError
@@ -24,7 +25,7 @@ def test_bf16_static_parts_equal_the_real_tensors(arch: str, optimizer: str) -> 
     info = load_model_info(model)
     assert info.dtype == torch.bfloat16
     plan = mixed_plan(model, info, offset=1 if arch == "qwen2" else 0)
-    pred = estimate(info, plan, batch=1, seq_len=8, optimizer=optimizer)
+    pred = estimate(info, plan, TrainingSettings(batch=1, seq_len=8, optimizer=optimizer, precision=info.dtype))
     meas = measured_static(model, plan, optimizer, batch=1, seq=8)
     assert {key: getattr(pred, key) for key in STATIC} == meas
     assert pred.settings["compute_dtype"] == "bfloat16"
@@ -38,8 +39,8 @@ def test_bf16_adapters_are_fp32_and_priced_so() -> None:
     plan = uniform_plan(info, 4, 8)
     lora = [p for n, p in apply_plan(model, plan).named_parameters() if "lora_" in n]
     assert lora and {p.dtype for p in lora} == {torch.float32}
-    bf16 = estimate(info, plan, batch=1, seq_len=8)
-    fp32 = estimate(info, plan, batch=1, seq_len=8, compute_dtype=torch.float32)
+    bf16 = estimate(info, plan, TrainingSettings(batch=1, seq_len=8, precision=info.dtype))
+    fp32 = estimate(info, plan, TrainingSettings(batch=1, seq_len=8, precision=torch.float32))
     assert bf16.lora_params == fp32.lora_params == 4 * sum(p.numel() for p in lora)
     assert bf16.optimizer_states == fp32.optimizer_states
     assert bf16.unquantized_weights < fp32.unquantized_weights  # bf16 embeddings and norms (fp32 rotary buffers)
@@ -54,7 +55,7 @@ def test_bf16_saved_activations_equal_autograd(arch: str) -> None:
     model = build_tiny_model(arch, seed=0, layers=3, hidden=128, dtype=torch.bfloat16)
     info = load_model_info(model)
     plan = mixed_plan(model, info)
-    pred = estimate(info, plan, batch=2, seq_len=32)
+    pred = estimate(info, plan, TrainingSettings(batch=2, seq_len=32, precision=info.dtype))
     head = trace_activations(info, 2, 32, torch.bfloat16).head_saved
     assert pred.activations + head == saved_activation_bytes(model, plan, 2, 32)
 
@@ -108,7 +109,9 @@ def test_bf16_adapters_without_peft_autocast_are_priced_in_bf16() -> None:
     model = build_tiny_model("llama", seed=3, layers=3, hidden=128, dtype=torch.bfloat16)
     info = load_model_info(model)
     plan = mixed_plan(model, info)
-    pred = estimate(info, plan, batch=2, seq_len=32, adapter_dtype=torch.bfloat16)
+    pred = estimate(
+        info, plan, TrainingSettings(batch=2, seq_len=32, adapter_precision=torch.bfloat16, precision=info.dtype)
+    )
     quantize_model(model, plan)
     peft_model = get_peft_model(model, lora_config(plan), autocast_adapter_dtype=False)
     peft_model.train()
@@ -128,10 +131,12 @@ def test_bf16_adapters_without_peft_autocast_are_priced_in_bf16() -> None:
     assert pred.lora_params == memory_report(peft_model).lora_bytes
     assert pred.lora_grads == storage_bytes([p.grad for p in params])
     assert pred.optimizer_states == storage_bytes(states)
-    fp32_adapters = estimate(info, plan, batch=2, seq_len=32)
+    fp32_adapters = estimate(info, plan, TrainingSettings(batch=2, seq_len=32, precision=info.dtype))
     assert pred.lora_params < fp32_adapters.lora_params and pred.activations < fp32_adapters.activations
     with pytest.raises(QRAError, match="float32 or the model's dtype"):
-        estimate(info, plan, batch=2, seq_len=32, adapter_dtype=torch.float16)
+        estimate(
+            info, plan, TrainingSettings(batch=2, seq_len=32, adapter_precision=torch.float16, precision=info.dtype)
+        )
 
 
 def test_bf16_adapters_without_peft_autocast_save_what_autograd_saves() -> None:
@@ -143,7 +148,9 @@ def test_bf16_adapters_without_peft_autocast_save_what_autograd_saves() -> None:
     model = build_tiny_model("qwen2", seed=0, layers=3, hidden=128, dtype=torch.bfloat16)
     info = load_model_info(model)
     plan = mixed_plan(model, info)
-    pred = estimate(info, plan, batch=2, seq_len=32, adapter_dtype=torch.bfloat16)
+    pred = estimate(
+        info, plan, TrainingSettings(batch=2, seq_len=32, adapter_precision=torch.bfloat16, precision=info.dtype)
+    )
     head = trace_activations(info, 2, 32, torch.bfloat16, torch.bfloat16).head_saved
     quantize_model(model, plan)
     peft_model = get_peft_model(model, lora_config(plan), autocast_adapter_dtype=False)

@@ -107,6 +107,7 @@ def test_a_fidelity_run_trains_with_the_users_optimizer_and_its_plan_bytes_are_p
     from planner.fidelity.sft import run_fidelity
     from planner.memory import plan_bytes
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
     from qra_plugin import Plan
     from tests.test_fidelity import task, tiny_config
 
@@ -119,6 +120,6 @@ def test_a_fidelity_run_trains_with_the_users_optimizer_and_its_plan_bytes_are_p
         )
         result = run_fidelity(task(cfg, plan))
         assert result.status == "ok"
-        assert result.plan_bytes_measured == plan_bytes(info, plan, cfg.train, "plan")
+        assert result.plan_bytes_measured == plan_bytes(info, plan, TrainingSettings.of(cfg), "plan")
         measured[optimizer] = result.plan_bytes_measured
     assert measured[name] < measured["adamw_torch"]

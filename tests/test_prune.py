@@ -126,6 +126,7 @@ def test_memory_model_prices_a_pruned_quantized_plan_as_its_real_tensors(arch):
     """Every static part exactly, and the saved activations within 2 %, on the pruned shapes."""
     from planner.memory import estimate
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
     from planner.tiny import build_tiny_model
     from tests.test_memory import STATIC, measured_static, mixed_plan, saved_activation_bytes
 
@@ -133,8 +134,8 @@ def test_memory_model_prices_a_pruned_quantized_plan_as_its_real_tensors(arch):
     info = load_model_info(model)
     keep = {0: BlockPruning(mlp_keep=list(range(0, 256, 3)), kv_keep=[0]), 2: BlockPruning(kv_keep=[1])}
     plan = mixed_plan(model, info).model_copy(update={"pruning": keep})
-    pred = estimate(info, plan, batch=2, seq_len=32)
-    unpruned = estimate(info, mixed_plan(model, info), batch=2, seq_len=32)
+    pred = estimate(info, plan, TrainingSettings(batch=2, seq_len=32))
+    unpruned = estimate(info, mixed_plan(model, info), TrainingSettings(batch=2, seq_len=32))
     assert pred.quantized_weights < unpruned.quantized_weights and pred.activations < unpruned.activations
     measured = measured_static(build_tiny_model(arch, seed=0, layers=3, hidden=128), plan, "adamw_torch")
     assert {k: getattr(pred, k) for k in STATIC} == measured
@@ -155,6 +156,7 @@ def test_per_block_memory_composed_from_uniform_prunings_equals_tracing_the_mixe
     from planner.memory import estimate, trace_activations
     from planner.memory.activations import meta_model_for_trace
     from planner.model_info import info_from_model, load_model_info, pruned_info
+    from planner.settings import TrainingSettings
     from planner.tiny import build_tiny_model
     from qra_plugin.prune import prune_blocks
     from tests.test_memory import mixed_plan
@@ -174,19 +176,12 @@ def test_per_block_memory_composed_from_uniform_prunings_equals_tracing_the_mixe
     assert trace_activations(composed, 2, 32, torch.float32).blocks_saved == (
         trace_activations(direct, 2, 32, torch.float32).blocks_saved
     )
-    kwargs = dict(batch=2, seq_len=32, grad_checkpointing=grad_checkpointing)
-    got = estimate(info, plan, **kwargs)
+    job = TrainingSettings(batch=2, seq_len=32, grad_checkpointing=grad_checkpointing)
+    got = estimate(info, plan, job)
     from planner.memory import breakdown
 
-    want = breakdown._estimate(  # noqa: SLF001 - the same arithmetic on the directly traced model
-        direct,
-        plan,
-        trace_activations(direct, 2, 32, torch.float32),
-        64,
-        "adamw_torch",
-        grad_checkpointing,
-        torch.float32,
-    )
+    # the same arithmetic on the directly traced model
+    want = breakdown._estimate(direct, plan, trace_activations(direct, 2, 32, torch.float32), job)  # noqa: SLF001
     assert asdict(got) == asdict(want)
 
 

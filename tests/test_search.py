@@ -67,6 +67,7 @@ def reference(tmp_path_factory):
 def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference) -> None:
     from planner.memory import Budget, plan_bytes
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
 
     _, cfg, out, result = reference
     for name in (PLAN_FILE, PARETO_FILE, REPORT_FILE, STORE_FILE, "pareto.png", "plan.png", "trace.png"):
@@ -89,7 +90,8 @@ def test_full_search_runs_both_stages_on_real_sft_and_fits_the_budget(reference)
     info = load_model_info(cfg.model)
     budget = Budget.parse(cfg.budget)
     plan = Plan.load(out / PLAN_FILE)
-    assert plan_bytes(info, plan, cfg.train, budget.kind) <= budget.resolve(info, cfg.train)
+    settings = TrainingSettings.of(cfg)
+    assert plan_bytes(info, plan, settings, budget.kind) <= budget.resolve(info, settings)
     assert block_pairs(plan) == list(result.best)
     best_high = min(r["score"] for r in result.trace if r["level"] == "high" and r["score"] is not None)
     assert plan.meta["qra_search"]["score"] == result.best_score == best_high

@@ -213,11 +213,14 @@ def _assert_priced(job, ranks: list[dict], sharding: str) -> None:
     optimizer step counters and DeepSpeed's alignment padding are not priced; measured gaps are <= 88 B)."""
     from planner.memory import estimate
     from planner.model_info import load_model_info
+    from planner.settings import TrainingSettings
     from planner.sharding import per_rank
 
     root, _ = job
     info, plan = load_model_info(str(root / "model")), Plan.load(root / "plan.yaml")
-    rank = per_rank(info, plan, estimate(info, plan, batch=2, seq_len=32), world_size=2, sharding=sharding)
+    rank = per_rank(
+        info, plan, estimate(info, plan, TrainingSettings(batch=2, seq_len=32)), world_size=2, sharding=sharding
+    )
     for r in ranks:
         for part, held in r["held"].items():
             assert held == pytest.approx(rank[part], rel=0.01, abs=256), (sharding, part)

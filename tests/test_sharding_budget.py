@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from planner.config import QRAConfig
+from planner.settings import TrainingSettings
 from qra_plugin.errors import QRAError
 
 TINY = Path(__file__).resolve().parents[1] / "example_configs" / "tiny-search.yaml"
@@ -22,6 +23,10 @@ def _cfg(**train) -> QRAConfig:
     data = yaml.safe_load(TINY.read_text())
     data["train"] = {**data["train"], **train}
     return QRAConfig.model_validate(data)
+
+
+def _settings(**train) -> TrainingSettings:
+    return TrainingSettings.of(_cfg(**train))
 
 
 def _setup(cfg: QRAConfig):
@@ -39,7 +44,7 @@ def _flat(space):
 
 
 def test_a_budget_too_small_for_one_device_plans_for_one_of_four_zero3_ranks():
-    from planner.memory import estimate, estimate_settings, min_plan_bytes
+    from planner.memory import estimate, min_plan_bytes
     from planner.model_info import load_model_info
     from planner.search.allocation import greedy_priors
     from planner.sharding import per_rank
@@ -47,8 +52,8 @@ def test_a_budget_too_small_for_one_device_plans_for_one_of_four_zero3_ranks():
     single, sharded = _cfg(), _cfg(world_size=4, sharding="zero3")
     info = load_model_info(single.model)
     bits, ranks = single.space.bits, single.space.ranks
-    cheapest_alone = min_plan_bytes(info, single.train, bits, ranks)
-    cheapest_rank = min_plan_bytes(info, sharded.train, bits, ranks)
+    cheapest_alone = min_plan_bytes(info, TrainingSettings.of(single), bits, ranks)
+    cheapest_rank = min_plan_bytes(info, TrainingSettings.of(sharded), bits, ranks)
     assert cheapest_rank < cheapest_alone
     budget = (cheapest_alone + cheapest_rank) // 2
     with pytest.raises(QRAError, match=r"cheapest plan.s peak training memory [0-9.]+ MiB"):
@@ -59,7 +64,7 @@ def test_a_budget_too_small_for_one_device_plans_for_one_of_four_zero3_ranks():
     assert setup.budget_bytes == budget
     chosen = greedy_priors(setup.space, setup.cost, setup.budget_bytes, _flat(setup.space))
     plan = setup.space.to_plan(chosen)
-    priced = estimate(info, plan, **estimate_settings(sharded.train))  # the single-device breakdown, priced anew
+    priced = estimate(info, plan, setup.settings)  # the single-device breakdown, priced anew
     rank = per_rank(info, plan, priced, world_size=4, sharding="zero3")
     assert setup.cost(chosen) == rank["total"] <= budget < priced.total  # fits one of 4 ranks, not one device
 
@@ -72,11 +77,11 @@ def test_one_rank_without_deepspeed_prices_what_one_device_does(kind):
     cfg = _cfg()
     info = load_model_info(cfg.model)
     plan = uniform_plan(info, 4, 16)
-    alone = plan_bytes(info, plan, cfg.train, kind)
-    assert plan_bytes(info, plan, _cfg(world_size=1, sharding="ddp").train, kind) == alone
-    assert plan_bytes(info, plan, _cfg(world_size=1, sharding="zero3").train, kind) == alone  # fp32: no copy
-    assert plan_bytes(info, plan, _cfg(world_size=4, sharding="zero3").train, kind) < alone
-    ddp = plan_bytes(info, plan, _cfg(world_size=4, sharding="ddp").train, kind)
+    alone = plan_bytes(info, plan, TrainingSettings.of(cfg), kind)
+    assert plan_bytes(info, plan, _settings(world_size=1, sharding="ddp"), kind) == alone
+    assert plan_bytes(info, plan, _settings(world_size=1, sharding="zero3"), kind) == alone  # fp32: no copy
+    assert plan_bytes(info, plan, _settings(world_size=4, sharding="zero3"), kind) < alone
+    ddp = plan_bytes(info, plan, _settings(world_size=4, sharding="ddp"), kind)
     assert ddp == alone if kind == "weights" else ddp > alone  # DDP's bucket copy of the LoRA gradients
 
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from planner.memory import estimate
 from planner.model_info import info_from_model, pruned_info
+from planner.settings import TrainingSettings
 from planner.sharding import SHARDINGS, per_rank, replicated_metadata
 from planner.tiny import build_tiny_model
 from qra_plugin import ModulePlan, Plan, apply_plan
@@ -32,7 +33,7 @@ def priced():
     model = build_tiny_model("llama", seed=0)
     plan = _mixed(model)
     info = info_from_model(model)
-    return model, plan, info, estimate(info, plan, batch=2, seq_len=32)
+    return model, plan, info, estimate(info, plan, TrainingSettings(batch=2, seq_len=32))
 
 
 def test_one_rank_is_the_single_device_breakdown_plus_deepspeeds_fp32_copy(priced):
@@ -99,14 +100,13 @@ def test_estimate_cli_reports_bytes_per_rank_and_refuses_an_unknown_sharding(tmp
 def test_an_axolotl_yaml_names_its_sharding(tmp_path, keys, expected):
     import yaml
 
-    from planner.commands.estimate import _sharding_of_config
+    from planner.axolotl.config import yaml_sharding
 
     if "deepspeed" in keys:
         (tmp_path / "ds.json").write_text(json.dumps(keys["deepspeed"]))
         keys = {"deepspeed": str(tmp_path / "ds.json")}
     path = tmp_path / "axolotl.yml"
     path.write_text(yaml.safe_dump({"base_model": "x", **keys}))
-    assert _sharding_of_config(path) == expected
+    assert yaml_sharding(yaml.safe_load(path.read_text()), path) == expected
     with pytest.raises(QRAError, match="FSDP1 is not priced"):
-        path.write_text(yaml.safe_dump({"fsdp": ["full_shard"], "fsdp_config": {"fsdp_version": 1}}))
-        _sharding_of_config(path)
+        yaml_sharding({"fsdp": ["full_shard"], "fsdp_config": {"fsdp_version": 1}}, path)

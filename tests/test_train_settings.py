@@ -12,6 +12,7 @@ import torch
 from planner.config import QRAConfig
 from planner.fidelity.contract import recipe, recipe_diff, recipe_hash
 from planner.fidelity.sft import _sft_args
+from planner.settings import TrainingSettings
 from qra_plugin import Plan
 from tests.test_fidelity import task, tiny_config
 
@@ -33,6 +34,12 @@ def _plan(cfg: QRAConfig) -> Plan:
     return Plan.from_module_pairs(info.fingerprint, info.linears, [(4, 8)] * len(info.linears))
 
 
+def _args(cfg: QRAConfig, tmp_path):
+    """The SFTConfig a CPU fidelity run of ``cfg``'s low level builds."""
+    level = cfg.fidelity.low
+    return _sft_args(task(cfg, _plan(cfg)), level, str(tmp_path), TrainingSettings.of(cfg, level, device="cpu"))
+
+
 @pytest.mark.parametrize("field", [*CARRIED, "lora_dropout", "warmup_ratio"])
 def test_each_training_setting_changes_the_recipe_key(field: str) -> None:
     base = tiny_config()
@@ -46,9 +53,9 @@ def test_each_training_setting_changes_the_recipe_key(field: str) -> None:
 def test_the_sft_config_a_fidelity_run_builds_carries_each_setting(field: str, tmp_path) -> None:
     value, attribute, expected = CARRIED[field]
     base = tiny_config()
-    default_args = _sft_args(task(base, _plan(base)), base.fidelity.low, str(tmp_path), False)
+    default_args = _args(base, tmp_path)
     cfg = tiny_config(train={field: value})
-    args = _sft_args(task(cfg, _plan(cfg)), cfg.fidelity.low, str(tmp_path), False)
+    args = _args(cfg, tmp_path)
     carried = getattr(getattr(args, attribute), "value", getattr(args, attribute))  # HF keeps the scheduler an enum
     assert carried == expected
     assert getattr(args, attribute) != getattr(default_args, attribute)
@@ -56,10 +63,10 @@ def test_the_sft_config_a_fidelity_run_builds_carries_each_setting(field: str, t
 
 def test_defaults_run_trl_chunked_loss_and_warmup_steps_win_over_the_ratio(tmp_path) -> None:
     cfg = tiny_config(train={"warmup_ratio": 0.5})
-    args = _sft_args(task(cfg, _plan(cfg)), cfg.fidelity.low, str(tmp_path), False)
+    args = _args(cfg, tmp_path)
     assert args.loss_type == "chunked_nll" and args.warmup_steps == 3  # 0.5 x 6 steps
     cfg = tiny_config(train={"warmup_ratio": 0.5, "warmup_steps": 1})
-    assert _sft_args(task(cfg, _plan(cfg)), cfg.fidelity.low, str(tmp_path), False).warmup_steps == 1
+    assert _args(cfg, tmp_path).warmup_steps == 1
     assert not args.eval_packing  # the score stays the loss on the same unpacked held-out rows
 
 
@@ -79,8 +86,8 @@ def test_a_fidelity_run_with_accumulation_dropout_and_packing_trains_the_planned
     seen = {}
     original = sft._build_trainer
 
-    def spy(t, level, peft_model, tokenizer, workdir):
-        trainer = original(t, level, peft_model, tokenizer, workdir)
+    def spy(t, level, peft_model, tokenizer, workdir, job):
+        trainer = original(t, level, peft_model, tokenizer, workdir, job)
         seen["dropout"] = {m.p for m in peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
         seen["rows_per_pack"] = max(len(n) for n in trainer.train_dataset["seq_lengths"])
         return trainer

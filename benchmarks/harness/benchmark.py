@@ -275,7 +275,7 @@ class Benchmark:
 
         memory_key = "plan_bytes_measured" if setup.budget.kind == "plan" else "memory_measured"
         summary = summarize_method(finals, memory_key=memory_key)
-        predicted = int(plan_bytes(setup.info, plan, setup.cfg.train, setup.budget.kind))
+        predicted = int(plan_bytes(setup.info, plan, setup.settings, setup.budget.kind))
         priors_s = self.priors_cost_s
         steps = facts["search_steps"]
         summary.update(

@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
         """
         from planner.config import LOSS_PATHS
         from planner.memory import estimate
+        from planner.settings import TrainingSettings
+        from planner.sharding import SHARDINGS, per_rank
         from qra_plugin.backends import quantizing_backends
 
         if plan is not None and uniform is not None:
@@ -64,33 +66,38 @@ def register(app: typer.Typer) -> None:
         names = sorted(b.name for b in quantizing_backends())
         if backend not in names:
             raise QRAError(f"--backend must be one of {', '.join(names)}, not {backend!r}")
+        _check_choice("--sharding", sharding, SHARDINGS)
+        ranks = {"world_size": world_size} if world_size else {}
+        ranks |= {"sharding": sharding} if sharding else {}
         if config is not None:
-            info, the_plan, train = _from_config(config, plan, uniform, backend)
-            configured = train.pop("world_size")
-            world_size = world_size or configured
+            info, the_plan, settings = _from_config(config, plan, uniform, backend, ranks)
         else:
             if model is None:
                 raise QRAError("give a CONFIG, or --model with --plan or --uniform")
-            if loss_path not in LOSS_PATHS:
-                raise QRAError(f"--loss-path must be one of {', '.join(LOSS_PATHS)}, not {loss_path!r}")
-            train = {"batch": batch, "seq_len": seq_len, "optimizer": optimizer,
-                     "grad_checkpointing": grad_checkpointing, "loss_path": loss_path,
-                     "grad_accum": grad_accum}  # fmt: skip
+            _check_choice("--loss-path", loss_path, LOSS_PATHS)
             info, the_plan = _from_options(model, dtype, plan, uniform, backend)
-        result = estimate(info, the_plan, **train, compute_dtype=info.dtype)
-        sharding = sharding or (_sharding_of_config(config) if config is not None else None)
-        rank_bytes, world_size = None, world_size or 1
-        if sharding is not None or world_size > 1:
-            from planner.sharding import per_rank
-
-            rank_bytes = per_rank(info, the_plan, result, world_size=world_size, sharding=sharding or "ddp")
+            settings = TrainingSettings(batch=batch, seq_len=seq_len, optimizer=optimizer,
+                                        grad_checkpointing=grad_checkpointing, loss_path=loss_path,
+                                        gradient_accumulation_steps=grad_accum, precision=info.dtype,
+                                        **ranks)  # fmt: skip
+        result = estimate(info, the_plan, settings)
+        rank_bytes = None
+        if settings.sharding is not None or settings.world_size > 1:
+            rank_bytes = per_rank(
+                info, the_plan, result, world_size=settings.world_size, sharding=settings.sharding or "ddp"
+            )
         if as_json:
             typer.echo(json.dumps({**result.to_dict(), **({"per_rank": rank_bytes} if rank_bytes else {})}))
             return
-        setting = f"batch {train['batch']}, seq {train['seq_len']}, loss {train['loss_path']}"
+        setting = f"batch {settings.batch}, seq {settings.seq_len}, loss {settings.loss_path}"
         _print_table(result, f"{info.architecture}, {the_plan.summary()}, {setting}")
         if rank_bytes:
             _print_rank_table(rank_bytes)
+
+
+def _check_choice(flag: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise QRAError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def _plan_of(info, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN001, ANN202
@@ -112,37 +119,27 @@ def _from_options(model: str, dtype: str, plan: Path | None, uniform: str | None
     return info, _plan_of(info, plan, uniform, backend)
 
 
-def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: str):  # noqa: ANN202
-    """Model info, plan and training settings of a qra or Axolotl config (Axolotl validates its YAML)."""
-    from planner.memory import Budget, estimate_settings, uniform_plan
+def _from_config(config: Path, plan: Path | None, uniform: str | None, backend: str, ranks: dict):  # noqa: ANN202
+    """Model info, plan and training settings of a qra or Axolotl config (Axolotl validates its YAML); ``ranks``:
+    the --world-size / --sharding given, which win over the config's."""
+    from planner.memory import Budget, uniform_plan
     from planner.model_info import load_model_info
     from planner.run_config import load_run_config
+    from planner.settings import TrainingSettings
 
     run = load_run_config(config, prepare_data=False)
     cfg = run.config
     info = load_model_info(cfg.model)
-    train = {**estimate_settings(cfg.train), "world_size": cfg.train.world_size}
+    settings = TrainingSettings.of(cfg, **ranks)
     if plan is not None or uniform is not None:
-        return info, _plan_of(info, plan, uniform, backend), train
+        return info, _plan_of(info, plan, uniform, backend), settings
     if run.plan_target is not None and run.plan_target.is_file():
-        return info, _plan_of(info, run.plan_target, None, backend), train
+        return info, _plan_of(info, run.plan_target, None, backend), settings
     budget = Budget.parse(cfg.budget)
     if budget.uniform is None:
         raise QRAError(f"{config}: no plan yet (qra_plan) and budget {cfg.budget!r} names no uniform plan: give --plan")
     bits, rank, uniform_backend = budget.uniform
-    return info, uniform_plan(info, bits, rank, uniform_backend), train
-
-
-def _sharding_of_config(config: Path) -> str | None:
-    """The sharding a config asks for: an Axolotl YAML's ``deepspeed``/``fsdp`` keys, a qra config's
-    ``train.sharding`` (None: neither)."""
-    from planner.axolotl.config import is_axolotl_yaml, yaml_sharding
-    from planner.config import read_yaml
-
-    raw = read_yaml(config)
-    if "model" in raw and not is_axolotl_yaml(raw):
-        return (raw.get("train") or {}).get("sharding")
-    return yaml_sharding(raw, config)
+    return info, uniform_plan(info, bits, rank, uniform_backend), settings
 
 
 def _print_rank_table(rank_bytes: dict) -> None:

@@ -147,6 +147,22 @@ _RESULT_NEUTRAL = frozenset(
 )
 #: train fields that say only where the final job runs (ranks, sharding): a fidelity run is one process either way
 _TRAIN_NEUTRAL = frozenset({"world_size", "sharding"})
+#: where the recipe holds each field of a fidelity run's ``TrainingSettings`` (a dotted path in ``recipe()``);
+#: the fields not here are ``_TRAIN_NEUTRAL``. A field added to the value and to neither fails
+#: tests/test_settings.py. The recipe keeps hashing the train section whole (every stored key stays valid);
+#: ``adapter_precision``: fidelity runs keep PEFT's fp32 adapters, a constant of this code (``FIDELITY_VERSION``)
+SETTINGS_IN_RECIPE = {
+    "batch": "level.batch",
+    "seq_len": "level.seq_len",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "optimizer": "train.optimizer",
+    "grad_checkpointing": "train.grad_checkpointing",
+    "packing": "train.packing",
+    "loss_path": "train.loss_path",
+    "precision": "model.dtype",
+    "adapter_precision": "fidelity_version",
+    "device": "device",
+}
 #: packages whose code computes a fidelity score (training loop, tokenizer, quantizers, LoRA)
 LIBRARIES = ("torch", "transformers", "tokenizers", "trl", "peft", "accelerate", "datasets", "hqq", "bitsandbytes")
 

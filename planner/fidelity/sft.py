@@ -32,6 +32,7 @@ from planner.fidelity.quantized import STATS, prequantize
 from planner.loading import load_model, load_tokenizer
 from planner.memory.optimizers import fidelity_refusal
 from planner.objectives import objective_for
+from planner.settings import TrainingSettings
 from qra_plugin import QRACallback, apply_plan
 from qra_plugin.backends import reuse_dequantized_weights
 from qra_plugin.errors import QRAError
@@ -107,26 +108,28 @@ def _make_trainer_class():
 TRL_LOSS_TYPE = {"trl_chunked": "chunked_nll", "hf_full": "nll", "liger": "nll", "cce": "nll"}
 
 
-def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, on_cuda: bool) -> Any:
+def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, job: TrainingSettings) -> Any:
+    """The SFTConfig of one fidelity run: ``job`` (``TrainingSettings.of(config, level)``) says batch, sequence
+    length, accumulation, optimizer, loss, packing, checkpointing and device; the train section the rest."""
     from trl import SFTConfig
 
     cfg = task.config
     return SFTConfig(
         output_dir=workdir,
         max_steps=max(level.steps, 1),
-        per_device_train_batch_size=level.batch or cfg.train.batch,
+        per_device_train_batch_size=job.batch,
         per_device_eval_batch_size=cfg.fidelity.eval_batch,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,  # a step = one optimizer step
+        gradient_accumulation_steps=job.gradient_accumulation_steps,  # a step = one optimizer step
         learning_rate=cfg.train.lr,
         lr_scheduler_type=cfg.train.lr_scheduler,
         warmup_steps=cfg.train.warmup_steps or round(cfg.train.warmup_ratio * level.steps),
         weight_decay=cfg.train.weight_decay,
-        optim=cfg.train.optimizer,
-        loss_type=TRL_LOSS_TYPE[cfg.train.loss_path],
-        packing=cfg.train.packing,
+        optim=job.optimizer,
+        loss_type=TRL_LOSS_TYPE[job.loss_path],
+        packing=job.packing,
         eval_packing=False,  # the score is the loss on the same held-out rows, packed training or not
-        gradient_checkpointing=cfg.train.grad_checkpointing,
-        max_length=level.seq_len or cfg.train.seq_len,
+        gradient_checkpointing=job.grad_checkpointing,
+        max_length=job.seq_len,
         seed=task.seed,
         data_seed=task.seed,
         logging_steps=1,
@@ -135,20 +138,22 @@ def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, on_cuda: bool)
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=not on_cuda,
-        bf16=False,
+        use_cpu=job.device == "cpu",
+        bf16=False,  # the model is loaded in ``job.precision`` and trains in it: no autocast
         fp16=False,
         dataloader_num_workers=0,
     )
 
 
-def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokenizer: Any, workdir: str) -> Any:
+def _build_trainer(
+    task: EvalTask, level: FidelityLevel, peft_model: Any, tokenizer: Any, workdir: str, job: TrainingSettings
+) -> Any:
     """An SFTTrainer over the fixed train/eval samples, with the stop callback and memory meters attached."""
     import datasets
     from transformers.trainer_callback import PrinterCallback, TrainerCallback
 
     cfg = task.config
-    seq_len = level.seq_len or cfg.train.seq_len
+    seq_len = job.seq_len
     train_key, train_ds = _dataset(cfg, "train", level.train_examples or cfg.data.train_examples, seq_len, tokenizer)
     eval_key, eval_ds = _dataset(cfg, cfg.data.eval_split, level.eval_examples, seq_len, tokenizer)
     callback = QRACallback(
@@ -170,7 +175,7 @@ def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokeni
     try:
         trainer = _make_trainer_class()(
             model=peft_model,
-            args=_sft_args(task, level, workdir, torch.cuda.is_available()),
+            args=_sft_args(task, level, workdir, job),
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
@@ -187,11 +192,10 @@ def _build_trainer(task: EvalTask, level: FidelityLevel, peft_model: Any, tokeni
     return trainer
 
 
-def _timed_train(trainer: Any, steps: int) -> tuple[float | None, float | None]:
+def _timed_train(trainer: Any, steps: int, on_cuda: bool) -> tuple[float | None, float | None]:
     """(mean train loss, seconds inside ``train()``); (None, None) for a 0-step level."""
     if steps <= 0:
         return None, None
-    on_cuda = torch.cuda.is_available()
     if on_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -216,12 +220,13 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     import transformers
 
     cfg = task.config
-    refusal = fidelity_refusal(cfg.train.optimizer) or (cfg.train.packing and packing_refusal(cfg.model))
+    job = TrainingSettings.of(cfg, level)  # device: where this process trains (CUDA when it has one)
+    refusal = fidelity_refusal(job.optimizer) or (job.packing and packing_refusal(cfg.model))
     if refusal:  # never substitute another optimizer: the score would not be the user's job
         raise QRAError(refusal)
     started, layer_stats = time.perf_counter(), dict(STATS)
     tokenizer = cached_tokenizer(cfg.model)
-    on_cuda = torch.cuda.is_available()
+    on_cuda = job.device == "cuda"
     model_json = cfg.model.model_dump_json()
     init_tensors = None
     if wants_error_init(task.plan):  # the candidate trains from the start its final plan's init file gives
@@ -236,9 +241,9 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
     if on_cuda:  # after quantization freed the full-precision copy: the peak is what training needs
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = _build_trainer(task, level, peft_model, tokenizer, workdir)
+    trainer = _build_trainer(task, level, peft_model, tokenizer, workdir, job)
     setup_s = time.perf_counter() - started
-    train_loss, train_s = _timed_train(trainer, level.steps)
+    train_loss, train_s = _timed_train(trainer, level.steps, on_cuda)
     eval_started = time.perf_counter()
     metrics = trainer.evaluate()
     steps = int(trainer.state.global_step)

@@ -5,7 +5,7 @@ architecture-dependent activations are traced once in a ``FakeTensorMode`` (``pl
 Plan-dependent activation parts are added per module: each LoRA adapter saves its
 input (once per distinct input tensor) and its rank-``r`` hidden; an HQQ layer (PyTorch backend) saves its
 dequantized weight for the backward matmul; a bitsandbytes int8 layer on CPU saves its input.
-The loss part follows the loss the trainer runs (``loss_buffers``, ``train.loss_path``): transformers' model
+The loss part follows the loss the trainer runs (``loss_buffers``, ``TrainingSettings.loss_path``): transformers' model
 loss (Axolotl's trainer) saves an fp32 log-softmax of the full logits and its backward holds two more fp32
 ``batch x seq x vocab`` buffers; TRL's default chunked NLL keeps a gathered copy of the hidden states and four
 fp32 ``256 x vocab`` buffers of one chunk; Liger / cut cross-entropy keep hidden-sized buffers.
@@ -29,6 +29,7 @@ from planner.memory.loss import loss_buffers
 from planner.memory.optimizers import optimizer_states, optimizer_tensor_bytes
 from planner.memory.weights import LORA_DTYPE, base_module_bytes, elem, lora_numel
 from planner.model_info import ModelInfo, pruned_info
+from planner.settings import TrainingSettings
 from qra_plugin.errors import QRAError
 from qra_plugin.modules import LinearSpec
 from qra_plugin.plan import ModulePlan, Plan
@@ -148,58 +149,33 @@ def _lora_shapes(spec: LinearSpec, rank: int) -> list[tuple[int, int]]:
     return [(rank, spec.in_features), (spec.out_features, rank)] if rank else []
 
 
-def estimate(
-    info: ModelInfo,
-    plan: Plan,
-    *,
-    batch: int,
-    seq_len: int,
-    optimizer: str = "adamw_torch",
-    grad_checkpointing: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    loss_path: str = "trl_chunked",
-    grad_accum: int = 1,
-    adapter_dtype: torch.dtype = LORA_DTYPE,
-) -> MemoryBreakdown:
-    """Predict every part of the training memory of ``plan`` on ``info``'s model.
+def estimate(info: ModelInfo, plan: Plan, settings: TrainingSettings) -> MemoryBreakdown:
+    """Predict every part of the training memory of ``plan`` on ``info``'s model under ``settings``.
 
-    ``compute_dtype`` is the dtype the model is loaded and trained in (default: ``info.dtype``, which is
-    float32 unless the model section says otherwise). ``loss_path``: the loss the trainer runs
-    (``planner.config.LOSS_PATHS``); ``grad_accum`` > 1 keeps the LoRA gradients through every micro-step.
-    ``adapter_dtype``: the LoRA weights' dtype — fp32 under PEFT's default ``autocast_adapter_dtype=True``
-    (qra's runs, Axolotl's default), the compute dtype with ``autocast_adapter_dtype=False`` (Axolotl's
-    ``peft_autocast_adapter_dtype: false``); their gradients and optimizer states follow it.
+    ``settings.precision`` is the dtype the model is loaded and trained in (``info`` may have been read in
+    another: its shapes are what count); ``loss_path``: the loss the trainer runs; accumulation > 1 keeps the
+    LoRA gradients through every micro-step; ``adapter_precision``: the LoRA weights' dtype (fp32 under PEFT's
+    default ``autocast_adapter_dtype=True``), which their gradients and optimizer states follow.
     """
-    compute_dtype = compute_dtype or info.dtype
-    if adapter_dtype not in (LORA_DTYPE, compute_dtype):
-        raise QRAError(f"PEFT keeps adapters in float32 or the model's dtype, not {adapter_dtype}")
     info = pruned_info(info, plan)  # pruned shapes in every part: weights, LoRA, activations
-    if batch < 1 or seq_len < 1:
-        raise QRAError(f"batch and seq_len must be >= 1 (got {batch}, {seq_len})")
     if plan.fingerprint != info.fingerprint:
         raise QRAError(f"plan is for {plan.fingerprint.describe()}, not for this model ({info.fingerprint.describe()})")
     unknown = sorted(set(plan.modules) - {s.name for s in info.linears})
     if unknown:
         raise QRAError(f"plan names {len(unknown)} module(s) this model does not have, e.g. {unknown[0]}")
-    trace = trace_activations(info, batch, seq_len, compute_dtype, adapter_dtype)
-    tokens = batch * seq_len
-    return _estimate(
-        info, plan, trace, tokens, optimizer, grad_checkpointing, compute_dtype, loss_path, grad_accum, adapter_dtype
-    )
+    return _estimate(info, plan, _trace(info, settings), settings)
+
+
+def _trace(info: ModelInfo, settings: TrainingSettings) -> ActivationTrace:
+    return trace_activations(info, settings.batch, settings.seq_len, settings.dtype, settings.adapter_dtype)
 
 
 def _estimate(
-    info: ModelInfo,
-    plan: Plan,
-    trace: ActivationTrace | None,
-    tokens: int,
-    optimizer: str,
-    grad_checkpointing: bool,
-    dtype: torch.dtype,
-    loss_path: str = "trl_chunked",
-    grad_accum: int = 1,
-    adapter_dtype: torch.dtype = LORA_DTYPE,
+    info: ModelInfo, plan: Plan, trace: ActivationTrace | None, settings: TrainingSettings
 ) -> MemoryBreakdown:
+    """The breakdown under ``settings``; without a ``trace``, weights, LoRA and optimizer states only."""
+    optimizer, dtype, adapter_dtype = settings.optimizer, settings.dtype, settings.adapter_dtype
+    tokens = settings.tokens if trace is not None else 0
     sums = _sum_modules(info, plan, trace, tokens, optimizer, dtype, adapter_dtype)
     quantized, unquantized, planned, lora, optim = sums.quantized, sums.unquantized, sums.planned, sums.lora, sums.optim
     by_backend, block_extra, block_inputs = sums.by_backend, sums.block_extra, sums.block_inputs
@@ -209,9 +185,10 @@ def _estimate(
     optim += optimizer_states(optimizer).shared_bytes(numels)
     lora_bytes = lora
     activations, logits, recompute = _activation_parts(
-        info, trace, block_extra, block_inputs, grad_checkpointing, loss_path, dtype
+        info, trace, block_extra, block_inputs, settings.grad_checkpointing, settings.loss_path, dtype
     )
-    held_grads = lora_bytes if grad_accum > 1 else 0  # accumulated gradients live through the next forward
+    # accumulated gradients live through the next forward
+    held_grads = lora_bytes if settings.gradient_accumulation_steps > 1 else 0
     static = quantized + unquantized + lora_bytes + optim
     # Peak = the largest of the moments that follow each other in a step (gradients are None until the
     # backward reaches the adapters, by then the logits buffers are freed):
@@ -237,11 +214,11 @@ def _estimate(
         planned_weights=planned,
         settings={
             "optimizer": optimizer,
-            "grad_checkpointing": grad_checkpointing,
-            "compute_dtype": str(dtype).removeprefix("torch."),
-            "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
-            "loss_path": loss_path,
-            "gradient_accumulation_steps": grad_accum,
+            "grad_checkpointing": settings.grad_checkpointing,
+            "compute_dtype": settings.precision,
+            "adapter_dtype": settings.adapter_precision,
+            "loss_path": settings.loss_path,
+            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         },
     )
 
@@ -307,18 +284,6 @@ def _sum_modules(
     return _ModuleSums(quantized, unquantized, planned, lora, optim, by_backend, block_extra, block_inputs)
 
 
-def estimate_settings(train: Any) -> dict[str, Any]:
-    """The ``estimate`` keyword arguments a ``planner.config.TrainSection`` says (the job as it trains)."""
-    return {
-        "batch": train.batch,
-        "seq_len": train.seq_len,
-        "optimizer": train.optimizer,
-        "grad_checkpointing": train.grad_checkpointing,
-        "loss_path": train.loss_path,
-        "grad_accum": train.gradient_accumulation_steps,
-    }
-
-
 def _rank(plan: Plan, spec: LinearSpec) -> int:
     mp = plan.modules.get(spec.name)
     return mp.rank if mp is not None else 0
@@ -351,27 +316,18 @@ def _activation_parts(
 BUDGET_KINDS = ("peak", "plan", "weights")
 
 
-def plan_bytes(info: ModelInfo, plan: Plan, train: Any, kind: str = "peak") -> int:
-    """The number a budget of ``kind`` is compared with. ``train`` is a ``planner.config.TrainSection``; with
-    ``world_size`` > 1 or a ``sharding`` other than DDP, one rank's bytes (``planner.sharding``).
+def plan_bytes(info: ModelInfo, plan: Plan, settings: TrainingSettings, kind: str = "peak") -> int:
+    """The number a budget of ``kind`` is compared with under ``settings``; with ``world_size`` > 1 or a
+    ``sharding`` other than DDP, one rank's bytes (``planner.sharding``).
     Fast after the first call for a given (model, batch, seq_len): module costs and the trace are cached."""
     if kind not in BUDGET_KINDS:
         raise QRAError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, not {kind!r}")
     from planner.sharding import is_single_device, rank_budget_bytes
 
     whole, info = info, pruned_info(info, plan)
-    dtype = info.dtype
-    if kind != "peak":
-        result = _estimate(info, plan, None, 0, train.optimizer, False, dtype)
-    else:
-        trace = trace_activations(info, train.batch, train.seq_len, dtype)
-        tokens = train.batch * train.seq_len
-        loss_path = getattr(train, "loss_path", "trl_chunked")
-        accum = getattr(train, "gradient_accumulation_steps", 1)
-        optimizer, checkpointing = train.optimizer, train.grad_checkpointing
-        result = _estimate(info, plan, trace, tokens, optimizer, checkpointing, dtype, loss_path, accum)
-    if not is_single_device(train):  # a per-rank budget: ``train.world_size`` ranks under ``train.sharding``
-        ranks, sharding = train.world_size, train.sharding or "ddp"
+    result = _estimate(info, plan, _trace(info, settings) if kind == "peak" else None, settings)
+    if not is_single_device(settings):  # a per-rank budget: ``world_size`` ranks under ``sharding``
+        ranks, sharding = settings.world_size, settings.sharding or "ddp"
         return rank_budget_bytes(whole, plan, result, world_size=ranks, sharding=sharding, kind=kind)
     return result.weights if kind == "weights" else result.plan_scaled if kind == "plan" else result.total
 
@@ -383,7 +339,7 @@ def uniform_plan(info: ModelInfo, bits: int, rank: int, backend: str = "hqq") ->
 
 def min_plan_bytes(
     info: ModelInfo,
-    train: Any,
+    settings: TrainingSettings,
     bits_choices: Sequence[int],
     rank_choices: Sequence[int],
     backend: str = "hqq",
@@ -397,7 +353,7 @@ def min_plan_bytes(
     best: int | None = None
     for bits in bits_choices:
         for rank in rank_choices:
-            cost = plan_bytes(info, uniform_plan(info, bits, rank, backend), train, kind)
+            cost = plan_bytes(info, uniform_plan(info, bits, rank, backend), settings, kind)
             best = cost if best is None else min(best, cost)
     assert best is not None
     return best

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from planner.memory.breakdown import min_plan_bytes, plan_bytes, uniform_plan
 from planner.model_info import ModelInfo
+from planner.settings import TrainingSettings
 from qra_plugin.backends import registry
 from qra_plugin.errors import QRAError
 
@@ -65,18 +65,18 @@ class Budget:
             raise QRAError(f"a memory budget must be positive, got {raw!r}")
         return cls(kind=kind, bytes=size, text=raw)
 
-    def resolve(self, info: ModelInfo, train: Any) -> int:
-        """Bytes this budget allows for ``info``'s model under ``train`` (a TrainSection)."""
+    def resolve(self, info: ModelInfo, settings: TrainingSettings) -> int:
+        """Bytes this budget allows for ``info``'s model under ``settings``."""
         if self.bytes is not None:
             return self.bytes
         assert self.uniform is not None
         bits, rank, backend = self.uniform
-        return plan_bytes(info, uniform_plan(info, bits, rank, backend), train, self.kind)
+        return plan_bytes(info, uniform_plan(info, bits, rank, backend), settings, self.kind)
 
     def check_feasible(
         self,
         info: ModelInfo,
-        train: Any,
+        settings: TrainingSettings,
         bits_choices: Sequence[int],
         rank_choices: Sequence[int],
         backend: str = "hqq",
@@ -84,13 +84,13 @@ class Budget:
         """Resolve the budget; raise QRAError naming the minimum if even the cheapest plan exceeds it."""
         from planner.sharding import check_space_shards, is_single_device
 
-        check_space_shards(train, bits_choices, backend, info.dtype)
-        limit = self.resolve(info, train)
-        minimum = min_plan_bytes(info, train, bits_choices, rank_choices, backend, self.kind)
+        check_space_shards(settings, bits_choices, backend, settings.dtype)
+        limit = self.resolve(info, settings)
+        minimum = min_plan_bytes(info, settings, bits_choices, rank_choices, backend, self.kind)
         if minimum > limit:
             what = {"peak": "peak training memory", "plan": "plan memory", "weights": "weight memory"}[self.kind]
-            if not is_single_device(train):
-                what += f" per rank ({train.world_size} ranks, {train.sharding or 'ddp'})"
+            if not is_single_device(settings):
+                what += f" per rank ({settings.world_size} ranks, {settings.sharding or 'ddp'})"
             raise QRAError(
                 f"budget {self.text or limit} = {format_bytes(limit)} is below the cheapest plan's {what} "
                 f"{format_bytes(minimum)} ({minimum} bytes); raise the budget or widen the search space"

@@ -4,7 +4,7 @@
 Backends declare their own byte counts (``qra_plugin.backends.*.stored_bytes``, checked against the real
 layers in ``tests/test_memory.py``); LoRA adapters are fp32 (PEFT 0.20's ``cast_adapter_dtype`` upcasts
 bf16/fp16 adapters under its default ``autocast_adapter_dtype=True``, which qra's runs and Axolotl keep) and
-their gradients and optimizer states match them; ``estimate(adapter_dtype=...)`` prices the other case.
+their gradients and optimizer states match them; ``TrainingSettings.adapter_precision`` prices the other case.
 """
 
 from __future__ import annotations

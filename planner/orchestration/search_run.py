@@ -16,7 +16,7 @@ from typing import Any
 
 from planner.config import QRAConfig
 from planner.fidelity.contract import recipe_hash
-from planner.memory import estimate, estimate_settings
+from planner.memory import estimate
 from planner.objectives import describe, objective_for
 from planner.orchestration.progress import SearchProgress, planned_evaluations
 from planner.orchestration.report import write_report
@@ -386,16 +386,15 @@ def _free_allocations(run: _Run) -> dict[str, Allocation]:
 def _next_facts(run: _Run, best: Allocation, summary: dict[str, Any]) -> dict[str, Any]:
     """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands."""
 
-    s, train = run.setup, run.cfg.train
-    kwargs = estimate_settings(train)
+    s, job = run.setup, run.setup.settings
     comparison = {
-        "setting": f"batch {train.batch} x {train.seq_len} tokens, {train.optimizer}, gradient checkpointing "
-        f"{'on' if train.grad_checkpointing else 'off'}, {s.info.dtype}".replace("torch.", ""),
-        "chosen": estimate(s.info, s.space.to_plan(best), **kwargs).to_dict(),
+        "setting": f"batch {job.batch} x {job.seq_len} tokens, {job.optimizer}, gradient checkpointing "
+        f"{'on' if job.grad_checkpointing else 'off'}, {job.precision}",
+        "chosen": estimate(s.info, s.space.to_plan(best), job).to_dict(),
     }
     baseline = s.budget_plan()
     if baseline is not None:
-        comparison["uniform"] = estimate(s.info, s.space.to_plan(baseline), **kwargs).to_dict()
+        comparison["uniform"] = estimate(s.info, s.space.to_plan(baseline), job).to_dict()
     base = summary.get("baseline_score")
     model = run.cfg.model.path or "<model dir>"
     facts = {
@@ -405,7 +404,7 @@ def _next_facts(run: _Run, best: Allocation, summary: dict[str, Any]) -> dict[st
         "seeds": len(run.cfg.fidelity.seeds),
         "plan_path": str(run.plan_target or run.out / PLAN_FILE),
         "estimate_command": f"qra estimate --model {model} --plan {run.out / PLAN_FILE} "
-        f"--batch {train.batch} --seq-len {train.seq_len}",
+        f"--batch {job.batch} --seq-len {job.seq_len}",
     }
     if run.axolotl_config is not None:
         facts["train_command"] = f"axolotl train {run.axolotl_config}"

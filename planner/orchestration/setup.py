@@ -27,6 +27,7 @@ from planner.model_info import load_model_info
 from planner.objectives import objective_for
 from planner.priors.pruning import fixed_pruning, searched_channels
 from planner.search.space import Allocation, BudgetCost, SearchSpace, allocation_key
+from planner.settings import TrainingSettings
 from qra_plugin.errors import QRAError
 
 STORE_FILE = "store.sqlite"
@@ -136,6 +137,8 @@ class SearchSetup:
     space: SearchSpace
     budget_bytes: int
     cost: BudgetCost
+    #: the job the budget prices (``TrainingSettings.of(cfg)``): batch, precision, optimizer, ranks ...
+    settings: TrainingSettings
 
     @classmethod
     def build(cls, cfg: QRAConfig) -> SearchSetup:
@@ -145,9 +148,10 @@ class SearchSetup:
         _refuse_optimizer_here(cfg)
 
         space = SearchSpace.from_config(cfg, info, fixed_pruning(cfg), searched_channels(cfg))
-        budget_bytes = int(budget.check_feasible(info, cfg.train, space.bits, space.ranks, space.backend))
-        cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), cfg.train, budget.kind))
-        return cls(cfg, info, budget, space, budget_bytes, cost)
+        settings = TrainingSettings.of(cfg)
+        budget_bytes = int(budget.check_feasible(info, settings, space.bits, space.ranks, space.backend))
+        cost = BudgetCost(space, lambda c: plan_bytes(info, space.to_plan(c), settings, budget.kind))
+        return cls(cfg, info, budget, space, budget_bytes, cost, settings)
 
     def fits(self, config: Allocation) -> bool:
         return self.cost(config) <= self.budget_bytes
