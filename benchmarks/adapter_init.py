@@ -16,7 +16,10 @@ Methods per budget (plan memory of uniform 4-bit r16 and 3-bit r16):
   rank), error init — zero evaluations;
 * ``qra`` / ``qra_init``: ``qra search`` with ``adapter.init`` zero / error (every candidate scored as its
   final will train);
-* ``unquantized_r16``: LoRA r16 on the fp32 model, the ceiling (its rate tuned too).
+* ``unquantized_r16``: LoRA r16 on the fp32 model, the ceiling (its rate tuned too);
+* ``all8_r4``: every block 8-bit at the smallest rank, zero init (where it fits: separates what the table's plan
+  gains from 8-bit weights from what the init and its wider blocks add);
+* ``table_alloc_sqrt``: the table's plan with the rsLoRA-style scale rule (alpha ∝ √rank) instead of the rank rule.
 
 G = (uniform − method) / (uniform − unquantized_r16) on mean test loss, both sides tuned. Every run is
 stored as it finishes (SQLite under ``--out``); a re-run computes only what is missing.
@@ -43,6 +46,7 @@ from planner.memory import plan_bytes
 from planner.orchestration.baseline_run import run_baseline
 from planner.orchestration.search_run import run_search
 from planner.orchestration.setup import SearchSetup
+from planner.scale import with_alpha_rule
 from planner.search.allocation import table_allocation
 from planner.stats import paired
 from qra_plugin.plan import Plan
@@ -58,7 +62,10 @@ CEILING = "unquantized_r16"
 #: tuned and fine-tuned before the rest: the ceiling, the budget's uniform plan with and without the init,
 #: and the error-table allocation
 FIRST = ("unquantized_r16", "uniform", "uniform_init", "table_alloc")
-ORDER = ("unquantized_r16", "uniform", "uniform_init", "table_alloc", "greedy_priors", "qra", "qra_init")
+ORDER = ("unquantized_r16", "uniform", "uniform_init", "table_alloc", "greedy_priors", "all8_r4", "table_alloc_sqrt",
+         "qra", "qra_init")  # fmt: skip
+#: the LoRA-scale rule per method where it is not the config's (``planner.scale``)
+ALPHA_RULES = {"table_alloc_sqrt": "sqrt"}
 #: the paired differences the issue asks about (a − b over seeds)
 PAIRS = (
     ("uniform_init", "uniform"),
@@ -69,6 +76,8 @@ PAIRS = (
     ("qra", "greedy_priors"),
     ("qra_init", "unquantized_r16"),
     ("table_alloc", "unquantized_r16"),
+    ("table_alloc", "all8_r4"),  # the error init + the table's few wider blocks, over the all-8-bit r4 plan
+    ("table_alloc_sqrt", "table_alloc"),  # rsLoRA-style scale vs the rank rule on the same plan
 )
 ERROR_TABLE = RESULTS / "error_table_smollm2.json"
 
@@ -109,13 +118,20 @@ class Bench:
         chosen = table_allocation(error.space, error.cost, error.budget_bytes, table)
         greedy = run_baseline(zero.cfg, self.out / name / "greedy", "greedy_priors", rank=16, progress=False)
         ceiling = uniform_plan(zero.space, 16, 16)
-        return {
+        table_plan = error.space.to_plan(chosen)
+        sqrt_plan = with_alpha_rule(table_plan, "sqrt", error.space.lora_r, error.space.lora_alpha)
+        plans = {
             CEILING: (ceiling, "zero"),
             "uniform": (zero.space.to_plan(zero.space.uniform(bits, 16)), "zero"),
             "uniform_init": (error.space.to_plan(error.space.uniform(bits, 16)), "error"),
-            "table_alloc": (error.space.to_plan(chosen), "error"),
+            "table_alloc": (table_plan, "error"),
             "greedy_priors": (zero.space.to_plan(greedy.config), "zero"),
+            "table_alloc_sqrt": (sqrt_plan, "error"),
         }
+        all8 = zero.space.uniform(8, min(r for r in zero.space.ranks if r > 0))
+        if zero.cost(all8) <= zero.budget_bytes:  # the all-8-bit plan at the smallest rank, where it fits
+            plans["all8_r4"] = (zero.space.to_plan(all8), "zero")
+        return plans
 
     def error_table(self, setup: SearchSetup) -> dict[tuple[int, int, int], float]:
         """Starting output error per (block, bits, rank): the committed SmolLM2 table for the demo model (what
@@ -197,7 +213,7 @@ class Bench:
             results = [(t.seed, r) for t, r in zip(finals, done, strict=True) if t.tag == f"final:{m}"]
             rows[m] = {
                 "init": init,
-                "alpha_rule": self.base.adapter.alpha_rule,
+                "alpha_rule": ALPHA_RULES.get(m, self.base.adapter.alpha_rule),
                 "tuning": {f"{lr:g}": by_method[m][lr] for lr in sorted(by_method[m])},
                 "lr": best[m],
                 "lr_at_grid_edge": best[m] in (min(by_method[m]), max(by_method[m])),
