@@ -161,6 +161,7 @@ def _table_start(run: _Run) -> dict[str, Allocation]:
     s, cfg = run.setup, run.cfg
     if cfg.adapter.init != "error" or not cfg.search.table_start or s.space.prune:
         return {}
+    run.say("[bold]error table[/bold]: the output error an error-aware init leaves per unit × bits × rank")
     table = cached_error_table(cfg, s.space, run.out)
     try:
         return {"table_alloc": table_allocation(s.space, s.cost, s.budget_bytes, table)}
