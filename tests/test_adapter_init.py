@@ -400,3 +400,26 @@ def test_axolotl_train_starts_from_the_init_file(tmp_path, tiny_model_dir):
     assert torch.allclose(saved[f"base_model.model.{name}.lora_B.weight"], expected[f"{name}.lora_B"], atol=1e-6)
     copied = Plan.load(tmp_path / "out" / "qra_plan.yaml")
     assert copied.content_hash() == plan.content_hash() and copied.init_path().is_file()
+
+
+def test_the_cached_error_table_is_measured_again_for_another_damping_or_space(tmp_path):
+    """``error_table.json`` is reused only under its own key: another damping or rank set measures again."""
+    from planner.config import QRAConfig
+    from planner.model_info import load_model_info
+    from planner.priors.error_table import TABLE_FILE, cached_error_table
+    from planner.search.space import SearchSpace
+
+    raw = {"model": {"tiny": {"layers": 2}}, "space": {"bits": [3, 4], "ranks": [4, 8]}}
+    cfg = QRAConfig.model_validate(raw)
+    space = SearchSpace.from_config(cfg, load_model_info(cfg.model))
+    first = cached_error_table(cfg, space, tmp_path)
+    path = tmp_path / TABLE_FILE
+    stamp = path.stat().st_mtime_ns
+    assert cached_error_table(cfg, space, tmp_path) == first and path.stat().st_mtime_ns == stamp
+    damped = QRAConfig.model_validate({**raw, "adapter": {"damping": 0.5}})
+    again = cached_error_table(damped, space, tmp_path)
+    assert again != first and path.stat().st_mtime_ns != stamp
+    wider = QRAConfig.model_validate({**raw, "space": {"bits": [3, 4], "ranks": [4, 8, 16]}})
+    assert (0, 4, 16) in cached_error_table(
+        wider, SearchSpace.from_config(wider, load_model_info(wider.model)), tmp_path
+    )
