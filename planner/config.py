@@ -156,6 +156,9 @@ class TrainSection(_Section):
     #: TRL's best-fit-decreasing packing (Axolotl's ``sample_packing``): rows concatenated to ``seq_len``,
     #: kept apart by position ids (``planner.fidelity.sft.packing_refusal`` checks the model does so)
     packing: bool = False
+    #: batches of rows of similar length (transformers' ``group_by_length``, Axolotl's key of that name): less
+    #: padding per step; the rows a step sees change, so it enters the recipe when on (``fidelity/contract.py``)
+    group_by_length: bool = False
     #: the loss the trainer runs (``LOSS_PATHS``); the memory model prices its buffers
     loss_path: Literal["trl_chunked", "hf_full", "liger", "cce"] = "trl_chunked"
     #: ranks the real job trains on and how it shards (``planner.sharding``, as ``qra estimate --world-size

@@ -23,6 +23,7 @@ CARRIED = {
     "warmup_steps": (2, "warmup_steps", 2),
     "weight_decay": (0.1, "weight_decay", 0.1),
     "packing": (True, "packing", True),
+    "group_by_length": (True, "train_sampling_strategy", "group_by_length"),
     "loss_path": ("hf_full", "loss_type", "nll"),
 }
 
@@ -100,6 +101,30 @@ def test_a_fidelity_run_with_accumulation_dropout_and_packing_trains_the_planned
     assert result.status == "ok" and result.steps == 2, result
     assert seen["dropout"] == {0.1}
     assert seen["rows_per_pack"] > 1  # rows were packed
+
+
+def test_a_fidelity_run_grouped_by_length_batches_rows_of_similar_length() -> None:
+    """``train.group_by_length``: the trainer's sampler groups rows by their tokenized length (less padding)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from planner.fidelity import sft
+
+    cfg = tiny_config(train={"batch": 2, "group_by_length": True}, fidelity={"low": {"steps": 2, "eval_examples": 4}})
+    seen = {}
+    original = sft._build_trainer
+
+    def spy(t, level, peft_model, tokenizer, workdir, job):
+        trainer = original(t, level, peft_model, tokenizer, workdir, job)
+        seen["sampler"] = type(trainer._get_train_sampler(trainer.train_dataset))
+        return trainer
+
+    sft._build_trainer = spy
+    try:
+        result = sft.run_fidelity(task(cfg, _plan(cfg)))
+    finally:
+        sft._build_trainer = original
+    assert result.status == "ok" and result.steps == 2, result
+    assert seen["sampler"] is LengthGroupedSampler
 
 
 def test_packed_rows_stay_apart_in_transformers_models_and_a_model_that_mixes_them_is_refused(monkeypatch):

@@ -166,6 +166,7 @@ def _train_section(ax: Any) -> dict[str, Any]:
         "lr_scheduler": str(_value(ax.lr_scheduler) or "cosine"),  # Axolotl's default scheduler
         "weight_decay": float(ax.weight_decay or 0.0),
         "packing": bool(ax.sample_packing),
+        "group_by_length": bool(ax.group_by_length),
         "loss_path": loss_path(ax),
     }
 

@@ -147,6 +147,16 @@ _RESULT_NEUTRAL = frozenset(
 )
 #: train fields that say only where the final job runs (ranks, sharding): a fidelity run is one process either way
 _TRAIN_NEUTRAL = frozenset({"world_size", "sharding"})
+#: train fields added after results were stored: in the recipe only when not at their default (which is what
+#: every stored run did), so older keys stay valid
+_TRAIN_NEW_DEFAULTS = {"group_by_length": False}
+
+
+def _train_neutral(config: QRAConfig) -> set[str]:
+    at_default = {k for k, v in _TRAIN_NEW_DEFAULTS.items() if getattr(config.train, k) == v}
+    return set(_TRAIN_NEUTRAL) | at_default
+
+
 #: where the recipe holds each field of a fidelity run's ``TrainingSettings`` (a dotted path in ``recipe()``);
 #: the fields not here are ``_TRAIN_NEUTRAL``. A field added to the value and to neither fails
 #: tests/test_settings.py. The recipe keeps hashing the train section whole (every stored key stays valid);
@@ -186,7 +196,7 @@ def recipe(config: QRAConfig, level: str) -> dict[str, Any]:
             "seq_len": lv.seq_len or config.train.seq_len,
             "batch": lv.batch or config.train.batch,
         },
-        "train": config.train.model_dump(mode="json", exclude=set(_TRAIN_NEUTRAL)),
+        "train": config.train.model_dump(mode="json", exclude=_train_neutral(config)),
         "fidelity": fidelity,
         # how ``init: error`` adapters are computed (the plan says which modules use it and their alphas)
         "adapter_init": {"version": ADAPTER_INIT_VERSION, "damping": config.adapter.damping},

@@ -108,6 +108,18 @@ def _make_trainer_class():
 TRL_LOSS_TYPE = {"trl_chunked": "chunked_nll", "hf_full": "nll", "liger": "nll", "cce": "nll"}
 
 
+def _length_grouping(on: bool) -> dict[str, Any]:
+    """Batches of rows of similar length (``LengthGroupedSampler``): transformers 5 names it
+    ``train_sampling_strategy="group_by_length"``, 4.x ``group_by_length=True``."""
+    if not on:
+        return {}
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, job: TrainingSettings) -> Any:
     """The SFTConfig of one fidelity run: ``job`` (``TrainingSettings.of(config, level)``) says batch, sequence
     length, accumulation, optimizer, loss, packing, checkpointing and device; the train section the rest."""
@@ -127,6 +139,7 @@ def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, job: TrainingS
         optim=job.optimizer,
         loss_type=TRL_LOSS_TYPE[job.loss_path],
         packing=job.packing,
+        **_length_grouping(cfg.train.group_by_length),
         eval_packing=False,  # the score is the loss on the same held-out rows, packed training or not
         gradient_checkpointing=job.grad_checkpointing,
         max_length=job.seq_len,
