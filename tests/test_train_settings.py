@@ -76,28 +76,38 @@ def test_an_unknown_scheduler_is_one_line() -> None:
         tiny_config(train={"lr_scheduler": "one_cycle"})
 
 
-def test_a_fidelity_run_with_accumulation_dropout_and_packing_trains_the_planned_steps() -> None:
-    """A step is an optimizer step: 2 steps of 2 micro-batches each; the adapters carry the dropout."""
+def _run_and_look(cfg: QRAConfig, look) -> tuple[object, dict]:
+    """A real fidelity run of ``cfg``'s low level; ``look(trainer, peft_model)`` -> facts about the trainer it built."""
     from planner.fidelity import sft
 
-    cfg = tiny_config(
-        train={"batch": 2, "seq_len": 512, "gradient_accumulation_steps": 2, "lora_dropout": 0.1, "packing": True},
-        fidelity={"low": {"steps": 2, "eval_examples": 4}},
-    )
-    seen = {}
+    seen: dict = {}
     original = sft._build_trainer
 
     def spy(t, level, peft_model, tokenizer, workdir, job):
         trainer = original(t, level, peft_model, tokenizer, workdir, job)
-        seen["dropout"] = {m.p for m in peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
-        seen["rows_per_pack"] = max(len(n) for n in trainer.train_dataset["seq_lengths"])
+        seen.update(look(trainer, peft_model))
         return trainer
 
     sft._build_trainer = spy
     try:
-        result = sft.run_fidelity(task(cfg, _plan(cfg)))
+        return sft.run_fidelity(task(cfg, _plan(cfg))), seen
     finally:
         sft._build_trainer = original
+
+
+def test_a_fidelity_run_with_accumulation_dropout_and_packing_trains_the_planned_steps() -> None:
+    """A step is an optimizer step: 2 steps of 2 micro-batches each; the adapters carry the dropout."""
+    cfg = tiny_config(
+        train={"batch": 2, "seq_len": 512, "gradient_accumulation_steps": 2, "lora_dropout": 0.1, "packing": True},
+        fidelity={"low": {"steps": 2, "eval_examples": 4}},
+    )
+    result, seen = _run_and_look(
+        cfg,
+        lambda trainer, peft_model: {
+            "dropout": {m.p for m in peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0},
+            "rows_per_pack": max(len(n) for n in trainer.train_dataset["seq_lengths"]),
+        },
+    )
     assert result.status == "ok" and result.steps == 2, result
     assert seen["dropout"] == {0.1}
     assert seen["rows_per_pack"] > 1  # rows were packed
@@ -107,22 +117,10 @@ def test_a_fidelity_run_grouped_by_length_batches_rows_of_similar_length() -> No
     """``train.group_by_length``: the trainer's sampler groups rows by their tokenized length (less padding)."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from planner.fidelity import sft
-
     cfg = tiny_config(train={"batch": 2, "group_by_length": True}, fidelity={"low": {"steps": 2, "eval_examples": 4}})
-    seen = {}
-    original = sft._build_trainer
-
-    def spy(t, level, peft_model, tokenizer, workdir, job):
-        trainer = original(t, level, peft_model, tokenizer, workdir, job)
-        seen["sampler"] = type(trainer._get_train_sampler(trainer.train_dataset))
-        return trainer
-
-    sft._build_trainer = spy
-    try:
-        result = sft.run_fidelity(task(cfg, _plan(cfg)))
-    finally:
-        sft._build_trainer = original
+    result, seen = _run_and_look(
+        cfg, lambda trainer, _: {"sampler": type(trainer._get_train_sampler(trainer.train_dataset))}
+    )
     assert result.status == "ok" and result.steps == 2, result
     assert seen["sampler"] is LengthGroupedSampler
 
