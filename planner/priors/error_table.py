@@ -9,7 +9,6 @@ bits / ranks / backend / unit, the damping and the init code's version; another 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from planner.loading import load_model, load_tokenizer
 from planner.priors.adapter_init import error_table
 from planner.priors.calibration import calibration_batch, tokens_hash
 from planner.priors.moments import cached_second_moments
-from planner.priors.profile import weights_hash
+from planner.priors.profile import _read_json, weights_hash
 from qra_plugin.io import write_json_atomic
 from qra_plugin.plan import fingerprint
 
@@ -42,8 +41,8 @@ def cached_error_table(cfg: QRAConfig, space: SearchSpace, out_dir: str | Path) 
     )
     key = _key(cfg, space, fingerprint(model).model_dump_json(), weights_hash(model), tokens_hash(tokens))
     path = Path(out_dir) / TABLE_FILE
-    stored = _read(path)
-    if stored is not None and stored.get("key") == key:
+    stored = _read_json(path)  # the priors' reader: None for a missing, unreadable or non-object file
+    if stored is not None and stored.get("key") == key and isinstance(stored.get("table"), dict):
         log.info("qra: error table cache hit: %s", path)
         return {_parse(k): float(v) for k, v in stored["table"].items()}
     names = [s.name for s in space.specs]
@@ -65,14 +64,6 @@ def _key(cfg: QRAConfig, space: SearchSpace, model_fp: str, weights: str, tokens
         "damping": cfg.adapter.damping,
         "init_version": ADAPTER_INIT_VERSION,
     }
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("table"), dict) else None
 
 
 def _parse(key: str) -> tuple[int, int, int]:
