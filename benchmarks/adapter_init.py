@@ -83,13 +83,17 @@ ERROR_TABLE = RESULTS / "error_table_smollm2.json"
 
 
 class Bench:
-    def __init__(self, recipe: str, out: Path, results: Path, command: str) -> None:
+    def __init__(self, recipe: str, out: Path, results: Path, command: str, optimizer: str | None = None) -> None:
         spec = RECIPES[recipe]
         self.test_rows, self.seeds, self.workers = spec.final_eval_examples, spec.seeds, spec.final_workers
         self.recipe, self.out, self.results, self.command = recipe, out, results, command
         base = spec.load()
         fidelity = base.fidelity.model_copy(update={"layer_cache": str(out / "layers")})
-        self.base = base.model_copy(update={"fidelity": fidelity})
+        train = base.train.model_copy(update={"optimizer": optimizer or base.train.optimizer})
+        self.base = base.model_copy(update={"fidelity": fidelity, "train": train})
+        #: restrict to these methods (None: all); take each method's rate from another result instead of tuning
+        self.methods: set[str] | None = None
+        self.rates_from: dict[str, Any] | None = None
         self.final_steps = spec.final_steps(base)
         out.mkdir(parents=True, exist_ok=True)
         self.store_path = out / "runs.sqlite"
@@ -200,7 +204,11 @@ class Bench:
     def tune_and_finish(self, name: str, plans: dict[str, tuple[Plan, str]]) -> dict[str, dict[str, Any]]:
         """Per method: the tuned rate (``tune``), then the finals at it on test."""
         budget = BUDGETS[name][0]
-        by_method = self.tune(name, plans)
+        if self.rates_from is not None:  # rates carried over from a tuned result: no tuning runs here
+            rates = self.rates_from["budgets"][name]["methods"]
+            by_method: dict[str, dict[float, float | None]] = {m: {rates[m]["lr"]: None} for m in plans}
+        else:
+            by_method = self.tune(name, plans)
         best = {m: _lowest(losses) for m, losses in by_method.items()}
         finals = [
             EvalTask(plan=plan, level="high", seed=seed, tag=f"final:{m}",
@@ -227,12 +235,14 @@ class Bench:
         return rows
 
     def budget(self, name: str) -> None:
-        plans = self.fixed_plans(name)
+        plans = {m: p for m, p in self.fixed_plans(name).items() if self.methods is None or m in self.methods}
         methods: dict[str, dict[str, Any]] = {}
         for group in (FIRST, [m for m in plans if m not in FIRST]):  # the issue's main comparison first
-            methods.update(self.tune_and_finish(name, {m: plans[m] for m in group}))
+            methods.update(self.tune_and_finish(name, {m: plans[m] for m in group if m in plans}))
             self.write_budget(name, methods, plans)
         for init, key, uniform in (("zero", "qra", "uniform"), ("error", "qra_init", "uniform_init")):
+            if self.methods is not None and key not in self.methods:
+                continue
             plan, facts = self.searched_plan(name, init, methods[uniform]["lr"])
             plans[key] = (plan, init)
             methods.update(self.tune_and_finish(name, {key: (plan, init)}))
@@ -281,6 +291,8 @@ class Bench:
                     "search_lr": "the rate tuned for the budget's uniform plan with the search's init",
                 },
                 "round2_lr": 5e-4,
+                "optimizer": self.base.train.optimizer,
+                "rates_from": self.rates_from["command"] if self.rates_from else None,
             },
             "budgets": self.summary,
         }
@@ -324,9 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/adapter_init_stores")
     parser.add_argument("--results", default="benchmarks/results/adapter_init.json")
     parser.add_argument("--budgets", default=",".join(BUDGETS))
+    parser.add_argument("--optimizer", help="train.optimizer for every run (default: the recipe's)")
+    parser.add_argument("--methods", help="comma-separated methods to run (default: all)")
+    parser.add_argument("--rates-from", help="a result JSON whose tuned rates to use instead of tuning")
     args = parser.parse_args(argv)
     command = command_line("adapter_init", argv)
-    bench = Bench(args.recipe, Path(args.out), Path(args.results), command.strip())
+    bench = Bench(args.recipe, Path(args.out), Path(args.results), command.strip(), args.optimizer)
+    bench.methods = set(args.methods.split(",")) if args.methods else None
+    bench.rates_from = json.loads(Path(args.rates_from).read_text()) if args.rates_from else None
     for name in args.budgets.split(","):
         bench.budget(name.strip())
     return 0

@@ -129,8 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         record["comparison"] = compare(record["run"], record["before"])
     write_json_atomic(args.out, record)
     write_text_atomic(args.out.with_suffix(".md"), markdown(record))
+    _into_throughput(record, ROOT / "benchmarks" / "results" / "throughput.json")
     print(markdown(record))
     return 0
+
+
+def _into_throughput(record: dict[str, Any], path: Path) -> None:
+    """The demo's wall time is issue 25's headline number: ``throughput.json`` carries it beside the step times."""
+    if not path.is_file():
+        return
+    result = json.loads(path.read_text())
+    result["demo_wall_s"] = record["run"]["wall_s"]
+    result["demo_note"] = f"commit {record['run']['commit']}, {record['conditions']}; {record['command']}"
+    write_json_atomic(path, result)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,10 @@ class TrainSection(_Section):
     #: batches of rows of similar length (transformers' ``group_by_length``, Axolotl's key of that name): less
     #: padding per step; the rows a step sees change, so it enters the recipe when on (``fidelity/contract.py``)
     group_by_length: bool = False
+    #: TRL's ``padding_free`` without packing: the same rows per step, each batch flattened into one row (position
+    #: ids restarting, the packing rule keeping rows apart), so no FLOPs go to padding. The loss covers the same
+    #: tokens; only the order of float sums changes, so it enters the recipe when on
+    padding_free: bool = False
     #: the loss the trainer runs (``LOSS_PATHS``); the memory model prices its buffers
     loss_path: Literal["trl_chunked", "hf_full", "liger", "cce"] = "trl_chunked"
     #: ranks the real job trains on and how it shards (``planner.sharding``, as ``qra estimate --world-size

@@ -192,6 +192,7 @@ class SubprocessExecutor(_StoreBacked):
     def _run_pending(self, tasks: list[EvalTask]) -> None:
         if len(self._workers) == 1 or len(tasks) == 1:
             for task in tasks:
+                task = self._alone(task)
                 self.store.mark_running(task)
                 start = time.perf_counter()
                 reply = self._workers[0].call(self.evaluate, task, self.timeout_s)
@@ -213,6 +214,16 @@ class SubprocessExecutor(_StoreBacked):
                     task, worker, start = inflight.pop(future)
                     idle.append(worker)
                     self._finish(task, self._from_reply(future.result(), time.perf_counter() - start))
+
+    def _alone(self, task: EvalTask) -> EvalTask:
+        """A run with the other workers idle takes their threads too (``fidelity.torch_threads`` × workers):
+        on CPU several single-thread runs side by side beat one multi-thread run, a lone one does not. Thread
+        counts are not in the recipe, so its result is stored under the same key."""
+        threads = task.config.fidelity.torch_threads
+        if len(self._workers) == 1 or not threads:
+            return task
+        fidelity = task.config.fidelity.model_copy(update={"torch_threads": threads * len(self._workers)})
+        return task.model_copy(update={"config": task.config.model_copy(update={"fidelity": fidelity})})
 
     def close(self) -> None:
         for worker in self._workers:

@@ -203,3 +203,18 @@ def test_ray_executor_runs_real_fidelities_on_local_ray(tmp_path):
             assert ex.run(tasks) == results  # resumed from the store, nothing re-submitted
     finally:
         ray.shutdown()
+
+
+def test_a_lone_run_on_parallel_workers_takes_the_idle_workers_threads_under_the_same_key(tmp_path):
+    """Two 1-thread CPU workers side by side beat one 2-thread run, a lone run does not: it gets 2 threads."""
+    (ok4,) = make_tasks(4)
+    with Store(tmp_path / "store.sqlite") as store:
+        ex = make_executor("local", subprocess=True, store=store, evaluate=counting_evaluate, workers=2)
+        alone = ex._alone(ok4)
+        assert (ok4.config.fidelity.torch_threads, alone.config.fidelity.torch_threads) == (1, 2)
+        assert alone.key == ok4.key  # thread counts are not in the recipe
+        with ex:
+            (result,) = ex.run([ok4])
+        assert result.status == "ok" and [r["status"] for r in store.records()] == ["ok"]
+    one = make_executor("local", subprocess=True, store=Store(tmp_path / "one.sqlite"), evaluate=counting_evaluate)
+    assert one._alone(ok4) is ok4  # a single worker keeps the configured threads

@@ -41,10 +41,10 @@ def _args(cfg: QRAConfig, tmp_path):
     return _sft_args(task(cfg, _plan(cfg)), level, str(tmp_path), TrainingSettings.of(cfg, level, device="cpu"))
 
 
-@pytest.mark.parametrize("field", [*CARRIED, "lora_dropout", "warmup_ratio"])
+@pytest.mark.parametrize("field", [*CARRIED, "lora_dropout", "warmup_ratio", "padding_free"])
 def test_each_training_setting_changes_the_recipe_key(field: str) -> None:
     base = tiny_config()
-    value = {"lora_dropout": 0.1, "warmup_ratio": 0.2}.get(field) or CARRIED[field][0]
+    value = {"lora_dropout": 0.1, "warmup_ratio": 0.2, "padding_free": True}.get(field) or CARRIED[field][0]
     changed = tiny_config(train={field: value})
     assert recipe_diff(recipe(base, "low"), recipe(changed, "low")) == [f"train.{field}"]
     assert recipe_hash(base, "low") != recipe_hash(changed, "low")
@@ -123,6 +123,27 @@ def test_a_fidelity_run_grouped_by_length_batches_rows_of_similar_length() -> No
     )
     assert result.status == "ok" and result.steps == 2, result
     assert seen["sampler"] is LengthGroupedSampler
+
+
+def test_a_padding_free_fidelity_run_trains_the_same_rows_without_padding_and_the_same_loss() -> None:
+    """``train.padding_free``: each batch becomes one row of its rows' real tokens (no padding slots), the same
+    rows per step and the same tokens in the loss — so train and eval losses match the padded run's to rounding."""
+    fidelity = {"low": {"steps": 2, "eval_examples": 4}}
+    cfg = tiny_config(train={"batch": 2}, fidelity=fidelity)
+
+    def look(trainer, _):
+        rows = [trainer.train_dataset[i] for i in range(2)]
+        batch = trainer.data_collator(rows)
+        return {"shape": tuple(batch["input_ids"].shape), "masked": "attention_mask" in batch,
+                "tokens": sum(len(r["input_ids"]) for r in rows)}  # fmt: skip
+
+    padded, seen_padded = _run_and_look(cfg, look)
+    flat, seen_flat = _run_and_look(tiny_config(train={"batch": 2, "padding_free": True}, fidelity=fidelity), look)
+    assert seen_padded["masked"] and seen_padded["shape"][0] == 2
+    assert not seen_flat["masked"] and seen_flat["shape"] == (1, seen_flat["tokens"])  # one row, no padding
+    assert flat.status == padded.status == "ok" and flat.steps == padded.steps == 2
+    assert flat.train_loss == pytest.approx(padded.train_loss, abs=1e-4)
+    assert flat.eval_loss == pytest.approx(padded.eval_loss, abs=1e-4)
 
 
 def test_packed_rows_stay_apart_in_transformers_models_and_a_model_that_mixes_them_is_refused(monkeypatch):

@@ -51,7 +51,7 @@ def mean(values: list[float | None], digits: int = 3) -> float | None:
     return round(sum(present) / len(present), digits) if present else None
 
 
-def speed_run_config(steps: int, reuse: bool, threads: int, model: str) -> Any:
+def speed_run_config(steps: int, reuse: bool, threads: int, model: str, padding_free: bool = False) -> Any:
     """The short fidelity run the speed benchmarks time and profile (throughput, profile_fidelity)."""
     from planner.config import QRAConfig
 
@@ -60,7 +60,7 @@ def speed_run_config(steps: int, reuse: bool, threads: int, model: str) -> Any:
             "name": "throughput",
             "model": {"path": model, "dtype": "float32"} if model != "tiny" else {"tiny": {"layers": 4}},
             "data": {"source": "wiki", "train_examples": 64, "eval_examples": 16},
-            "train": {"batch": 4, "seq_len": 128, "lr": 5e-4},
+            "train": {"batch": 4, "seq_len": 128, "lr": 5e-4, "padding_free": padding_free},
             "fidelity": {
                 "low": {"steps": steps, "eval_examples": 16},
                 "high": {"steps": steps, "eval_examples": 16},

@@ -149,7 +149,7 @@ _RESULT_NEUTRAL = frozenset(
 _TRAIN_NEUTRAL = frozenset({"world_size", "sharding"})
 #: train fields added after results were stored: in the recipe only when not at their default (which is what
 #: every stored run did), so older keys stay valid
-_TRAIN_NEW_DEFAULTS = {"group_by_length": False}
+_TRAIN_NEW_DEFAULTS = {"group_by_length": False, "padding_free": False}
 
 
 def _train_neutral(config: QRAConfig) -> set[str]:

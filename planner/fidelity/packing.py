@@ -39,21 +39,21 @@ def rows_kept_apart(model: torch.nn.Module, lengths: tuple[int, int] = (7, 5), a
 
 
 @lru_cache(maxsize=4)
-def _refusal(model_json: str) -> str | None:
-
+def _mixing_attention(model_json: str) -> str | None:
+    """The attention implementation's name when packed rows mix in this model; None when they stay apart."""
     from planner.fidelity.sft import _base_model_cached  # cycle: fidelity.sft imports this module
 
     model = _base_model_cached(model_json)
-    if rows_kept_apart(model):
+    return None if rows_kept_apart(model) else str(getattr(model.config, "_attn_implementation", None))
+
+
+def packing_refusal(section: ModelSection, key: str = "train.packing") -> str | None:
+    """One line when packing (or ``train.padding_free``, the same flattened rows: ``key``) would let rows of this
+    model attend across each other; None when it is safe. Checked once per process and model."""
+    attn = _mixing_attention(section.model_dump_json())
+    if attn is None:
         return None
-    attn = getattr(model.config, "_attn_implementation", None)
     return (
-        f"train.packing: packed rows attend to each other in this model (attention {attn}; TRL's packing keeps "
-        "them apart only through position ids): turn packing off or use flash attention"
+        f"{key}: packed rows attend to each other in this model (attention {attn}; TRL's packing keeps "
+        f"them apart only through position ids): turn {key.split('.')[-1]} off or use flash attention"
     )
-
-
-def packing_refusal(section: ModelSection) -> str | None:
-    """One line when packing would let rows of this model attend across each other; None when it is safe.
-    Checked once per process and model (two short forwards of the base model)."""
-    return _refusal(section.model_dump_json())

@@ -198,11 +198,23 @@ def _build_trainer(
         if progress:
             datasets.enable_progress_bars()
     trainer.remove_callback(PrinterCallback)
+    if cfg.train.padding_free and not job.packing:
+        _flatten_batches(trainer)
     trainer.qra_meter = ActivationMeter(peft_model)
     trainer.qra_callback = callback
     _PROCESSED.setdefault(train_key, trainer.train_dataset)
     _PROCESSED.setdefault(eval_key, trainer.eval_dataset)
     return trainer
+
+
+def _flatten_batches(trainer: Any) -> None:
+    """TRL's padding-free collator on rows TRL has already cut to ``max_length`` (its ``padding_free=True``
+    without packing refuses a ``max_length``): each batch of train and eval rows becomes one row. An eval
+    batch then counts as one row in the eval loss's mean over batches, as equal as full batches were."""
+    import dataclasses
+
+    trainer.data_collator = dataclasses.replace(trainer.data_collator, padding_free=True)
+    trainer.padding_free = True
 
 
 def _timed_train(trainer: Any, steps: int, on_cuda: bool) -> tuple[float | None, float | None]:
@@ -234,7 +246,8 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
 
     cfg = task.config
     job = TrainingSettings.of(cfg, level)  # device: where this process trains (CUDA when it has one)
-    refusal = fidelity_refusal(job.optimizer) or (job.packing and packing_refusal(cfg.model))
+    flattened = "train.packing" if job.packing else "train.padding_free" if cfg.train.padding_free else None
+    refusal = fidelity_refusal(job.optimizer) or (flattened and packing_refusal(cfg.model, flattened))
     if refusal:  # never substitute another optimizer: the score would not be the user's job
         raise QRAError(refusal)
     started, layer_stats = time.perf_counter(), dict(STATS)

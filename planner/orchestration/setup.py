@@ -178,8 +178,8 @@ def _refuse_optimizer_here(cfg: QRAConfig) -> None:
     if cfg.search.executor != "local":
         return
     refusal = fidelity_refusal(cfg.train.optimizer)
-    if not refusal and cfg.train.packing:
-        refusal = packing_refusal(cfg.model)
+    if not refusal and (cfg.train.packing or cfg.train.padding_free):
+        refusal = packing_refusal(cfg.model, "train.packing" if cfg.train.packing else "train.padding_free")
     if refusal:
         raise QRAError(refusal)
 
