@@ -229,4 +229,7 @@ def test_a_search_refuses_packing_up_front_where_rows_would_mix(monkeypatch) -> 
     cfg = tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}, train={"packing": True})
     with pytest.raises(QRAError, match="^train.packing: packed rows attend to each other"):
         _refuse_optimizer_here(cfg)
+    flat = tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}, train={"padding_free": True})
+    with pytest.raises(QRAError, match="^train.padding_free: packed rows attend to each other.*turn padding_free off"):
+        _refuse_optimizer_here(flat)
     _refuse_optimizer_here(tiny_config(model={"tiny": {"layers": 3, "hidden": 64, "vocab_size": 512}}))  # unpacked

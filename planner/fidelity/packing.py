@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from planner.config import ModelSection
+from planner.config import ModelSection, QRAConfig
 
 
 def rows_kept_apart(model: torch.nn.Module, lengths: tuple[int, int] = (7, 5), atol: float = 1e-4) -> bool:
@@ -57,3 +57,10 @@ def packing_refusal(section: ModelSection, key: str = "train.packing") -> str | 
         f"{key}: packed rows attend to each other in this model (attention {attn}; TRL's packing keeps "
         f"them apart only through position ids): turn {key.split('.')[-1]} off or use flash attention"
     )
+
+
+def flattening_refusal(cfg: QRAConfig) -> str | None:
+    """``packing_refusal`` for whichever of ``train.packing`` / ``train.padding_free`` flattens this config's
+    rows (named in the line); None when neither is on or rows stay apart."""
+    key = "train.packing" if cfg.train.packing else "train.padding_free" if cfg.train.padding_free else None
+    return packing_refusal(cfg.model, key) if key else None

@@ -27,7 +27,7 @@ from planner.fidelity.adapter_start import error_init_for, wants_error_init
 from planner.fidelity.contract import EvalResult, EvalTask, Status, level_settings
 from planner.fidelity.meter import ActivationMeter, plan_scaled_bytes, state_bytes
 from planner.fidelity.metrics import answer_accuracy
-from planner.fidelity.packing import packing_refusal
+from planner.fidelity.packing import flattening_refusal
 from planner.fidelity.quantized import STATS, prequantize
 from planner.loading import load_model, load_tokenizer
 from planner.memory.optimizers import fidelity_refusal
@@ -246,8 +246,7 @@ def _train_and_eval(task: EvalTask, level: FidelityLevel, workdir: str) -> EvalR
 
     cfg = task.config
     job = TrainingSettings.of(cfg, level)  # device: where this process trains (CUDA when it has one)
-    flattened = "train.packing" if job.packing else "train.padding_free" if cfg.train.padding_free else None
-    refusal = fidelity_refusal(job.optimizer) or (flattened and packing_refusal(cfg.model, flattened))
+    refusal = fidelity_refusal(job.optimizer) or flattening_refusal(cfg)
     if refusal:  # never substitute another optimizer: the score would not be the user's job
         raise QRAError(refusal)
     started, layer_stats = time.perf_counter(), dict(STATS)

@@ -19,7 +19,7 @@ from typing import Any
 from planner.config import QRAConfig
 from planner.executors import make_executor
 from planner.fidelity.contract import EvalTask, recipe, recipe_diff, recipe_hash
-from planner.fidelity.packing import packing_refusal
+from planner.fidelity.packing import flattening_refusal
 from planner.fidelity.quantized import cache_directory
 from planner.memory import Budget, plan_bytes
 from planner.memory.optimizers import fidelity_refusal
@@ -177,9 +177,7 @@ def _refuse_optimizer_here(cfg: QRAConfig) -> None:
 
     if cfg.search.executor != "local":
         return
-    refusal = fidelity_refusal(cfg.train.optimizer)
-    if not refusal and (cfg.train.packing or cfg.train.padding_free):
-        refusal = packing_refusal(cfg.model, "train.packing" if cfg.train.packing else "train.padding_free")
+    refusal = fidelity_refusal(cfg.train.optimizer) or flattening_refusal(cfg)
     if refusal:
         raise QRAError(refusal)
 
