@@ -215,6 +215,11 @@ class SubprocessExecutor(_StoreBacked):
                     idle.append(worker)
                     self._finish(task, self._from_reply(future.result(), time.perf_counter() - start))
 
+    @property
+    def slots(self) -> int:
+        """How many evaluations run side by side."""
+        return len(self._workers)
+
     def _alone(self, task: EvalTask) -> EvalTask:
         """A run with the other workers idle takes their threads too (``fidelity.torch_threads`` × workers):
         on CPU several single-thread runs side by side beat one multi-thread run, a lone one does not. Thread

@@ -369,3 +369,29 @@ def test_with_error_init_the_search_starts_from_and_measures_itself_against_the_
     assert "table_alloc" in trace["free_allocation_scores"]
     plan = Plan.load(out / PLAN_FILE)
     assert plan.init_file and any(m.init == "error" for m in plan.modules.values())
+
+
+def test_a_closing_plan_fills_the_worker_a_lone_candidate_leaves_idle_and_is_read_back_from_the_store(tmp_path):
+    """Two workers, one high-fidelity candidate: the budget's uniform plan (scored when the search ends) runs
+    beside it; the search's closing call then finds it stored and records it once."""
+    from planner.executors import make_executor
+    from planner.orchestration.setup import SearchSetup
+    from planner.store import Store
+
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", fidelity={"subprocess": True, "workers": 2}))
+    setup = SearchSetup.build(cfg)
+    uniform, candidate = setup.budget_plan(), setup.space.uniform(8, 4)
+    with Store(tmp_path / STORE_FILE) as store:
+        executor = make_executor("local", subprocess=True, store=store, workers=2, timeout_s=300)
+        evaluator = setup.evaluator(executor, lambda *_: None)
+        evaluator.closing = [(uniform, "baseline")]
+        with executor:
+            (score,) = evaluator.run([candidate], "high", "stage2")
+            rows = {r["tag"].split(":")[0]: r for r in store.records()}
+            assert set(rows) == {"stage2", "baseline"} and evaluator.closing == []
+            first, second = rows["stage2"], rows["baseline"]
+            assert first["started_at"] < second["finished_at"] and second["started_at"] < first["finished_at"]
+            assert [e["stage"] for e in evaluator.trace] == ["stage2"]  # recorded when the search asks for it
+            (baseline_score,) = evaluator.run([uniform], "high", "baseline")
+        assert len(store.records()) == 2 and [e["stage"] for e in evaluator.trace] == ["stage2", "baseline"]
+        assert score is not None and baseline_score == round(rows["baseline"]["eval_loss"], 6)

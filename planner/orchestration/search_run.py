@@ -186,6 +186,8 @@ def _evaluate_stages(
         run.say(f"[yellow]{note}[/yellow]")
     executor = open_executor(run.cfg, store, kind=executor_kind, on_result=on_result, evaluate=evaluate)
     evaluator = s.evaluator(executor, run.say)
+    closing = [(s.budget_plan(), "baseline"), (run.free.get("table_alloc"), "table_alloc")]
+    evaluator.closing = [(config, stage) for config, stage in closing if config is not None]
     failed_fits = FIT_STATS["failed"]
     stages_start = time.perf_counter()
     try:

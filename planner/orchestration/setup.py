@@ -43,6 +43,9 @@ class Evaluator:
         self.trace: list[dict[str, Any]] = []
         #: wall seconds spent waiting for evaluations; the rest of a search's wall time is the planner's own
         self.eval_wall_s = 0.0
+        #: plans the search scores at the high fidelity when it ends (the budget's uniform plan, the table's):
+        #: a high batch that leaves workers idle runs them there; the closing call then finds them stored
+        self.closing: list[tuple[Allocation, str]] = []
 
     def for_stage(self, stage: str) -> Callable[[list[Allocation], str], list[float | None]]:
         def evaluate(configs: list[Allocation], level: str) -> list[float | None]:
@@ -67,14 +70,30 @@ class Evaluator:
 
     def run(self, configs: list[Allocation], level: str, stage: str) -> list[float | None]:
         n_seeds = len(self.cfg.fidelity.seeds)
+        tasks = self.tasks(configs, level, stage)
         start = time.perf_counter()
-        results = self.executor.run(self.tasks(configs, level, stage))
+        results = self.executor.run(tasks + self._fill_idle(tasks, level))[: len(tasks)]
         self.eval_wall_s += time.perf_counter() - start
         scores: list[float | None] = []
         for i, c in enumerate(configs):
             group = results[i * n_seeds : (i + 1) * n_seeds]
             scores.append(self._record(c, level, stage, group))
         return scores
+
+    def _fill_idle(self, tasks: list[Any], level: str) -> list[Any]:
+        """Closing plans not yet stored, as many as the batch leaves workers idle (their results are recorded
+        when the search asks for them): same runs, fewer lone ones."""
+        slots = getattr(self.executor, "slots", 1)
+        store = getattr(self.executor, "store", None)
+        if level != "high" or slots < 2 or store is None or not self.closing:
+            return []
+        pending = [t for t in tasks if store.get(t.key) is None]
+        free = (-len(pending)) % slots if pending else 0
+        filler: list[Any] = []
+        while self.closing and len(filler) + len(self.cfg.fidelity.seeds) <= free:
+            config, stage = self.closing.pop(0)
+            filler += [t for t in self.tasks([config], "high", stage) if store.get(t.key) is None]
+        return filler
 
     def _record(self, config: Allocation, level: str, stage: str, group: list[Any]) -> float | None:
         objective = objective_for(self.cfg)  # the search minimises its score, whichever objective it is
