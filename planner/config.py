@@ -343,9 +343,9 @@ class AdapterSection(_Section):
     """The LoRA scale each planned module gets and how its adapter starts (issue 23; a section of its own).
 
     ``lora_r`` / ``lora_alpha`` are the setting the user tuned a learning rate for. ``alpha_rule`` says what a
-    module given another rank keeps: ``rank`` (default, today's plans): the scale alpha/rank stays
-    lora_alpha/lora_r; ``sqrt`` (rsLoRA-style): alpha = lora_alpha·sqrt(rank/lora_r), so the size of an Adam
-    update of scale·B·A (which grows with scale·sqrt(rank)) stays what lora_r gave; ``fixed``: alpha =
+    module given another rank keeps: ``sqrt`` (default, rsLoRA-style): alpha = lora_alpha·sqrt(rank/lora_r), so
+    the size of an Adam update of scale·B·A (which grows with scale·sqrt(rank)) stays what lora_r gave;
+    ``rank`` (rounds 1–2's plans): the scale alpha/rank stays lora_alpha/lora_r; ``fixed``: alpha =
     lora_alpha at every rank (PEFT's behaviour when only ``r`` changes). ``init: error`` starts each quantized
     module's adapter from its quantization error (``planner.priors.adapter_init``); ``damping`` is λ's share
     of the mean diagonal of the input second moments.
@@ -353,7 +353,7 @@ class AdapterSection(_Section):
 
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
-    alpha_rule: Literal["rank", "sqrt", "fixed"] = "rank"
+    alpha_rule: Literal["rank", "sqrt", "fixed"] = "sqrt"
     init: Literal["zero", "error"] = "zero"
     damping: float = Field(0.01, ge=0)
 

@@ -293,11 +293,11 @@ def test_search_space_applies_the_alpha_rule():
         space = SearchSpace.from_config(cfg, load_model_info(cfg.model))
         return space.to_plan(((4, 4), (8, 16)))
 
-    default = plan_for({})
-    assert all(m.alpha is None for m in default.modules.values())
-    sqrt = plan_for({"alpha_rule": "sqrt"})
-    assert {m.rank: m.lora_alpha for m in sqrt.modules.values()} == {4: 16.0, 16: 32.0}
-    assert sqrt.content_hash() != default.content_hash()
+    rank = plan_for({"alpha_rule": "rank"})
+    assert all(m.alpha is None for m in rank.modules.values())  # rounds 1-2's plans, hash unchanged
+    default = plan_for({})  # sqrt: a rank-4 module keeps the update size lora_r 16 / lora_alpha 32 gave
+    assert {m.rank: m.lora_alpha for m in default.modules.values()} == {4: 16.0, 16: 32.0}
+    assert default.content_hash() != rank.content_hash()
 
 
 @pytest.mark.distributed

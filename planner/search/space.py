@@ -46,7 +46,7 @@ class SearchSpace:
     #: per-channel importance that turns a block's ratio into its kept indices (with ``prune``)
     channels: Any = None
     #: the LoRA scale each module gets (``planner.scale``): rule and the user's lora_r / lora_alpha
-    alpha_rule: str = "rank"
+    alpha_rule: str = "sqrt"
     lora_r: int = 16
     lora_alpha: float = 32.0
     #: how each quantized module's adapter starts (``adapter.init``): "error" plans carry ``init: error``, so
