@@ -69,7 +69,6 @@ def run(bench: Bench, rates: dict[str, Any]) -> dict[str, Any]:
             "final_eval_loss": r.eval_loss,
             "accuracy": r.accuracy,
             "train_loss": r.train_loss,
-            "wall_s": round(r.wall_s, 1),
             "short_final_seed0": short[m].get("0") if METHODS[m][1] == rates[METHODS[m][0]]["init"] else None,
         }
         for m, r in done.items()

@@ -148,6 +148,7 @@ def _sft_args(task: EvalTask, level: FidelityLevel, workdir: str, job: TrainingS
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN step loss must reach QRACallback, not the running mean
         eval_strategy="no",
+        prediction_loss_only=True,  # the score is the loss: no vocabulary-wide logits kept across eval batches
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
