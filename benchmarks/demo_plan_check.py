@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks.append(EvalTask(plan=plan, level="high", seed=cfg.seed, config=cfg, tag=f"demo_best:{run.name}",
                               memory_predicted=setup.cost(config)))  # fmt: skip
         rows[run.name] = {"best": key, "score_in_its_run": own, "memory_predicted": setup.cost(config)}
-    for (name, row), result in zip(rows.items(), run_tasks(args.store, tasks), strict=True):
+    for row, result in zip(rows.values(), run_tasks(args.store, tasks), strict=True):
         row["score_under_config"] = result.eval_loss
     result = {"command": command_line("demo_plan_check", argv).strip(), "config": args.config, "runs": rows}
     lines = [f"# Demo plans rescored under `{args.config}`\n", f"`{result['command']}`\n",
