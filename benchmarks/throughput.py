@@ -125,6 +125,49 @@ def padded_vs_flat(bits: int, data: str, threads: int, model: str, rounds: int =
             "flat_over_padded": round(seconds["flat"] / seconds["padded"], 3)}  # fmt: skip
 
 
+def eval_batches(
+    bits: int, threads: int, model: str, sizes: tuple[int, ...] = (4, 8, 16, 24), rounds: int = 2, rows: int = 24
+) -> dict[str, Any]:
+    """The eval pass sized by measurement: one trained-free model, ``trainer.evaluate()`` over the same ``rows``
+    selection rows at each ``fidelity.eval_batch`` in ``sizes``, rotating the order each round (paired, one
+    process). The loss differs across sizes only by how HF averages batch means (eval_batch is in the recipe)."""
+    import tempfile
+
+    import torch
+
+    from planner.fidelity import sft
+    from planner.fidelity.contract import EvalTask, level_settings
+    from planner.fidelity.quantized import prequantize
+    from planner.loading import load_meta_model
+    from planner.settings import TrainingSettings
+    from qra_plugin import Plan, apply_plan
+    from qra_plugin.quantize import model_compute_dtype
+
+    torch.set_num_threads(threads)
+    cfg = speed_run_config(1, False, threads, model)
+    cfg.fidelity.low.eval_examples = rows
+    plan = Plan.uniform(load_meta_model(cfg.model), bits=bits, rank=16)
+    level = level_settings(cfg, "low")
+    peft = sft.fresh_model(cfg.model)
+    prequantize(peft, plan, cfg.model.model_dump_json(), model_compute_dtype(peft))
+    peft = apply_plan(peft, plan)
+    seconds: dict[int, float] = dict.fromkeys(sizes, 0.0)
+    losses: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        job = TrainingSettings.of(cfg, level, device="cpu")
+        trainer = sft._build_trainer(EvalTask(plan=plan, level="low", seed=0, config=cfg), level, peft,
+                                     sft.cached_tokenizer(cfg.model), workdir, job)  # fmt: skip
+        for r in range(rounds):
+            for size in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
+                trainer.args.per_device_eval_batch_size = size
+                start = time.perf_counter()
+                losses[size] = trainer.evaluate()["eval_loss"]
+                seconds[size] += time.perf_counter() - start
+    return {"bits": bits, "rows": rows, "rounds": rounds, "threads": threads,
+            "eval_s": {str(k): round(v / rounds, 2) for k, v in seconds.items()},
+            "eval_loss": {str(k): round(v, 6) for k, v in losses.items()}}  # fmt: skip
+
+
 def _largest_difference(runs: list[tuple[float, float]], baseline: list[tuple[float, float]]) -> float:
     """Largest |train or eval loss − the baseline run's| over the repeats."""
     return max(abs(a - b) for x, y in zip(runs, baseline, strict=True) for a, b in zip(x, y, strict=True))
@@ -188,6 +231,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"padding_free, paired steps ({p['bits']}-bit, {p['data']} rows, {p['real_token_share']:.1%} "
                       f"real tokens when padded): flat / padded = {p['flat_over_padded']} "
                       f"({p['flat_s']} s vs {p['padded_s']} s over the same batches)."]  # fmt: skip
+    if result.get("eval_batch"):
+        e = result["eval_batch"]
+        per = ", ".join(f"{k}: {v} s (loss {e['eval_loss'][k]})" for k, v in e["eval_s"].items())
+        lines += ["", f"Eval pass over {e['rows']} rows ({e['bits']}-bit, {e['threads']} thread, mean of "
+                      f"{e['rounds']} rotated rounds) per eval_batch — {per}."]  # fmt: skip
     if result.get("demo_wall_s"):
         lines += ["", f"`make demo` wall: {result['demo_wall_s']} s ({result.get('demo_note', '')})."]
     return "\n".join(lines) + "\n"
@@ -203,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-layout", action="store_true", help="skip the thread-layout comparison")
     parser.add_argument("--layout-only", action="store_true", help="only the thread layout (keeps step_s)")
     parser.add_argument("--padding-only", action="store_true", help="only padded vs flat steps (keeps the rest)")
+    parser.add_argument("--eval-batch-only", action="store_true", help="only the eval pass per batch size")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     started = time.time()
@@ -212,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.padding_only:  # paired padded/flat steps on the demo's data and on the benchmark's (padded) data
         pairs = [padded_vs_flat(4, data, args.threads, args.model) for data in ("wiki", "wiki_mix")]
         result = {**previous, "padding_free_pairs": pairs, "padding_command": command}
+    elif args.eval_batch_only:  # the eval pass at each eval_batch, one thread as the search's workers run
+        result = {**previous, "eval_batch": eval_batches(4, 1, args.model), "eval_batch_command": command}
     elif args.layout_only:  # the step times stay those of the run that measured them, with its command
         result = {**previous, "layout": layout(args.steps, args.model, max(args.repeats, 3)),
                   "layout_command": command}  # fmt: skip
