@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.adapter_init import BUDGETS, CEILING, RESULTS, Bench
-from benchmarks.harness import command_line, write_result
+from benchmarks.harness import RESULTS, command_line, write_result
+from benchmarks.harness.adapter_bench import BUDGETS, CEILING, Bench
 from planner.fidelity.contract import EvalTask
 from qra_plugin.plan import Plan
 
