@@ -18,6 +18,7 @@ from benchmarks.harness import RESULTS, command_line, run_tasks, write_result
 from planner.config import QRAConfig
 from planner.fidelity.contract import EvalTask
 from planner.orchestration.setup import SearchSetup
+from planner.search.space import parse_allocation_key
 
 
 def best_allocation(run: Path) -> tuple[str, float]:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, tasks = {}, []
     for run in args.runs:
         key, own = best_allocation(run)
-        config = tuple(tuple(int(x) for x in unit.split("/")) for unit in key.split(","))
+        config = parse_allocation_key(key)
         plan = setup.space.to_plan(config)
         tasks.append(EvalTask(plan=plan, level="high", seed=cfg.seed, config=cfg, tag=f"demo_best:{run.name}",
                               memory_predicted=setup.cost(config)))  # fmt: skip
