@@ -30,7 +30,6 @@ from typing import Any
 from benchmarks.harness import RESULTS, command_line, write_result
 from benchmarks.harness.adapter_bench import BUDGETS, CEILING, Bench
 from planner.fidelity.contract import EvalTask
-from qra_plugin.plan import Plan
 
 BUDGET = "uniform4_r16"
 #: method -> (the adapter-init method whose plan and tuned rate it uses, init)
@@ -52,18 +51,11 @@ def long_bench(out: Path, steps: int, command: str) -> Bench:
     return bench
 
 
-def with_init(plan: Plan, init: str) -> Plan:
-    """``plan`` with every adapter starting as ``init`` says (the plan, not the config, decides a run's init)."""
-    modules = {n: m.model_copy(update={"init": init if m.rank > 0 and m.bits < 16 else "zero"})
-               for n, m in plan.modules.items()}  # fmt: skip
-    return plan.model_copy(update={"modules": modules})
-
-
 def run(bench: Bench, rates: dict[str, Any]) -> dict[str, Any]:
     plans = bench.fixed_plans(BUDGET)
     budget = BUDGETS[BUDGET][0]
     tasks = {
-        m: EvalTask(plan=with_init(plans[source][0], init), level="high", seed=0, tag=f"long:{m}",
+        m: EvalTask(plan=plans[source][0].with_init(init), level="high", seed=0, tag=f"long:{m}",
                     config=bench.level_config(bench.config(budget, init, rates[source]["lr"]), "test"))
         for m, (source, init) in METHODS.items()
     }  # fmt: skip

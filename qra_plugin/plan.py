@@ -78,6 +78,11 @@ class ModulePlan(BaseModel):
         return self.model_dump(exclude={"init"} if self.init == "zero" else None)
 
     @property
+    def quantized_with_adapter(self) -> bool:
+        """Only such a module has a quantization error for its adapter to start from (``init: error``)."""
+        return self.rank > 0 and self.bits < 16
+
+    @property
     def lora_alpha(self) -> float:
         """Alpha defaults to 2·rank so the LoRA scale (alpha/rank) is the same at every rank."""
         return float(self.alpha) if self.alpha is not None else float(2 * self.rank)
@@ -231,6 +236,15 @@ class Plan(BaseModel):
         return cls(fingerprint=fp, modules=modules)
 
     # ---------------------------------------------------------------- queries
+    def with_init(self, init: Literal["zero", "error"]) -> Plan:
+        """Every quantized module with an adapter starting as ``init`` (the others from zero): the plan, not a
+        config, says how a run's adapters start."""
+        modules = {
+            n: m.model_copy(update={"init": init if m.quantized_with_adapter else "zero"})
+            for n, m in self.modules.items()
+        }
+        return self.model_copy(update={"modules": modules})
+
     def lora_targets(self) -> list[str]:
         """Full names of modules that get an adapter (rank > 0), in plan order."""
         return [name for name, m in self.modules.items() if m.rank > 0]

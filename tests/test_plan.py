@@ -32,6 +32,15 @@ def test_uniform_and_from_blocks_cover_every_block_linear(tiny_model):
     assert "model.layers.3.self_attn.q_proj" not in per_block.lora_targets()
 
 
+def test_with_init_starts_only_quantized_modules_with_an_adapter_from_the_error(tiny_model):
+    plan = Plan.from_blocks(tiny_model, [(4, 8), (4, 0), (16, 8), (8, 4)])
+    error = plan.with_init("error")
+    started = {n for n, m in error.modules.items() if m.init == "error"}
+    assert started == {n for n in plan.modules if n.startswith(("model.layers.0.", "model.layers.3."))}
+    assert error.content_hash() != plan.content_hash()  # another run: its key must differ
+    assert error.with_init("zero").content_hash() == plan.content_hash()
+
+
 def test_yaml_and_json_round_trip(tmp_path, tiny_model):
     plan = mixed_plan(tiny_model)
     for suffix in ("yaml", "json"):

@@ -34,7 +34,7 @@ KEEP_DIRECTIONS = 64
 
 
 def wants_error_init(plan: Plan) -> bool:
-    return any(m.init == "error" and m.rank > 0 and m.bits < 16 for m in plan.modules.values())
+    return any(m.init == "error" and m.quantized_with_adapter for m in plan.modules.values())
 
 
 def error_init_for(cfg: QRAConfig, plan: Plan, base: nn.Module, model_key: str) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def error_init_for(cfg: QRAConfig, plan: Plan, base: nn.Module, model_key: str) 
         model = copy.deepcopy(base)
         prune_model(model, plan)
     pruning_key = plan.model_dump_json(include={"pruning"}) if plan.pruning else ""
-    targets = [n for n, m in plan.modules.items() if m.init == "error" and m.rank > 0 and m.bits < 16]
+    targets = [n for n, m in plan.modules.items() if m.init == "error" and m.quantized_with_adapter]
     moments = _moments(cfg, model, f"{model_key}|{pruning_key}", targets)
     tensors: dict[str, torch.Tensor] = {}
     damping = cfg.adapter.damping

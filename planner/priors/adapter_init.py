@@ -189,7 +189,7 @@ def plan_with_error_init(
         model = copy.deepcopy(model)
         prune_model(model, plan)
         moments = None  # the pruned inputs differ
-    targets = [n for n, m in plan.modules.items() if m.rank > 0 and m.bits < 16]
+    targets = [n for n, m in plan.modules.items() if m.quantized_with_adapter]
     if moments is None:
         moments = second_moments(model.eval(), tokens, targets, batch)
     tensors = error_init_tensors(model, plan, moments, damping)

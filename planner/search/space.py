@@ -228,11 +228,7 @@ class SearchSpace:
         if (self.alpha_rule, self.lora_alpha / self.lora_r) != ("rank", 2.0):
             plan = with_alpha_rule(plan, self.alpha_rule, self.lora_r, self.lora_alpha)
         if self.init == "error":  # quantized modules with an adapter start from their quantization error
-            modules = {
-                n: m.model_copy(update={"init": "error"}) if m.rank > 0 and m.bits < 16 else m
-                for n, m in plan.modules.items()
-            }
-            plan = plan.model_copy(update={"modules": modules})
+            plan = plan.with_init("error")
         pruning = dict(self.pruning) or self._searched_pruning(config)
         if pruning:
             plan = plan.model_copy(update={"pruning": pruning})
