@@ -4,8 +4,9 @@ Protocol: the plan-quality recipe (``benchmarks/recipes/plan_quality-<recipe>.ya
 wiki_mix, 40-step finals, three disjoint splits) with one change — **every method's learning rate is tuned
 alike**: per method, one seed-0 fine-tune of the final's length per learning rate of ``LR_GRID``, scored on
 the **selection** split; the lowest selection loss picks the rate; the finals (seeds 0/1/2) run at it and are
-scored on the disjoint **test** split. The search's own fidelity runs use the rate tuned for the budget's
-uniform plan (zero or error init as the search's), known before it starts.
+scored on the disjoint **test** split. The search's own fidelity runs use the rate tuned for its best
+zero-evaluation start with the search's init (zero: the uniform plan or greedy_priors; error: uniform_init or
+table_alloc — whichever scored lower on selection at its tuned rate), known before it starts.
 
 Methods per budget (plan memory of uniform 4-bit r16 and 3-bit r16):
 

@@ -423,3 +423,17 @@ def test_the_cached_error_table_is_measured_again_for_another_damping_or_space(t
     assert (0, 4, 16) in cached_error_table(
         wider, SearchSpace.from_config(wider, load_model_info(wider.model)), tmp_path
     )
+
+
+def test_the_benchmark_search_runs_at_the_rate_tuned_for_its_best_start():
+    from benchmarks.harness.adapter_bench import best_start
+
+    methods = {
+        "uniform_init": {"lr": 5e-4, "tuning": {"0.0005": 2.4025, "0.002": 2.4963}},
+        "table_alloc": {"lr": 2e-3, "tuning": {"0.001": 2.3487, "0.002": 2.3132}},
+        "uniform": {"lr": 2e-3, "tuning": {"0.002": 2.4543}},
+    }
+    assert best_start(methods, "error") == "table_alloc"  # not the uniform plan's low rate
+    assert best_start(methods, "zero") == "uniform"  # greedy_priors not run: the start that was
+    with pytest.raises(ValueError, match="no tuned start"):
+        best_start({"uniform": methods["uniform"]}, "error")
