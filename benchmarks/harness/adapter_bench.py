@@ -141,13 +141,18 @@ class Bench:
         return SearchSetup.build(cfg).space.to_plan(result.best), facts
 
     def seed_priors(self, directory: Path) -> None:
-        """Profile once into ``<out>/priors``; each search directory gets a copy (its cache key is checked)."""
+        """Profile once into ``<out>/priors``; each search directory gets a copy, and another search's error table
+        and second moments (their cache keys are checked: a mismatch is recomputed)."""
         from planner.priors import profile
 
         profile(self.base, self.out / "priors", progress=False)
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / "priors.json").is_file():
             shutil.copyfile(self.out / "priors" / "priors.json", directory / "priors.json")
+        for cached in ("error_table.json", "moments.safetensors"):  # another search's; its cache key is checked
+            found = sorted(self.out.glob(f"*/qra-*/{cached}"))
+            if found and not (directory / cached).is_file():
+                shutil.copyfile(found[0], directory / cached)
 
     # ----------------------------------------------------------------------------- runs
     def run_tasks(self, tasks: list[EvalTask]) -> list[Any]:
