@@ -332,8 +332,9 @@ class SearchSection(_Section):
     #: stage 2 also proposes trades: one coordinate one step up, another one step down (rank for bits)
     tr_trades: bool = False
     #: what the performance models see (``planner.search.surrogate.FEATURE_SETS``): ``ordinal`` coordinates,
-    #: the ``prior`` aggregates (damage at the chosen bits, plasticity-weighted rank), or ``both``
-    surrogate_features: Literal["ordinal", "prior", "both"] = "ordinal"
+    #: the ``prior`` aggregates (damage at the chosen bits, plasticity-weighted rank), ``both``, or ``table``: the
+    #: error table's starting error (bits and rank together) with the prior aggregates (the table costs minutes)
+    surrogate_features: Literal["ordinal", "prior", "both", "table"] = "ordinal"
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     gpus_per_eval: float = Field(0.0, ge=0)
@@ -377,6 +378,12 @@ class QRAConfig(_Section):
         wanted = {r for r in self.space.searched_prune if r > 0}
         if not wanted <= set(self.profile.prune_ratios):
             self.profile.prune_ratios = sorted(wanted | set(self.profile.prune_ratios))
+        return self
+
+    @model_validator(mode="after")
+    def _table_features_without_pruning(self) -> QRAConfig:
+        if self.search.surrogate_features == "table" and self.space.searched_prune:
+            raise ValueError("search.surrogate_features: table does not price pruning; use prior or both")
         return self
 
     @classmethod

@@ -352,12 +352,14 @@ def test_min_gain_boundary(best, free, min_gain, gives_way) -> None:
 
 def test_with_error_init_the_search_starts_from_and_measures_itself_against_the_tables_allocation(tmp_path) -> None:
     """``adapter.init: error``: the error table's allocation (cached next to the priors) is in the first
-    population and among the zero-evaluation allocations the report compares the best plan with."""
+    population and among the zero-evaluation allocations the report compares the best plan with; the
+    performance models read the same table (``surrogate_features: table`` fails without it)."""
     from planner.orchestration.setup import SearchSetup
     from planner.priors.error_table import TABLE_FILE, cached_error_table
     from planner.search.allocation import table_allocation
 
-    small = {"population": 4, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1}
+    small = {"population": 4, "generations": 1, "offspring": 2, "promote": 1, "tr_iterations": 1,
+             "surrogate_features": "table"}  # fmt: skip
     cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", search=small, adapter={"init": "error"}))
     out = tmp_path / "out"
     result = run_search(cfg, out, seed=0, executor_kind="local", progress=False)

@@ -138,3 +138,9 @@ def test_an_axolotl_yaml_gives_the_value_its_keys_say(tmp_path, tiny_model_dir, 
     info = load_model_info(cfg.model)
     expected = estimate(info, uniform_plan(info, 4, int(raw["lora_r"]), "bnb"), settings)
     assert json.loads(out)["total"] == expected.total
+
+
+def test_table_features_refuse_a_searched_pruning_ratio() -> None:
+    assert tiny_config(search={"surrogate_features": "table"}).search.surrogate_features == "table"
+    with pytest.raises(ValueError, match="table does not price pruning"):
+        tiny_config(search={"surrogate_features": "table"}, space={"unit": "block", "prune": [0.0, 0.25]})

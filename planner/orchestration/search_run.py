@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,6 @@ def run_search(
 
 
 def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
-
     s = run.setup
     run.say(
         f"[bold]qra search[/bold] {run.cfg.name}: {s.space.n_units} {s.space.unit} units, budget {run.cfg.budget} = "
@@ -135,7 +134,10 @@ def _priors(run: _Run, progress: bool) -> tuple[Any, Importance]:
             f"config's seed {run.cfg.seed}, so every search seed shares one profile"
         )
     priors = profile(run.cfg, run.out, progress=progress)
-    return priors, Importance.from_priors(priors, s.space)
+    importance = Importance.from_priors(priors, s.space)
+    if run.cfg.search.surrogate_features == "table":  # the performance model reads the error table
+        importance = replace(importance, table=cached_error_table(run.cfg, s.space, run.out))
+    return priors, importance
 
 
 def _first_population(run: _Run, importance: Importance) -> list[Allocation]:
@@ -173,7 +175,6 @@ def _evaluate_stages(
     run: _Run, importance: Importance, warm: list[Allocation], executor_kind: str | None, evaluate: Callable | None
 ) -> tuple[Stage1Result, Any, dict[Allocation, float | None], Any, float]:
     """Stage 1, stage 2 and the budget's uniform plan at the high fidelity, through the store."""
-
     s, search = run.setup, run.cfg.search
 
     def on_result(_task: Any, _result: Any, from_store: bool) -> None:

@@ -34,6 +34,9 @@ class Importance:
     plasticity: np.ndarray
     #: ratio -> per-unit loss increase when the unit is pruned by it, on ``quant``'s scale (searched pruning)
     prune: dict[float, np.ndarray] = field(default_factory=dict)
+    #: (unit, bits, rank) -> the output error an error-aware init leaves (``planner.priors.error_table``), where
+    #: the performance model reads it (``search.surrogate_features: table``)
+    table: dict[tuple[int, int, int], float] | None = None
 
     @classmethod
     def from_arrays(

@@ -47,8 +47,8 @@ def features(space: SearchSpace, configs: Sequence[Allocation]) -> np.ndarray:
 
 #: which inputs the performance model sees: per-unit ordinal coordinates + means (``ordinal``), the priors'
 #: aggregates + means (``prior``: damage Σ I_q at the chosen bits, plasticity-weighted log-rank, pruning
-#: damage), or both
-FEATURE_SETS = ("ordinal", "prior", "both")
+#: damage), both, or the error table's starting error + the priors' aggregates (``table``)
+FEATURE_SETS = ("ordinal", "prior", "both", "table")
 
 
 def prior_features(space: SearchSpace, importance: Any, configs: Sequence[Allocation]) -> np.ndarray:
@@ -69,6 +69,19 @@ def prior_features(space: SearchSpace, importance: Any, configs: Sequence[Alloca
     prior = np.array(rows, dtype=np.float64).reshape(len(configs), -1)
     means = features(space, configs)[:, space.dim :]
     return np.concatenate([prior, means], axis=1)
+
+
+def table_features(space: SearchSpace, table: dict[tuple[int, int, int], float], configs: Sequence[Allocation]):
+    """What the error table says of each config, in [0, 1]: the output error an error-aware init leaves, summed
+    over units, as a share of the worst config's — linear, and on a log scale over six decades (8-bit units leave
+    errors orders of magnitude below 3-bit ones)."""
+    worst = sum(max(table[(u, b, r)] for b in space.bits for r in space.ranks) for u in range(space.n_units))
+    shares = np.array(
+        [sum(table[(u, int(c_u[0]), int(c_u[1]))] for u, c_u in enumerate(c)) / max(worst, 1e-30) for c in configs],
+        dtype=np.float64,
+    )
+    logs = np.clip(np.log10(np.maximum(shares, 1e-6)) / 6 + 1, 0.0, 1.0)
+    return np.stack([shares, logs], axis=1).reshape(len(configs), 2)
 
 
 def fit_gp(x: np.ndarray, y: np.ndarray, seed: int):
@@ -113,6 +126,8 @@ class PerformanceModel:
     ) -> None:
         if feature_set not in FEATURE_SETS or (feature_set != "ordinal" and importance is None):
             raise ValueError(f"feature_set must be one of {FEATURE_SETS}; 'prior' and 'both' need the importance")
+        if feature_set == "table" and getattr(importance, "table", None) is None:
+            raise ValueError("feature_set 'table' needs the importance with its error table")
         self.space = space
         self.use_low = use_low
         self.seed = seed
@@ -126,6 +141,8 @@ class PerformanceModel:
         prior = prior_features(self.space, self.importance, configs)
         if self.feature_set == "prior":
             return prior
+        if self.feature_set == "table":
+            return np.concatenate([table_features(self.space, self.importance.table, configs), prior], axis=1)
         return np.concatenate([features(self.space, configs)[:, : self.space.dim], prior], axis=1)
 
     def _inputs(self, configs: Sequence[Allocation], lows: Sequence[float] | None) -> np.ndarray:
