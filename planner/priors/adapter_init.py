@@ -147,7 +147,7 @@ def error_init_tensors(
     dequantize; ``model`` is the unquantized (already pruned, if the plan prunes) model."""
     tensors: dict[str, torch.Tensor] = {}
     for name, mp in plan.modules.items():
-        if mp.rank == 0 or mp.bits >= 16:
+        if not mp.quantized_with_adapter:
             continue
         svd, white = module_error_svd(model.get_submodule(name), mp, moments[name], damping)
         a, b = adapter_pair(svd, white, mp.rank, mp.lora_alpha / mp.rank)
