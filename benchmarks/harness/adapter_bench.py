@@ -132,7 +132,7 @@ class Bench:
     def searched_plan(self, name: str, init: str, lr: float) -> tuple[Plan, dict[str, Any]]:
         cfg = self.config(BUDGETS[name][0], init, lr)
         directory = self.out / name / f"qra-{init}-lr{lr:g}"
-        self.seed_priors(directory)
+        self.seed_priors(directory, init)
         started = time.time()
         result = run_search(cfg, directory, progress=False)
         trace = json.loads((directory / "trace.json").read_text())
@@ -140,16 +140,16 @@ class Bench:
                  "search_wall_s_this_call": round(time.time() - started, 1)}  # fmt: skip
         return SearchSetup.build(cfg).space.to_plan(result.best), facts
 
-    def seed_priors(self, directory: Path) -> None:
-        """Profile once into ``<out>/priors``; each search directory gets a copy, and another search's error table
-        and second moments (their cache keys are checked: a mismatch is recomputed)."""
+    def seed_priors(self, directory: Path, init: str) -> None:
+        """Profile once into ``<out>/priors``; each search directory gets a copy, and an error-init search another
+        search's error table and second moments (their cache keys are checked: a mismatch is recomputed)."""
         from planner.priors import profile
 
         profile(self.base, self.out / "priors", progress=False)
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / "priors.json").is_file():
             shutil.copyfile(self.out / "priors" / "priors.json", directory / "priors.json")
-        for cached in ("error_table.json", "moments.safetensors"):  # another search's; its cache key is checked
+        for cached in ("error_table.json", "moments.safetensors") if init == "error" else ():
             found = sorted(self.out.glob(f"*/qra-*/{cached}"))
             if found and not (directory / cached).is_file():
                 shutil.copyfile(found[0], directory / cached)
