@@ -75,6 +75,9 @@ class Bench:
         out.mkdir(parents=True, exist_ok=True)
         self.store_path = out / "runs.sqlite"
         self.summary: dict[str, Any] = {}
+        #: the results file's rows from earlier runs of the same recipe and optimizer: a run of some methods
+        #: (``--methods``) updates its own rows and keeps the rest
+        self.earlier = _earlier_result(results, recipe, self.base.train.optimizer)
 
     # ----------------------------------------------------------------------------- configs and plans
     def config(self, budget: str, init: str, lr: float) -> QRAConfig:
@@ -137,7 +140,8 @@ class Bench:
         result = run_search(cfg, directory, progress=False)
         trace = json.loads((directory / "trace.json").read_text())
         facts = {"search_lr": lr, "evaluations": len(trace["evaluations"]), "search_steps": trace["search_steps"],
-                 "search_wall_s_this_call": round(time.time() - started, 1)}  # fmt: skip
+                 "search_wall_s_this_call": round(time.time() - started, 1),  # a replay from the store: seconds
+                 "search_evaluation_s": trace["evaluation_time"]["wall_s"]}  # fmt: skip
         return SearchSetup.build(cfg).space.to_plan(result.best), facts
 
     def seed_priors(self, directory: Path, init: str) -> None:
@@ -236,9 +240,11 @@ class Bench:
     # ----------------------------------------------------------------------------- outputs
     def write_budget(self, name: str, methods: dict[str, dict[str, Any]], plans: dict[str, tuple[Plan, str]]) -> None:
         setup = SearchSetup.build(self.config(BUDGETS[name][0], "zero", LR_GRID[0]))
+        methods = {**self.earlier.get("budgets", {}).get(name, {}).get("methods", {}), **methods}
         uniform, ceiling = methods["uniform"]["final_eval_loss_mean"], methods[CEILING]["final_eval_loss_mean"]
         for m, row in methods.items():
-            row["memory_predicted"] = int(plan_bytes(setup.info, plans[m][0], setup.settings, setup.budget.kind))
+            if m in plans:  # an earlier run's row keeps the memory it was priced at
+                row["memory_predicted"] = int(plan_bytes(setup.info, plans[m][0], setup.settings, setup.budget.kind))
             row["within_budget"] = m == CEILING or row["memory_predicted"] <= setup.budget_bytes
             gap = uniform - ceiling
             row["G"] = round((uniform - row["final_eval_loss_mean"]) / gap, 4) if gap > 0 else None
@@ -257,8 +263,10 @@ class Bench:
         self.write()
 
     def write(self) -> None:
+        commands = [c for c in self.earlier.get("commands", []) if c != self.command]
         result = {
             "command": self.command,
+            "commands": [*commands, self.command],  # every run whose rows the file holds, oldest first
             "protocol": {
                 "recipe": self.recipe,
                 "final_steps": self.final_steps,
@@ -279,13 +287,14 @@ class Bench:
                 "optimizer": self.base.train.optimizer,
                 "rates_from": self.rates_from["command"] if self.rates_from else None,
             },
-            "budgets": self.summary,
+            "budgets": {**self.earlier.get("budgets", {}), **self.summary},
         }
         write_result(self.results, result, markdown(result))
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Adapter init, tuned protocol\n\n`{result['command']}`\n"]
+    commands = "\n".join(f"    {c}" for c in result.get("commands", [result["command"]]))
+    lines = [f"# Adapter init, tuned protocol\n\nThe runs whose rows this holds, oldest first:\n\n{commands}\n"]
     for name, b in result["budgets"].items():
         lines += [f"\n## {name} ({b['budget_bytes'] / 2**20:.2f} MiB)\n"]
         lines += ["| method | init | lr | test loss (seeds) | mean | G | MiB |", "|---|---|---|---|---|---|---|"]
@@ -306,6 +315,18 @@ def best_start(methods: dict[str, dict[str, Any]], init: str) -> str:
     if not starts:
         raise ValueError(f"no tuned start for the {init}-init search: run one of {SEARCH_STARTS[init]} with it")
     return min(starts, key=lambda m: methods[m]["tuning"].get(f"{methods[m]['lr']:g}") or float("inf"))
+
+
+def _earlier_result(path: Path, recipe: str, optimizer: str) -> dict[str, Any]:
+    """The results file's content if an earlier run of this recipe and optimizer wrote it, else nothing."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    protocol = earlier.get("protocol", {})
+    if (protocol.get("recipe"), protocol.get("optimizer")) != (recipe, optimizer):
+        return {}
+    earlier.setdefault("commands", [earlier["command"]])
+    return earlier
 
 
 def _lowest(losses: dict[float, float | None]) -> float:
