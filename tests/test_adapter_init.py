@@ -6,6 +6,7 @@ Real HQQ / bitsandbytes layers and real PEFT adapters on tiny Llama and Qwen2 mo
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -437,3 +438,20 @@ def test_the_benchmark_search_runs_at_the_rate_tuned_for_its_best_start():
     assert best_start(methods, "zero") == "uniform"  # greedy_priors not run: the start that was
     with pytest.raises(ValueError, match="no tuned start"):
         best_start({"uniform": methods["uniform"]}, "error")
+
+
+def test_the_benchmark_keeps_earlier_rows_of_its_results_file_paired_by_seed(tmp_path):
+    from benchmarks.harness.adapter_bench import _earlier_result
+    from planner.stats import paired
+
+    row = {"final_eval_losses": {"0": 2.17, "1": 2.16, "2": 2.18}, "final_accuracies": {"0": 0.5, "1": 0.4, "2": 0.5}}
+    result = {"command": "first", "protocol": {"recipe": "cpu", "optimizer": "adamw_torch"},
+              "budgets": {"uniform4_r16": {"methods": {"all8_r4": row}}}}  # fmt: skip
+    path = tmp_path / "adapter_init.json"
+    path.write_text(json.dumps(result))
+    earlier = _earlier_result(path, "cpu", "adamw_torch")
+    assert earlier["commands"] == ["first"]
+    kept = earlier["budgets"]["uniform4_r16"]["methods"]["all8_r4"]["final_eval_losses"]
+    assert paired(kept, {0: 2.16, 1: 2.15, 2: 2.17}).n == 3  # a new row's int seeds pair with the file's
+    assert _earlier_result(path, "cpu", "adamw_bnb_8bit") == {}  # another optimizer's rows are not this run's
+    assert _earlier_result(tmp_path / "missing.json", "cpu", "adamw_torch") == {}

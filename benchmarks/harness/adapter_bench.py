@@ -326,6 +326,10 @@ def _earlier_result(path: Path, recipe: str, optimizer: str) -> dict[str, Any]:
     if (protocol.get("recipe"), protocol.get("optimizer")) != (recipe, optimizer):
         return {}
     earlier.setdefault("commands", [earlier["command"]])
+    for budget in earlier.get("budgets", {}).values():  # JSON made the seeds strings: pair them with new rows
+        for row in budget["methods"].values():
+            for key in ("final_eval_losses", "final_accuracies"):
+                row[key] = {int(seed): value for seed, value in row[key].items()}
     return earlier
 
 
