@@ -13,7 +13,6 @@ plan's plan memory under that optimizer), and the allocations that need no evalu
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from benchmarks.harness import RESULTS, command_line, write_result
 from planner.config import QRAConfig
 from planner.orchestration.setup import SearchSetup
+from planner.priors.error_table import read_table
 from planner.priors.profile import Priors
 from planner.search.allocation import Importance, greedy_priors, table_allocation
 from planner.search.space import Allocation
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--result", default=str(RESULTS / "optimizer_allocation.json"))
     args = parser.parse_args(argv)
-    table = {tuple(int(x) for x in k.split("/")): v for k, v in json.loads(TABLE.read_text())["table"].items()}
+    table = read_table(TABLE)
     rows = {}
     for budget, optimizer in ((b, o) for b in BUDGETS for o in OPTIMIZERS):
         setup = setup_for(optimizer, budget)

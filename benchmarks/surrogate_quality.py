@@ -61,13 +61,14 @@ def measure(cfg: QRAConfig, stores: list[Path], priors_dir: Path, folds: int) ->
     from dataclasses import replace
 
     from planner.orchestration.setup import SearchSetup
+    from planner.priors.error_table import read_table
     from planner.priors.profile import Priors
     from planner.search.allocation import Importance
     from planner.search.surrogate import FEATURE_SETS, heldout_spearman
 
     setup = SearchSetup.build(cfg)
     space = setup.space
-    table = {tuple(int(x) for x in k.split("/")): v for k, v in json.loads(ERROR_TABLE.read_text())["table"].items()}
+    table = read_table(ERROR_TABLE)
     importance = replace(Importance.from_priors(Priors.load(priors_dir / "priors.json"), space), table=table)
     high = _scores(space, stores, "high")
     low = _scores(space, stores[:1], "low")

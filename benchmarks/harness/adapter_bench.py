@@ -120,9 +120,10 @@ class Bench:
     def error_table(self, setup: SearchSetup) -> dict[tuple[int, int, int], float]:
         """Starting output error per (block, bits, rank): the committed SmolLM2 table for the demo model (what
         ``benchmarks/error_table_smollm2.py`` measured on this space), else measured here (tiny models)."""
+        from planner.priors.error_table import read_table
+
         if self.base.model.path == "demo":
-            rows = json.loads(ERROR_TABLE.read_text())["table"]
-            return {tuple(int(x) for x in k.split("/")): v for k, v in rows.items()}  # type: ignore[misc]
+            return read_table(ERROR_TABLE)
         from planner.loading import load_model, load_tokenizer
         from planner.priors.adapter_init import error_table
         from planner.priors.calibration import calibration_batch

@@ -9,6 +9,7 @@ bits / ranks / backend / unit, the damping and the init code's version; another 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ def cached_error_table(cfg: QRAConfig, space: SearchSpace, out_dir: str | Path) 
     stored = _read_json(path)  # the priors' reader: None for a missing, unreadable or non-object file
     if stored is not None and stored.get("key") == key and isinstance(stored.get("table"), dict):
         log.info("qra: error table cache hit: %s", path)
-        return {_parse(k): float(v) for k, v in stored["table"].items()}
+        return table_from_rows(stored["table"])
     names = [s.name for s in space.specs]
     moments = cached_second_moments(model, tokens, names, out_dir, p.batch)
     table = error_table(model, space, moments, cfg.adapter.damping)
@@ -64,6 +65,16 @@ def _key(cfg: QRAConfig, space: SearchSpace, model_fp: str, weights: str, tokens
         "damping": cfg.adapter.damping,
         "init_version": ADAPTER_INIT_VERSION,
     }
+
+
+def read_table(path: str | Path) -> Table:
+    """The table a file holds under ``"table"`` (this cache, or a benchmark's committed table), keys parsed."""
+    return table_from_rows(json.loads(Path(path).read_text())["table"])
+
+
+def table_from_rows(rows: dict[str, float]) -> Table:
+    """``{"unit/bits/rank": error}`` as stored → ``{(unit, bits, rank): error}``."""
+    return {_parse(k): float(v) for k, v in rows.items()}
 
 
 def _parse(key: str) -> tuple[int, int, int]:
