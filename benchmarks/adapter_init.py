@@ -17,6 +17,9 @@ Methods per budget (plan memory of uniform 4-bit r16 and 3-bit r16):
   rank), error init — zero evaluations;
 * ``qra`` / ``qra_init``: ``qra search`` with ``adapter.init`` zero / error (every candidate scored as its
   final will train);
+* ``qra_confirm`` / ``qra_init_confirm``: the same searches (their stored evaluations replayed) with
+  ``fidelity.confirm`` at the final's steps on the selection rows: the best high-fidelity plans and the
+  zero-evaluation starts are re-scored by 40-step runs, the lowest is the plan;
 * ``unquantized_r16``: LoRA r16 on the fp32 model, the ceiling (its rate tuned too);
 * ``all8_r4``: every block 8-bit at the smallest rank, zero init (where it fits: separates what the table's plan
   gains from 8-bit weights from what the init and its wider blocks add);

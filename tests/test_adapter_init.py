@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sqlite3
 
 import pytest
 import torch
@@ -455,3 +456,30 @@ def test_the_benchmark_keeps_earlier_rows_of_its_results_file_paired_by_seed(tmp
     assert paired(kept, {0: 2.16, 1: 2.15, 2: 2.17}).n == 3  # a new row's int seeds pair with the file's
     assert _earlier_result(path, "cpu", "adamw_bnb_8bit") == {}  # another optimizer's rows are not this run's
     assert _earlier_result(tmp_path / "missing.json", "cpu", "adamw_torch") == {}
+
+
+def test_a_confirm_search_starts_from_a_whole_copy_of_the_plain_searchs_store(tmp_path):
+    from benchmarks.harness.adapter_bench import _copy_store
+    from planner.store import Store
+
+    plain, confirm = tmp_path / "qra-error-lr0.002", tmp_path / "qra-error-lr0.002-confirm40"
+    plain.mkdir()
+    with Store(plain / "store.sqlite") as store:
+        rows = len(store.records())
+    db = sqlite3.connect(plain / "store.sqlite")
+    db.execute("CREATE TABLE marker (x)")
+    db.execute("INSERT INTO marker VALUES (1)")
+    db.commit()
+    db.close()
+    _copy_store(plain, confirm)
+    copied = sqlite3.connect(confirm / "store.sqlite")
+    assert copied.execute("SELECT x FROM marker").fetchall() == [(1,)] and not (confirm / "store.part").exists()
+    copied.execute("DELETE FROM marker")
+    copied.commit()
+    copied.close()
+    _copy_store(plain, confirm)  # a confirm search's own store (its longer runs) is never replaced
+    with Store(confirm / "store.sqlite") as store:
+        assert len(store.records()) == rows
+    assert sqlite3.connect(confirm / "store.sqlite").execute("SELECT x FROM marker").fetchall() == []
+    _copy_store(tmp_path / "none", tmp_path / "other")  # no plain search yet: nothing to copy
+    assert not (tmp_path / "other").exists()

@@ -397,3 +397,52 @@ def test_a_closing_plan_fills_the_worker_a_lone_candidate_leaves_idle_and_is_rea
             (baseline_score,) = evaluator.run([uniform], "high", "baseline")
         assert len(store.records()) == 2 and [e["stage"] for e in evaluator.trace] == ["stage2", "baseline"]
         assert score is not None and baseline_score == round(rows["baseline"]["eval_loss"], 6)
+
+
+def test_a_confirm_fidelity_rescores_the_finalists_and_the_lowest_longer_run_is_the_plan(reference, tmp_path) -> None:
+    """``fidelity.confirm`` on the reference's stored evaluations: only the finalists' longer runs are computed
+    (top by high score, the best free allocation), the plan is the finalist with the lowest confirm score, the
+    front keeps the high scores, and a re-run replays everything from the store."""
+    import shutil
+
+    _, _, ref_out, ref_result = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    confirm = {"confirm": {"steps": 9, "eval_examples": 8}}
+    cfg = QRAConfig.load(_write_config(tmp_path / "cfg.yaml", fidelity=confirm, search={"confirm_top": 1}))
+    result = run_search(cfg, out, seed=0, executor_kind="local", progress=False)
+    trace = json.loads((out / TRACE_FILE).read_text())
+    finalists = trace["confirm"]["finalists"]
+    assert trace["computed_this_run"] == len(finalists) and 2 <= len(finalists) <= 3  # top 1, best free, greedy
+    assert finalists[0]["config"] == allocation_key(ref_result.best)  # the high-fidelity best comes first
+    assert finalists[0]["high"] == min(r["high"] for r in finalists)
+    assert "greedy_priors" in {r["free_allocation"] for r in finalists}  # zero init: the fast path's plan
+    confirmed = {r["config"]: r["confirm"] for r in finalists}
+    assert allocation_key(result.best) == min(confirmed, key=confirmed.get)
+    assert trace["confirm"]["changed_choice"] == (result.best != ref_result.best)
+    assert result.best_score == next(r["high"] for r in finalists if r["config"] == allocation_key(result.best))
+    assert Plan.load(out / PLAN_FILE).meta["qra_search"]["confirm_score"] == confirmed[allocation_key(result.best)]
+    rows = [r for r in _rows(out / STORE_FILE) if r["level"] == "confirm"]
+    assert len(rows) == len(finalists) and all(r["steps"] == 9 for r in rows)
+    assert "chosen by 9-step runs" in (out / REPORT_FILE).read_text()
+    again = run_search(cfg, out, seed=0, executor_kind="local", progress=False)
+    assert json.loads((out / TRACE_FILE).read_text())["computed_this_run"] == 0 and again.best == result.best
+
+
+def test_confirm_picks_the_finalists_and_gives_way_to_a_free_allocation_inside_min_gain() -> None:
+    from planner.orchestration.confirm import choose, finalists
+    from planner.search.pareto import Point
+
+    a, b, c, table, over = ((3, 4),), ((4, 4),), ((8, 4),), ((8, 8),), ((16, 16),)
+    points = [Point(a, 2.0, 90), Point(b, 2.1, 80), Point(c, 2.2, 70), Point(table, 2.5, 95), Point(over, 1.0, 200)]
+    free = {"greedy_priors": c, "table_alloc": table}
+    assert finalists(points, free, 100, 1, "error") == [a, c, table]  # over budget never; the fast path always
+    assert finalists(points, free, 100, 2, "zero") == [a, b, c]
+    best, said = choose(points, {a: 2.40, c: 2.45, table: 2.30}, free, points[0], 0.0, 40)
+    assert best.config == table and said["changed_choice"] and said["gain_over_best_free"] == 0
+    best, said = choose(points, {a: 2.30, c: 2.31, table: 2.40}, free, points[0], 0.02, 40)
+    assert best.config == c and said["score"] == 2.31  # a gain inside min_gain is noise: the free one is the plan
+    best, said = choose(points, {a: 2.30, c: 2.35}, free, points[0], 0.02, 40)
+    assert best.config == a and said["gain_over_best_free"] == pytest.approx(0.05)
+    best, said = choose(points, {a: None, c: None}, free, points[0], 0.0, 40)
+    assert best.config == a and said["score"] is None and not said["changed_choice"]

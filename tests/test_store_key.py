@@ -22,6 +22,7 @@ from planner.fidelity import contract, quantized
 from planner.fidelity.contract import data_identity, recipe, recipe_diff, recipe_hash
 from planner.tiny import save_tiny_model
 from qra_plugin.backends import hqq
+from qra_plugin.errors import QRAError
 from qra_plugin.plan import ModulePlan
 
 TINY = {"tiny": {"layers": 2, "hidden": 32, "vocab_size": 128}}
@@ -143,6 +144,20 @@ def test_scheduling_settings_do_not_change_the_key(over) -> None:
 )
 def test_settings_that_act_on_a_run_change_the_key(over, changed) -> None:
     assert changed in recipe_diff(recipe(_cfg(), "high"), recipe(_cfg(fidelity=over), "high"))
+
+
+def test_a_confirm_level_has_its_own_key_and_leaves_the_search_levels_keys_alone() -> None:
+    """Setting ``fidelity.confirm`` adds a level: every stored low/high score stays valid, and a confirm score is
+    never read for a high one (or for a confirm level of other steps)."""
+    confirm = _cfg(fidelity={"confirm": {"steps": 40, "eval_examples": 32}})
+    assert [recipe_hash(confirm, lv) for lv in ("low", "high")] == [recipe_hash(_cfg(), lv) for lv in ("low", "high")]
+    assert recipe_hash(confirm, "confirm") != recipe_hash(confirm, "high")
+    longer = _cfg(fidelity={"confirm": {"steps": 48, "eval_examples": 32}})
+    assert "level.steps" in recipe_diff(recipe(confirm, "confirm"), recipe(longer, "confirm"))
+    with pytest.raises(QRAError, match="fidelity.confirm is not set"):
+        recipe_hash(_cfg(), "confirm")
+    with pytest.raises(ValueError, match=r"fidelity.confirm.steps \(24\) must exceed fidelity.high.steps \(24\)"):
+        _cfg(fidelity={"confirm": {"steps": 24, "eval_examples": 32}})
 
 
 # ---------------------------------------------------------------------------------------------- layer cache

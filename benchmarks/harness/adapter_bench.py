@@ -37,7 +37,7 @@ CEILING = "unquantized_r16"
 #: and the error-table allocation
 FIRST = ("unquantized_r16", "uniform", "uniform_init", "table_alloc")
 ORDER = ("unquantized_r16", "uniform", "uniform_init", "table_alloc", "greedy_priors", "all8_r4", "table_alloc_sqrt",
-         "qra", "qra_init")  # fmt: skip
+         "qra", "qra_init", "qra_confirm", "qra_init_confirm")  # fmt: skip
 #: the LoRA-scale rule per method where it is not the config's (``planner.scale``)
 ALPHA_RULES = {"table_alloc_sqrt": "sqrt"}
 #: the paired differences the issue asks about (a − b over seeds)
@@ -52,7 +52,14 @@ PAIRS = (
     ("table_alloc", "unquantized_r16"),
     ("table_alloc", "all8_r4"),  # the error init + the table's few wider blocks, over the all-8-bit r4 plan
     ("table_alloc_sqrt", "table_alloc"),  # rsLoRA-style scale vs the rank rule on the same plan
+    ("qra_init_confirm", "table_alloc"),
+    ("qra_init_confirm", "qra_init"),  # what the confirm fidelity changes, same evaluations otherwise
+    ("qra_confirm", "greedy_priors"),
 )
+#: the searches, per method: the init their plans carry and whether a confirm fidelity (the final's steps, on the
+#: selection rows) chooses among their finalists; a confirm search replays the plain one's evaluations
+SEARCHES = {"qra": ("zero", False), "qra_init": ("error", False), "qra_confirm": ("zero", True),
+            "qra_init_confirm": ("error", True)}  # fmt: skip
 ERROR_TABLE = RESULTS / "error_table_smollm2.json"
 #: the fixed plans a search also starts from (its zero-evaluation warm starts), per init: the search runs at the
 #: rate tuned for the best of them on selection (the uniform plan's rate alone let a low rate pick the winner)
@@ -133,16 +140,23 @@ class Bench:
         tokens = calibration_batch(load_tokenizer(self.base.model), self.base.data, 8, self.base.train.seq_len)
         return error_table(model, setup.space, second_moments(model, tokens, [s.name for s in setup.space.specs]))
 
-    def searched_plan(self, name: str, init: str, lr: float) -> tuple[Plan, dict[str, Any]]:
+    def searched_plan(self, name: str, init: str, lr: float, confirm: bool = False) -> tuple[Plan, dict[str, Any]]:
         cfg = self.config(BUDGETS[name][0], init, lr)
         directory = self.out / name / f"qra-{init}-lr{lr:g}"
+        if confirm:
+            cfg.fidelity.confirm = FidelityLevel(steps=self.final_steps, eval_examples=cfg.fidelity.high.eval_examples)
+            directory = directory.with_name(f"{directory.name}-confirm{self.final_steps}")
+            _copy_store(directory.with_name(f"qra-{init}-lr{lr:g}"), directory)
         self.seed_priors(directory, init)
         started = time.time()
         result = run_search(cfg, directory, progress=False)
         trace = json.loads((directory / "trace.json").read_text())
         facts = {"search_lr": lr, "evaluations": len(trace["evaluations"]), "search_steps": trace["search_steps"],
                  "search_wall_s_this_call": round(time.time() - started, 1),  # a replay from the store: seconds
-                 "search_evaluation_s": trace["evaluation_time"]["wall_s"]}  # fmt: skip
+                 "search_evaluation_s": trace["evaluation_time"]["wall_s"],
+                 "search_computed_this_call": trace["computed_this_run"]}  # fmt: skip
+        if confirm:
+            facts["confirm"] = trace["confirm"]
         return SearchSetup.build(cfg).space.to_plan(result.best), facts
 
     def seed_priors(self, directory: Path, init: str) -> None:
@@ -227,11 +241,11 @@ class Bench:
         for group in (FIRST, [m for m in plans if m not in FIRST]):  # the issue's main comparison first
             methods.update(self.tune_and_finish(name, {m: plans[m] for m in group if m in plans}))
             self.write_budget(name, methods, plans)
-        for init, key in (("zero", "qra"), ("error", "qra_init")):
+        for key, (init, confirm) in SEARCHES.items():
             if self.methods is not None and key not in self.methods:
                 continue
             start = best_start(methods, init)
-            plan, facts = self.searched_plan(name, init, methods[start]["lr"])
+            plan, facts = self.searched_plan(name, init, methods[start]["lr"], confirm)
             facts["search_lr_from"] = start
             plans[key] = (plan, init)
             methods.update(self.tune_and_finish(name, {key: (plan, init)}))
@@ -316,6 +330,22 @@ def best_start(methods: dict[str, dict[str, Any]], init: str) -> str:
     if not starts:
         raise ValueError(f"no tuned start for the {init}-init search: run one of {SEARCH_STARTS[init]} with it")
     return min(starts, key=lambda m: methods[m]["tuning"].get(f"{methods[m]['lr']:g}") or float("inf"))
+
+
+def _copy_store(source: Path, directory: Path) -> None:
+    """Start a search directory from another's store (same plans, levels and recipes: its rows are replayed)."""
+    import sqlite3
+    from contextlib import closing
+
+    if (directory / "store.sqlite").is_file() or not (source / "store.sqlite").is_file():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with (
+        closing(sqlite3.connect(source / "store.sqlite")) as src,
+        closing(sqlite3.connect(directory / "store.part")) as dst,
+    ):
+        src.backup(dst)
+    (directory / "store.part").replace(directory / "store.sqlite")  # whole or absent: a killed copy is not a store
 
 
 def _earlier_result(path: Path, recipe: str, optimizer: str) -> dict[str, Any]:

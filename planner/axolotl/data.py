@@ -30,7 +30,7 @@ def export_rows(ax: Any, out_dir: Path, config: QRAConfig) -> dict[str, str]:
     """Write ``OUT/axolotl_data/{train,selection}.jsonl`` from Axolotl's prepared datasets; their paths."""
     from axolotl.common.datasets import load_datasets
 
-    levels = (config.fidelity.low, config.fidelity.high)
+    levels = [lv for lv in (config.fidelity.low, config.fidelity.high, config.fidelity.confirm) if lv is not None]
     n_train = max([config.data.train_examples] + [lv.train_examples or 0 for lv in levels])
     n_eval = max([config.data.eval_examples] + [lv.eval_examples for lv in levels])
     import datasets

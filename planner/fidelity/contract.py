@@ -36,6 +36,7 @@ Status = Literal["ok", "failed", "stopped"]
 #: transient failures (timeout, OOM, a killed worker) are retried once on resume; deterministic ones are kept
 Failure = Literal["transient", "deterministic"]
 EvalKey = tuple[str, str, int, str]  # (plan hash, level, seed, recipe hash)
+LEVELS = ("low", "high", "confirm")
 
 
 class EvalTask(BaseModel):
@@ -44,7 +45,7 @@ class EvalTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     plan: Plan
-    level: Literal["low", "high"]
+    level: Literal["low", "high", "confirm"]
     seed: int
     config: QRAConfig
     tag: str = ""
@@ -130,10 +131,16 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
-    level_cfg = getattr(config.fidelity, level, None)
+    level_cfg = getattr(config.fidelity, level, None) if level in LEVELS else None
     if not isinstance(level_cfg, FidelityLevel):
-        raise QRAError(f"unknown fidelity level {level!r}: use 'low' or 'high'")
+        unset = " (fidelity.confirm is not set)" if level == "confirm" else ""
+        raise QRAError(f"unknown fidelity level {level!r}{unset}: use 'low', 'high' or a set 'confirm'")
     return level_cfg
+
+
+def fidelity_levels(config: QRAConfig) -> tuple[str, ...]:
+    """The levels a search of ``config`` runs: low, high, and confirm when it is set."""
+    return LEVELS if config.fidelity.confirm is not None else LEVELS[:2]
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -143,7 +150,18 @@ def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
 #: r16, 2 steps: 2.52870774269104 both); ``reuse_dequantized``: the same matmul on the same tensor — both
 #: re-checked bit for bit by tests (test_store_key.py, test_fidelity.py)
 _RESULT_NEUTRAL = frozenset(
-    {"low", "high", "seeds", "subprocess", "timeout_s", "workers", "layer_cache", "torch_threads", "reuse_dequantized"}
+    {
+        "low",
+        "high",
+        "confirm",
+        "seeds",
+        "subprocess",
+        "timeout_s",
+        "workers",
+        "layer_cache",
+        "torch_threads",
+        "reuse_dequantized",
+    }
 )
 #: train fields that say only where the final job runs (ranks, sharding): a fidelity run is one process either way
 _TRAIN_NEUTRAL = frozenset({"world_size", "sharding"})

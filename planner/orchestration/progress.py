@@ -17,7 +17,8 @@ def planned_evaluations(cfg: Any) -> int:
     low = s.population + s.generations * s.offspring
     table = cfg.adapter.init == "error" and s.table_start  # the error table's allocation, scored at high
     high = s.promote * (s.generations + 1) + s.tr_iterations * s.tr_batch + 1 + int(table)
-    return (low + high) * len(cfg.fidelity.seeds)
+    confirm = s.confirm_top + 2 if cfg.fidelity.confirm is not None else 0  # at most: top, best free, fast path
+    return (low + high + confirm) * len(cfg.fidelity.seeds)
 
 
 class SearchProgress:

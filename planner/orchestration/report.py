@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from planner.memory import PART_LABELS
+from planner.memory import PART_LABELS, estimate
+from planner.orchestration.setup import PLAN_FILE
 from planner.priors.plot import plot_priors
 from planner.search.pareto import Point
-from planner.search.space import SearchSpace, allocation_key
+from planner.search.space import Allocation, SearchSpace, allocation_key
 from qra_plugin.io import write_bytes_atomic, write_text_atomic
 
-STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange", "baseline": "tab:purple"}
+STAGE_COLOURS = {"stage1": "tab:blue", "stage2": "tab:orange", "baseline": "tab:purple", "confirm": "tab:green"}
 
 
 def _plt():
@@ -79,7 +80,7 @@ def plot_plan(path: Path, space: SearchSpace, best: Point) -> Path:
 def plot_trace(path: Path, trace: Sequence[dict[str, Any]]) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    markers = {"low": "o", "high": "s"}
+    markers = {"low": "o", "high": "s", "confirm": "*"}
     for stage, colour in STAGE_COLOURS.items():
         for level, marker in markers.items():
             rows = [r for r in trace if r["stage"] == stage and r["level"] == level and r["score"] is not None]
@@ -179,6 +180,56 @@ screening model: {fmt(summary["screening_spearman"])}</li>
     return write_text_atomic(out / "report.html", body)
 
 
+def next_facts(run: Any, best: Allocation, summary: dict[str, Any]) -> dict[str, Any]:
+    """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands
+    (``run``: the search's state, ``planner.orchestration.search_run._Run``)."""
+
+    s, job = run.setup, run.setup.settings
+    comparison = {
+        "setting": f"batch {job.batch} x {job.seq_len} tokens, {job.optimizer}, gradient checkpointing "
+        f"{'on' if job.grad_checkpointing else 'off'}, {job.precision}",
+        "chosen": estimate(s.info, s.space.to_plan(best), job).to_dict(),
+    }
+    baseline = s.budget_plan()
+    if baseline is not None:
+        comparison["uniform"] = estimate(s.info, s.space.to_plan(baseline), job).to_dict()
+    base = summary.get("baseline_score")
+    model = run.cfg.model.path or "<model dir>"
+    facts = {
+        "memory_comparison": comparison,
+        "predicted_gain": round(base - summary["best_score"], 6) if base is not None else None,
+        "eval_split": run.cfg.data.eval_split,
+        "seeds": len(run.cfg.fidelity.seeds),
+        "plan_path": str(run.plan_target or run.out / PLAN_FILE),
+        "estimate_command": f"qra estimate --model {model} --plan {run.out / PLAN_FILE} "
+        f"--batch {job.batch} --seq-len {job.seq_len}",
+    }
+    if run.axolotl_config is not None:
+        facts["train_command"] = f"axolotl train {run.axolotl_config}"
+        facts["estimate_command"] = f"qra estimate {run.axolotl_config} --plan {facts['plan_path']}"
+    return facts
+
+
+def _confirm_html(confirm: dict[str, Any] | None) -> str:
+    """The finalists' scores at the confirm fidelity: the longer runs that chose the plan."""
+    if not confirm:
+        return ""
+
+    def score(value: float | None) -> str:
+        return "failed" if value is None else f"{value:.4f}"
+
+    rows = "".join(
+        f"<tr><td><code>{html.escape(r['config'])}</code></td><td>{html.escape(r['free_allocation'] or '')}</td>"
+        f"<td>{score(r['high'])}</td><td>{score(r['confirm'])}</td></tr>"
+        for r in confirm["finalists"]
+    )
+    changed = " <b>They changed the choice</b> from the high-fidelity best." if confirm["changed_choice"] else ""
+    return (
+        f"<p>The plan was chosen by {confirm['steps']}-step runs of the finalists (one seed each).{changed}</p>"
+        f"<table><tr><th>plan</th><th>free allocation</th><th>high</th><th>confirm</th></tr>{rows}</table>"
+    )
+
+
 def _parts() -> tuple[tuple[str, str], ...]:
 
     return (*PART_LABELS, ("plan_scaled", "what scales with the plan"), ("total", "predicted peak"))
@@ -223,12 +274,13 @@ def _next_steps_html(summary: dict[str, Any]) -> str:
                 f"<p>The best evaluated plan beat it by only {summary['within_noise_of_free']['gain']:.4f} nats, "
                 "inside <code>search.min_gain</code> (the seed noise): set aside.</p>"
             )
-    elif summary.get("gain_over_best_free") is not None:
+    elif summary.get("gain_over_best_free") is not None and not summary.get("confirm"):
         said += (
             f"<p>Against the best allocation that costs no evaluation "
             f"({html.escape(str(summary['best_free_allocation']))}): <b>{summary['gain_over_best_free']:+.4f}</b> "
             "nats at the high fidelity (one seed).</p>"
         )
+    said += _confirm_html(summary.get("confirm"))
     estimate = html.escape(summary.get("estimate_command", ""))
     if summary.get("train_command"):  # planned from an Axolotl YAML: it already reads the plan
         return f"""<h2>Next</h2>{said}

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from planner.config import QRAConfig
-from planner.fidelity.contract import recipe_hash
-from planner.memory import estimate
+from planner.fidelity.contract import fidelity_levels, recipe_hash
 from planner.objectives import describe, objective_for
+from planner.orchestration.confirm import choose, finalists, verdict
 from planner.orchestration.progress import SearchProgress, planned_evaluations
-from planner.orchestration.report import write_report
+from planner.orchestration.report import next_facts, write_report
 from planner.orchestration.setup import (
+    PLAN_FILE,
     STORE_FILE,
     SearchSetup,
     exclusive_run,
@@ -41,7 +42,6 @@ from planner.store import Store
 from qra_plugin.errors import QRAError
 from qra_plugin.io import write_json_atomic
 
-PLAN_FILE = "plan.yaml"
 PARETO_FILE = "pareto.json"
 REPORT_FILE = "report.html"
 TRACE_FILE = "trace.json"
@@ -86,6 +86,8 @@ class _Run:
     plan_target: Path | None = None
     #: the zero-evaluation allocations in the first population, by name (greedy_priors, ilp, table_alloc)
     free: dict[str, Allocation] = field(default_factory=dict)
+    #: the finalists' scores at the confirm fidelity (empty when it is not set)
+    confirmed: dict[Allocation, float | None] = field(default_factory=dict)
 
 
 def run_search(
@@ -222,12 +224,28 @@ def _evaluate_stages(
         if table is not None and table not in history:  # the fast path's plan: the report says if the search beat it
             run.say("[bold]table_alloc[/bold]: the error table's allocation, at the high fidelity")
             history[table] = evaluator.run([table], "high", "table_alloc")[0]
-        run.failures = store.failure_counts({recipe_hash(run.cfg, "low"), recipe_hash(run.cfg, "high")})
+        _confirm(run, history, evaluator)
+        run.failures = store.failure_counts({recipe_hash(run.cfg, level) for level in fidelity_levels(run.cfg)})
     finally:
         executor.close()
         store.close()
     run.gp_failures = FIT_STATS["failed"] - failed_fits
     return stage1, stage2, history, evaluator, time.perf_counter() - stages_start - evaluator.eval_wall_s
+
+
+def _confirm(run: _Run, history: dict[Allocation, float | None], evaluator: Any) -> None:
+    """Score the finalists at the confirm fidelity, when it is set (``planner.orchestration.confirm``)."""
+    level = run.cfg.fidelity.confirm
+    if level is None:
+        return
+    free, budget = _free_allocations(run), run.setup.budget_bytes
+    picks = finalists(
+        _points(run, history, evaluator.trace), free, budget, run.cfg.search.confirm_top, run.cfg.adapter.init
+    )
+    if picks:
+        run.say(f"[bold]confirm[/bold]: {len(picks)} finalists, {level.steps} steps each")
+        run.bar.stage("confirm")
+        run.confirmed = dict(zip(picks, evaluator.run(picks, "confirm", "confirm"), strict=True))
 
 
 def _stage2(run: _Run, stage1: Stage1Result, evaluator: Any) -> Any:
@@ -279,7 +297,13 @@ def _write_outputs(
     best = best_for_budget(points, s.budget_bytes)
     if best is None:
         raise QRAError("no evaluated plan fits the budget (every high-fidelity evaluation failed?)")
-    best, set_aside = prefer_free(_free_allocations(run), points, best, s.budget_bytes, cfg.search.min_gain)
+    confirm = None
+    if run.confirmed:  # the longer runs decide; the front keeps the high-fidelity scores
+        steps = cfg.fidelity.confirm.steps if cfg.fidelity.confirm else 0
+        best, confirm = choose(points, run.confirmed, _free_allocations(run), best, cfg.search.min_gain, steps)
+        set_aside = None
+    else:
+        best, set_aside = prefer_free(_free_allocations(run), points, best, s.budget_bytes, cfg.search.min_gain)
     scored = describe(cfg)
     pareto = write_pareto(out / PARETO_FILE, s.space, points, s.budget_bytes, cfg.budget, s.budget.kind, scored)
     search_meta = {
@@ -292,21 +316,23 @@ def _write_outputs(
         "budget": cfg.budget,
         "budget_bytes": s.budget_bytes,
         "budget_kind": s.budget.kind,
-    }
+    } | ({"confirm_score": confirm["score"], "confirm_steps": confirm["steps"]} if confirm else {})
     plan = s.space.to_plan(best.config, meta={"qra_search": search_meta})
 
     # the Axolotl YAML's qra_plan reads it at plan_target
     save_plan(cfg, plan, [out / PLAN_FILE] + ([run.plan_target] if run.plan_target is not None else []), out)
     summary = _summary(run, stage1, stage2, history, evaluator.trace, best, planner_s, started)
-    summary["within_noise_of_free"], summary["objective"] = set_aside, scored
-    summary.update(_next_facts(run, best.config, summary))
+    summary["within_noise_of_free"], summary["objective"], summary["confirm"] = set_aside, scored, confirm
+    summary.update(next_facts(run, best.config, summary))
     write_json_atomic(out / TRACE_FILE, summary)
     write_report(out, s.space, priors, summary, points, pareto, best)
     run.say(
         f"[green]best plan[/green] {objective_for(cfg).label} {objective_for(cfg).shown(best.score):.4f}, "
         f"{best.memory / 2**20:.2f} MiB of {s.budget_bytes / 2**20:.2f} MiB → {out / PLAN_FILE}"
     )
-    if summary["best_is_free_allocation"]:
+    if confirm:
+        run.say(verdict(summary))
+    elif summary["best_is_free_allocation"]:
         run.say(
             f"[yellow]the prior allocation is already the best found[/yellow]: the plan is the "
             f"{summary['best_is_free_allocation']} allocation, which needs no evaluation; no evaluated "
@@ -385,35 +411,6 @@ def _free_allocations(run: _Run) -> dict[str, Allocation]:
     if baseline is not None:
         free["uniform"] = baseline
     return free
-
-
-def _next_facts(run: _Run, best: Allocation, summary: dict[str, Any]) -> dict[str, Any]:
-    """What the report tells a fine-tuner: memory of the chosen vs the uniform plan, the gain, next commands."""
-
-    s, job = run.setup, run.setup.settings
-    comparison = {
-        "setting": f"batch {job.batch} x {job.seq_len} tokens, {job.optimizer}, gradient checkpointing "
-        f"{'on' if job.grad_checkpointing else 'off'}, {job.precision}",
-        "chosen": estimate(s.info, s.space.to_plan(best), job).to_dict(),
-    }
-    baseline = s.budget_plan()
-    if baseline is not None:
-        comparison["uniform"] = estimate(s.info, s.space.to_plan(baseline), job).to_dict()
-    base = summary.get("baseline_score")
-    model = run.cfg.model.path or "<model dir>"
-    facts = {
-        "memory_comparison": comparison,
-        "predicted_gain": round(base - summary["best_score"], 6) if base is not None else None,
-        "eval_split": run.cfg.data.eval_split,
-        "seeds": len(run.cfg.fidelity.seeds),
-        "plan_path": str(run.plan_target or run.out / PLAN_FILE),
-        "estimate_command": f"qra estimate --model {model} --plan {run.out / PLAN_FILE} "
-        f"--batch {job.batch} --seq-len {job.seq_len}",
-    }
-    if run.axolotl_config is not None:
-        facts["train_command"] = f"axolotl train {run.axolotl_config}"
-        facts["estimate_command"] = f"qra estimate {run.axolotl_config} --plan {facts['plan_path']}"
-    return facts
 
 
 def _fmt(value: float | None) -> str:

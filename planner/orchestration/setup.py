@@ -18,7 +18,7 @@ from typing import Any
 
 from planner.config import QRAConfig
 from planner.executors import make_executor
-from planner.fidelity.contract import EvalTask, recipe, recipe_diff, recipe_hash
+from planner.fidelity.contract import EvalTask, fidelity_levels, recipe, recipe_diff, recipe_hash
 from planner.fidelity.packing import flattening_refusal
 from planner.fidelity.quantized import cache_directory
 from planner.memory import Budget, plan_bytes
@@ -31,6 +31,7 @@ from planner.settings import TrainingSettings
 from qra_plugin.errors import QRAError
 
 STORE_FILE = "store.sqlite"
+PLAN_FILE = "plan.yaml"
 LOCK_FILE = ".qra.lock"
 SCORE_DIGITS = 6  # scores fed back to the optimisers are rounded: float noise never changes a decision
 
@@ -249,7 +250,7 @@ def stale_recipe_note(store: Any, cfg: QRAConfig) -> str | None:
     """One line naming what changed when the store holds evaluations of another recipe (never reused)."""
 
     notes = []
-    for level in ("low", "high"):
+    for level in fidelity_levels(cfg):
         current = recipe(cfg, level)
         for _, old, rows in store.other_recipes(level, recipe_hash(cfg, level)):
             if rows:
