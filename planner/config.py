@@ -244,9 +244,8 @@ class FidelitySection(_Section):
 
     low: FidelityLevel = FidelityLevel(steps=6, eval_examples=16)
     high: FidelityLevel = FidelityLevel(steps=24, eval_examples=32)
-    #: a longer run that re-scores the search's best high-fidelity plans and its zero-evaluation start before one
-    #: is chosen (``search.confirm_top``): short runs overrate plans that start ahead (an error-aware init on
-    #: 4-bit weights) and cannot see which learns faster after; None: the high fidelity decides
+    #: a longer run that re-scores the search's finalists before one is chosen (``planner.orchestration.confirm``):
+    #: short runs overrate plans that start ahead (error init on 4-bit weights); None: the high fidelity decides
     confirm: FidelityLevel | None = None
     seeds: list[int] = Field(default_factory=lambda: [0])
     subprocess: bool = True
@@ -275,10 +274,8 @@ class FidelitySection(_Section):
 
     @model_validator(mode="after")
     def _confirm_is_longer(self) -> FidelitySection:
-        if self.confirm is not None and self.confirm.steps <= self.high.steps:
-            raise ValueError(
-                f"fidelity.confirm.steps ({self.confirm.steps}) must exceed fidelity.high.steps ({self.high.steps})"
-            )
+        if self.confirm is not None and self.confirm.steps <= (high := self.high.steps):
+            raise ValueError(f"fidelity.confirm.steps ({self.confirm.steps}) must exceed fidelity.high.steps ({high})")
         return self
 
     @model_validator(mode="after")
@@ -343,8 +340,7 @@ class SearchSection(_Section):
     min_gain: float = Field(0.0, ge=0)
     #: stage 2 also proposes trades: one coordinate one step up, another one step down (rank for bits)
     tr_trades: bool = False
-    #: with ``fidelity.confirm`` set: how many of the best high-fidelity plans it re-scores, besides the best
-    #: zero-evaluation allocation and the fast path's (the error table's with an error-aware init)
+    #: ``fidelity.confirm``: the best high-fidelity plans it re-scores, besides the best and the fast path's free ones
     confirm_top: int = Field(2, ge=1)
     #: what the performance models see (``planner.search.surrogate.FEATURE_SETS``): ``ordinal`` coordinates,
     #: the ``prior`` aggregates (damage at the chosen bits, plasticity-weighted rank), ``both``, or ``table``: the
