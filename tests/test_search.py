@@ -446,3 +446,15 @@ def test_confirm_picks_the_finalists_and_gives_way_to_a_free_allocation_inside_m
     assert best.config == a and said["gain_over_best_free"] == pytest.approx(0.05)
     best, said = choose(points, {a: None, c: None}, free, points[0], 0.0, 40)
     assert best.config == a and said["score"] is None and not said["changed_choice"]
+
+
+def test_an_error_init_search_without_a_confirm_fidelity_is_told_so() -> None:
+    from planner.orchestration.confirm import unconfirmed_note
+
+    cfg = QRAConfig.load(TINY)
+    assert unconfirmed_note(cfg) is None  # zero init: the short runs compare like with like
+    error = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init": "error"})})
+    assert "set fidelity.confirm" in unconfirmed_note(error)
+    confirmed = error.model_copy(deep=True)
+    confirmed.fidelity.confirm = confirmed.fidelity.high.model_copy(update={"steps": 30})
+    assert unconfirmed_note(confirmed) is None

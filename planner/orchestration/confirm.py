@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from planner.config import QRAConfig
 from planner.search.pareto import Point, within_noise
 from planner.search.space import Allocation, allocation_key
 
@@ -85,3 +86,14 @@ def verdict(summary: dict[str, Any]) -> str:
     if confirm["gain_over_best_free"] is None:
         return head
     return f"{head}, {confirm['gain_over_best_free']:+.4f} nats over {confirm['best_free_allocation']} (one seed)"
+
+
+def unconfirmed_note(cfg: QRAConfig) -> str | None:
+    """An error-init search without a confirm fidelity is the case the short runs get wrong: say so up front."""
+    if cfg.adapter.init != "error" or cfg.fidelity.confirm is not None:
+        return None
+    return (
+        f"adapter.init: error without fidelity.confirm: {cfg.fidelity.high.steps}-step scores overrate plans whose "
+        "4-bit blocks start from the error init; set fidelity.confirm (e.g. 5x the high steps) or use the fast path "
+        "(qra baseline table_alloc)"
+    )

@@ -17,7 +17,7 @@ from typing import Any
 from planner.config import QRAConfig
 from planner.fidelity.contract import fidelity_levels, recipe_hash
 from planner.objectives import describe, objective_for
-from planner.orchestration.confirm import choose, finalists, verdict
+from planner.orchestration.confirm import choose, finalists, unconfirmed_note, verdict
 from planner.orchestration.progress import SearchProgress, planned_evaluations
 from planner.orchestration.report import next_facts, write_report
 from planner.orchestration.setup import (
@@ -184,9 +184,9 @@ def _evaluate_stages(
         run.bar.advance()
 
     store = Store(run.out / STORE_FILE)
-    note = stale_recipe_note(store, run.cfg)
-    if note:
-        run.say(f"[yellow]{note}[/yellow]")
+    for note in (stale_recipe_note(store, run.cfg), unconfirmed_note(run.cfg)):
+        if note:
+            run.say(f"[yellow]{note}[/yellow]")
     executor = open_executor(run.cfg, store, kind=executor_kind, on_result=on_result, evaluate=evaluate)
     evaluator = s.evaluator(executor, run.say)
     closing = [(s.budget_plan(), "baseline"), (run.free.get("table_alloc"), "table_alloc")]
