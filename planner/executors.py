@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal
 
-from planner.fidelity.contract import EvalKey, EvalResult, EvalTask, one_line
+from planner.fidelity.contract import EvalKey, EvalResult, EvalTask, one_line, timeout_scale
 from planner.fidelity.quantized import directory_in_use
 from planner.fidelity.sft import run_fidelity
 from planner.fidelity.worker import call_one, serve
@@ -44,6 +44,10 @@ class _StoreBacked:
         self.timeout_s = float(timeout_s)
         self.on_result = on_result
         self._results: dict[EvalKey, EvalResult] = {}
+
+    def timeout_for(self, task: EvalTask) -> float:
+        """``timeout_s`` is sized for a high-fidelity run; a longer level (confirm) gets it scaled by its steps."""
+        return self.timeout_s * timeout_scale(task.config, task.level)
 
     def run(self, tasks: Sequence[EvalTask]) -> list[EvalResult]:
         """Results in the order of ``tasks``; finished keys come from the store, never recomputed."""
@@ -195,7 +199,7 @@ class SubprocessExecutor(_StoreBacked):
                 task = self._alone(task)
                 self.store.mark_running(task)
                 start = time.perf_counter()
-                reply = self._workers[0].call(self.evaluate, task, self.timeout_s)
+                reply = self._workers[0].call(self.evaluate, task, self.timeout_for(task))
                 self._finish(task, self._from_reply(reply, time.perf_counter() - start))
             return
 
@@ -207,7 +211,7 @@ class SubprocessExecutor(_StoreBacked):
                 while queue and idle:
                     task, worker = queue.pop(0), idle.pop(0)
                     self.store.mark_running(task)
-                    future = pool.submit(worker.call, self.evaluate, task, self.timeout_s)
+                    future = pool.submit(worker.call, self.evaluate, task, self.timeout_for(task))
                     inflight[future] = (task, worker, time.perf_counter())
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for future in done:
@@ -284,7 +288,7 @@ class RayExecutor(_StoreBacked):
                 self.store.mark_running(task)
                 inflight[remote.remote(self.evaluate, task)] = (task, time.perf_counter())
             now = time.perf_counter()
-            wait_s = max(0.05, min(start + self.timeout_s - now for _, start in inflight.values()))
+            wait_s = max(0.05, min(start + self.timeout_for(task) - now for task, start in inflight.values()))
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=wait_s)
             for ref in ready:
                 task, start = inflight.pop(ref)
@@ -295,10 +299,10 @@ class RayExecutor(_StoreBacked):
                 self._finish(task, self._from_reply(reply, time.perf_counter() - start))
             now = time.perf_counter()
             for ref, (task, start) in list(inflight.items()):
-                if now - start > self.timeout_s:
+                if now - start > (limit := self.timeout_for(task)):
                     ray.cancel(ref, force=True)
                     del inflight[ref]
-                    self._finish(task, EvalResult.failed(f"timed out after {self.timeout_s:g} s", now - start))
+                    self._finish(task, EvalResult.failed(f"timed out after {limit:g} s", now - start))
 
 
 def make_executor(

@@ -218,3 +218,15 @@ def test_a_lone_run_on_parallel_workers_takes_the_idle_workers_threads_under_the
         assert result.status == "ok" and [r["status"] for r in store.records()] == ["ok"]
     one = make_executor("local", subprocess=True, store=Store(tmp_path / "one.sqlite"), evaluate=counting_evaluate)
     assert one._alone(ok4) is ok4  # a single worker keeps the configured threads
+
+
+def test_a_confirm_run_gets_the_timeout_scaled_by_its_steps(tmp_path):
+    """``fidelity.timeout_s`` is sized for a high-fidelity run: a 5x longer confirm run may take 5x as long."""
+    cfg = CFG.model_copy(deep=True)
+    cfg.fidelity.confirm = cfg.fidelity.high.model_copy(update={"steps": 5 * cfg.fidelity.high.steps})
+    plan = make_tasks(4)[0].plan
+    confirm, high = (EvalTask(plan=plan, level=lv, seed=0, config=cfg) for lv in ("confirm", "high"))
+    with Store(tmp_path / "store.sqlite") as store:
+        ex = make_executor("local", subprocess=False, store=store, evaluate=counting_evaluate, timeout_s=100)
+        assert (ex.timeout_for(high), ex.timeout_for(confirm)) == (100.0, 500.0)
+        assert ex.timeout_for(make_tasks(4)[0]) == 100.0  # low: the configured timeout

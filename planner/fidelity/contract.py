@@ -138,6 +138,13 @@ def level_settings(config: QRAConfig, level: str) -> FidelityLevel:
     return level_cfg
 
 
+def timeout_scale(config: QRAConfig, level: str) -> float:
+    """How many high-fidelity runs' time a run of ``level`` may take (``fidelity.timeout_s`` is sized for one)."""
+    if level != "confirm" or config.fidelity.confirm is None:
+        return 1.0
+    return max(1.0, config.fidelity.confirm.steps / max(config.fidelity.high.steps, 1))
+
+
 def fidelity_levels(config: QRAConfig) -> tuple[str, ...]:
     """The levels a search of ``config`` runs: low, high, and confirm when it is set."""
     return LEVELS if config.fidelity.confirm is not None else LEVELS[:2]
