@@ -10,10 +10,11 @@ A few longer runs of the finalists decide instead; the Pareto front keeps the hi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from planner.config import QRAConfig
-from planner.search.pareto import Point, within_noise
+from planner.search.pareto import Point, best_for_budget, prefer_free
 from planner.search.space import Allocation, allocation_key
 
 #: the zero-evaluation allocation a search with each init must beat: the one the fast path (``qra baseline``) gives
@@ -46,11 +47,13 @@ def choose(
     for name, c in free.items():  # two free allocations can coincide: the first name (greedy, ilp, table, uniform)
         name_of.setdefault(c, name)
     scored = {c: s for c, s in confirmed.items() if s is not None}
-    best = min(scored, key=lambda c: (scored[c], by_config[c].memory, c)) if scored else high_best.config
+    # the high fidelity's choice rule (pareto.best_for_budget, prefer_free) on confirm scores; finalists all fit
+    at_confirm = [replace(by_config[c], score=s) for c, s in scored.items()]
+    fits = max((p.memory for p in at_confirm), default=0)
+    top = best_for_budget(at_confirm, fits)
+    best = prefer_free(free, at_confirm, top, fits, min_gain)[0].config if top is not None else high_best.config
     free_scored = {c: s for c, s in scored.items() if c in name_of}
     best_free = min(free_scored, key=lambda c: (free_scored[c], c)) if free_scored else None
-    if best_free is not None and best not in name_of and within_noise(scored[best], free_scored[best_free], min_gain):
-        best = best_free
     rows = [
         {
             "config": allocation_key(c),
